@@ -1,0 +1,89 @@
+"""``lora_mix``: the routed multi-LoRA linear (contract in DESIGN.md), validated and dispatched to a backend."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+
+from .checks import check_lora_mix_inputs
+from .lora_mix_torch import lora_mix_torch
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """Map ``"auto"`` to a concrete backend for x's device; check that ``"triton"`` can run there."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        # The Triton kernels are not in this release yet: "auto" uses the torch path everywhere.
+        return "torch"
+    # backend == "triton"
+    if not x.is_cuda and not _triton_interpret():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (x is on {x.device}) or TRITON_INTERPRET=1 for the CPU interpreter"
+        )
+    if x.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float32/float16/bfloat16 inputs, got x of dtype float64")
+    return "triton"
+
+
+def lora_mix(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    scaling: Union[float, torch.Tensor] = 1.0,
+    *,
+    base_weight: Optional[torch.Tensor] = None,
+    base_bias: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Routed mixture of LoRA experts, optionally fused with the base linear.
+
+    ``y = sum_j expert_weights[..., j] * scaling * (x @ lora_A[e_j].T) @ lora_B[e_j].T``
+    (``e_j = expert_ids[..., j]``), plus ``x @ base_weight.T + base_bias`` when ``base_weight`` is given.
+
+    Args:
+        x: ``[..., d_in]`` float32 / float16 / bfloat16 (float64 on the torch backend).
+        lora_A: ``[E, r, d_in]`` — PEFT ``lora_A.weight`` stacked over experts.
+        lora_B: ``[E, d_out, r]`` — PEFT ``lora_B.weight`` stacked over experts.
+        expert_ids: ``[..., k]`` int32/int64 in ``[0, E)``; duplicate ids within a token add up; k may be E.
+        expert_weights: ``[..., k]`` gate values (float).
+        scaling: LoRA scaling ``lora_alpha / r``: a float, or a ``[E]`` tensor of per-expert scalings
+            (experts of different rank or alpha, zero-padded to a common r). No gradient flows to it.
+        base_weight: optional ``[d_out, d_in]`` base weight fused into the same op.
+        base_bias: optional ``[d_out]`` base bias (only with ``base_weight``).
+        backend: ``"torch"`` (any device), ``"triton"`` (CUDA, or CPU with ``TRITON_INTERPRET=1``),
+            ``"auto"`` (the best available for x's device).
+
+    Returns:
+        ``[..., d_out]`` in x's dtype. Differentiable w.r.t. x, lora_A, lora_B, expert_weights,
+        base_weight and base_bias; only the gradients that are asked for are computed.
+
+    Raises:
+        TypeError / ValueError naming the argument and shapes on bad input. The id range check syncs
+        on CUDA; it is skipped during CUDA graph capture and with ``SELFMOE_CHECK_IDS=0``.
+    """
+    check_lora_mix_inputs(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias, backend)
+    resolved = resolve_backend(backend, x)
+
+    lead = x.shape[:-1]
+    T = 1
+    for s in lead:
+        T *= s
+    d_in = x.shape[-1]
+    d_out = lora_B.shape[1]
+    k = expert_ids.shape[-1]
+    x2 = x.reshape(T, d_in)
+    ids2 = expert_ids.reshape(T, k)
+    w2 = expert_weights.reshape(T, k)
+
+    if resolved == "triton":
+        raise NotImplementedError("backend='triton' for lora_mix is not implemented yet; use backend='torch'")
+    y = lora_mix_torch(x2, lora_A, lora_B, ids2, w2, scaling, base_weight, base_bias)
+    return y.reshape(*lead, d_out)

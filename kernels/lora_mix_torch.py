@@ -1,0 +1,147 @@
+"""The routed multi-LoRA linear on plain PyTorch: the CPU path and the fallback on any device.
+
+Dense-rank formulation (DESIGN.md): all experts are one ``[E*r, d_in]`` matrix, so the whole mixture is
+two skinny GEMMs around a per-token gate, with no gather, no scatter and no Python loop over tokens or
+experts::
+
+    G  = dense gates [T, E]              (scatter-add of the top-k weights; duplicate ids add up)
+    H  = x @ A_all.T                     [T, E*r]
+    Hg = H * (G * scaling) per rank col  [T, E*r]
+    y  = x @ W.T + b + Hg @ B_all.T      [T, d_out]
+
+Backward, each product only when some input asks for it::
+
+    dHg = dy @ B_all                     [T, E*r]
+    dG  = scaling * sum_r (dHg * H)      [T, E]   (gate grads in rank space, never [T, k, d_out])
+    dH  = dHg * (G * scaling)
+    dx  = dy @ W + dH @ A_all,  dA = dH.T @ x,  dB = dy.T @ Hg,  dW = dy.T @ x,  db = sum_t dy
+
+Cost next to the base GEMM: ``4 * E*r / d`` more FLOPs for router training (grads for x and gates),
+which is a few percent at the paper's sizes. For large ``E*r`` with sparse top-k the grouped Triton
+kernels are the fast path; this one stays correct there, only slower.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+Scaling = Union[float, torch.Tensor]
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    # Gates and gate gradients are kept in fp32 (fp64 for fp64 inputs): they are [T, E], tiny, and
+    # the gate gradient is a long dot product that bf16 would round badly.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def dense_gates(expert_ids: torch.Tensor, expert_weights: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """Scatter top-k gates ``[T, k]`` into dense per-expert gates ``[T, E]``; duplicate ids add up."""
+    T = expert_ids.shape[0]
+    gates = torch.zeros(T, num_experts, dtype=dtype, device=expert_ids.device)
+    return gates.scatter_add_(1, expert_ids, expert_weights.to(dtype))
+
+
+def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
+    """``[E, d_out, r] -> [d_out, E*r]`` with expert e's rank columns at ``e*r:(e+1)*r``."""
+    E, N, r = lora_B.shape
+    return lora_B.transpose(0, 1).reshape(N, E * r)
+
+
+class LoRAMixDenseRankFunction(torch.autograd.Function):
+    """Autograd for the dense-rank torch path. Inputs are 2-D and share x's dtype (see ``lora_mix_torch``)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias):
+        T, K = x.shape  # x: [T, K]
+        E, r, _ = lora_A.shape
+        A_all = lora_A.reshape(E * r, K)  # [E*r, K]
+        B_all = _stack_B(lora_B)  # [N, E*r]
+
+        gate_scale = dense_gates(expert_ids, expert_weights, E, _acc_dtype(x)) * scaling  # [T, E]
+        h = x @ A_all.t()  # [T, E*r]
+        hg = (h.view(T, E, r) * gate_scale.to(h.dtype).unsqueeze(-1)).view(T, E * r)  # [T, E*r]
+
+        if base_weight is not None:
+            if base_bias is not None:
+                y = torch.addmm(base_bias, x, base_weight.t())  # [T, N]
+            else:
+                y = x @ base_weight.t()
+            y.addmm_(hg, B_all.t())
+        else:
+            y = hg @ B_all.t()  # [T, N]
+
+        ctx.save_for_backward(x, lora_A, lora_B, expert_ids, h, gate_scale, base_weight)
+        ctx.scaling = scaling
+        ctx.weights_dtype = expert_weights.dtype
+        ctx.has_bias = base_bias is not None
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, lora_A, lora_B, expert_ids, h, gate_scale, base_weight = ctx.saved_tensors
+        need_x, need_A, need_B, _, need_w, _, need_W, need_b = ctx.needs_input_grad
+        T, K = x.shape
+        E, r, _ = lora_A.shape
+        dy = dy.contiguous()  # [T, N]
+        dx = dA = dB = dw = dW = db = None
+
+        if need_x or need_A or need_w:
+            dhg = dy @ _stack_B(lora_B)  # [T, E*r]
+            if need_w:
+                acc = gate_scale.dtype
+                dgate = (dhg.view(T, E, r).to(acc) * h.view(T, E, r).to(acc)).sum(-1) * ctx.scaling  # [T, E]
+                dw = dgate.gather(1, expert_ids).to(ctx.weights_dtype)  # [T, k]
+            if need_x or need_A:
+                dh = (dhg.view(T, E, r) * gate_scale.to(dhg.dtype).unsqueeze(-1)).view(T, E * r)  # [T, E*r]
+                A_all = lora_A.reshape(E * r, K)
+                if need_x:
+                    if base_weight is not None:
+                        dx = dy @ base_weight  # [T, K]
+                        dx.addmm_(dh, A_all)
+                    else:
+                        dx = dh @ A_all
+                if need_A:
+                    dA = (dh.t() @ x).view(E, r, K)
+        if need_B:
+            hg = (h.view(T, E, r) * gate_scale.to(h.dtype).unsqueeze(-1)).view(T, E * r)
+            dB = (dy.t() @ hg).view(-1, E, r).transpose(0, 1).contiguous()  # [E, N, r]
+        if need_W:
+            dW = dy.t() @ x
+        if need_b and ctx.has_bias:
+            db = dy.sum(0)
+        return dx, dA, dB, None, dw, None, dW, db
+
+
+def lora_mix_torch(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    scaling: Scaling = 1.0,
+    base_weight: Optional[torch.Tensor] = None,
+    base_bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Routed multi-LoRA linear on 2-D inputs (no validation: ``lora_mix`` does that).
+
+    x ``[T, d_in]``, lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, expert_ids / expert_weights
+    ``[T, k]``, scaling a float or ``[E]`` (no gradient); returns ``[T, d_out]`` in x's dtype.
+    Experts and base weights in another dtype are cast to x's dtype (their grads come back in theirs).
+    """
+    dtype = x.dtype
+    lora_A = lora_A.to(dtype)
+    lora_B = lora_B.to(dtype)
+    if base_weight is not None:
+        base_weight = base_weight.to(dtype)
+    if base_bias is not None:
+        base_bias = base_bias.to(dtype)
+    if isinstance(scaling, torch.Tensor):
+        scaling = scaling.detach().to(_acc_dtype(x))
+    else:
+        scaling = float(scaling)
+    return LoRAMixDenseRankFunction.apply(
+        x.contiguous(), lora_A.contiguous(), lora_B.contiguous(), expert_ids.long(), expert_weights,
+        scaling, base_weight, base_bias,
+    )

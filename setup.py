@@ -1,0 +1,34 @@
+"""Packaging for selfmoe.
+
+The top-level folder ``kernels/`` is installed as the import package ``selfmoe.kernels`` (never as a
+top-level ``kernels``: Hugging Face ships a real package of that name and ``transformers`` probes for it).
+"""
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "selfmoe" / "version.py").read_text()).group(1)
+
+setup(
+    name="selfmoe",
+    version=VERSION,
+    description="MiXSE (Self-MoE): self-specialized LoRA experts behind a learned router, with fused Triton kernels",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["selfmoe", "selfmoe.kernels"],
+    package_dir={"selfmoe": "selfmoe", "selfmoe.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.3",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "numpy",
+        # The torch path works without Triton; Triton wheels exist for Linux only.
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.13"],
+    },
+)
