@@ -5,7 +5,7 @@ two skinny GEMMs around a per-token gate, with no gather, no scatter and no Pyth
 experts::
 
     G  = dense gates [T, E]              (scatter-add of the top-k weights; duplicate ids add up)
-    H  = x @ A_all.T                     [T, E*r]
+    H  = x @ A_all.T                     [T, E*r]   (fp32 for half inputs: it feeds the gate grads)
     Hg = H * (G * scaling) per rank col  [T, E*r]
     y  = x @ W.T + b + Hg @ B_all.T      [T, d_out]
 
@@ -35,6 +35,29 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+_HALF = (torch.float16, torch.bfloat16)
+_cuda_mm_out_dtype = True  # flips to False once torch.mm(..., out_dtype=) turns out to be missing
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with a result in the accumulation dtype (fp32 for half inputs).
+
+    H and dHg feed the gate gradient, a short dot product ``sum_r dHg * H`` prone to cancellation:
+    rounding either to bf16 first can leave a tiny gate gradient with no correct digit. They are
+    skinny ([T, E*r]), so keeping them in fp32 costs little. CUDA can return fp32 straight from a
+    half GEMM; elsewhere the operands are upcast.
+    """
+    global _cuda_mm_out_dtype
+    if a.dtype not in _HALF:
+        return a @ b
+    if a.is_cuda and _cuda_mm_out_dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _cuda_mm_out_dtype = False
+    return a.float() @ b.float()
+
+
 def dense_gates(expert_ids: torch.Tensor, expert_weights: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
     """Scatter top-k gates ``[T, k]`` into dense per-expert gates ``[T, E]``; duplicate ids add up."""
     T = expert_ids.shape[0]
@@ -48,6 +71,13 @@ def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
     return lora_B.transpose(0, 1).reshape(N, E * r)
 
 
+def _gate(h: torch.Tensor, gate_scale: torch.Tensor) -> torch.Tensor:
+    """Multiply each expert's r rank columns of ``h [T, E*r]`` by its ``gate_scale [T, E]``."""
+    T, E = gate_scale.shape
+    R = h.shape[1]  # explicit sizes: view(0, -1) is ambiguous when T == 0
+    return (h.view(T, E, R // E) * gate_scale.unsqueeze(-1)).view(T, R)
+
+
 class LoRAMixDenseRankFunction(torch.autograd.Function):
     """Autograd for the dense-rank torch path. Inputs are 2-D and share x's dtype (see ``lora_mix_torch``)."""
 
@@ -59,8 +89,8 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
         B_all = _stack_B(lora_B)  # [N, E*r]
 
         gate_scale = dense_gates(expert_ids, expert_weights, E, _acc_dtype(x)) * scaling  # [T, E]
-        h = x @ A_all.t()  # [T, E*r]
-        hg = (h.view(T, E, r) * gate_scale.to(h.dtype).unsqueeze(-1)).view(T, E * r)  # [T, E*r]
+        h = _mm_acc(x, A_all.t())  # [T, E*r], fp32 for half x
+        hg = _gate(h, gate_scale).to(x.dtype)  # [T, E*r]
 
         if base_weight is not None:
             if base_bias is not None:
@@ -88,13 +118,12 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
         dx = dA = dB = dw = dW = db = None
 
         if need_x or need_A or need_w:
-            dhg = dy @ _stack_B(lora_B)  # [T, E*r]
+            dhg = _mm_acc(dy, _stack_B(lora_B))  # [T, E*r], fp32 for half dy
             if need_w:
-                acc = gate_scale.dtype
-                dgate = (dhg.view(T, E, r).to(acc) * h.view(T, E, r).to(acc)).sum(-1) * ctx.scaling  # [T, E]
+                dgate = (dhg.view(T, E, r) * h.view(T, E, r)).sum(-1) * ctx.scaling  # [T, E]
                 dw = dgate.gather(1, expert_ids).to(ctx.weights_dtype)  # [T, k]
             if need_x or need_A:
-                dh = (dhg.view(T, E, r) * gate_scale.to(dhg.dtype).unsqueeze(-1)).view(T, E * r)  # [T, E*r]
+                dh = _gate(dhg, gate_scale).to(x.dtype)  # [T, E*r]
                 A_all = lora_A.reshape(E * r, K)
                 if need_x:
                     if base_weight is not None:
@@ -105,7 +134,7 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
                 if need_A:
                     dA = (dh.t() @ x).view(E, r, K)
         if need_B:
-            hg = (h.view(T, E, r) * gate_scale.to(h.dtype).unsqueeze(-1)).view(T, E * r)
+            hg = _gate(h, gate_scale).to(x.dtype)
             dB = (dy.t() @ hg).view(-1, E, r).transpose(0, 1).contiguous()  # [E, N, r]
         if need_W:
             dW = dy.t() @ x

@@ -53,8 +53,10 @@ def lora_mix_naive(
 
 
 def route_topk_naive(logits: torch.Tensor, k: int, renormalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Softmax over all experts, then keep the k largest probabilities (optionally renormalised to sum 1)."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    """Softmax over all experts, then keep the k largest probabilities (optionally renormalised to sum 1).
+
+    Computes in float64 for float64 logits (a true reference), float32 otherwise."""
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     weights, ids = torch.topk(probs, k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
