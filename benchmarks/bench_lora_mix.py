@@ -3,8 +3,16 @@
 Providers (each computes ``y = x @ W.T + b + sum_j w_j * s * B_e A_e x`` for top-k routed tokens):
   base              bare ``F.linear`` — the roofline every ratio is measured against
   selfmoe-torch     ``lora_mix(..., backend="torch")`` with the base fused (the CPU path / fallback)
+  selfmoe-dense     dense-rank Triton kernels: shrink + expand fused into the base GEMM's K loop  (CUDA)
+  selfmoe-grouped   grouped Triton kernels: tokens sorted by expert, only the k chosen experts     (CUDA)
+  selfmoe-decode    one-launch decode kernel; only for T <= 64                                    (CUDA)
+  selfmoe-auto      ``lora_mix(..., backend="auto")``: whatever the dispatcher picks               (CUDA)
+  torch-grouped-mm  ``torch.nn.functional.grouped_mm`` on expert-sorted slots (where torch has it) (CUDA)
   per-expert-loop   PEFT/MixLoRA style: a Python loop over experts, gather tokens, index_add back
   dense-all-experts X-LoRA style: every expert on every token, scaled by dense gates
+
+The Triton providers run on CUDA only: on CPU they would run under the Triton interpreter, whose
+timings mean nothing, so they are skipped with a message.
 
 Modes:
   fwd               inference forward (no autograd)
@@ -15,8 +23,10 @@ Usage:
   python benchmarks/bench_lora_mix.py                 # default shapes for the device present
   python benchmarks/bench_lora_mix.py --shapes paper-cpu --modes fwd+bwd-router --reps 20
 
-Results: a table on stdout and ``benchmarks/results/<device>.csv`` (one row per provider, mode and
-shape, with device, versions and commit). Ratios compare timings from the same run only.
+Results: a table on stdout, ``benchmarks/results/<device>.csv`` (one row per provider, mode and
+shape, with device, versions and commit) and ``benchmarks/results/<device>.png`` (time relative to the
+base linear per shape and mode; skipped with a message when matplotlib is not installed). Ratios
+compare timings from the same run only.
 """
 from __future__ import annotations
 
@@ -24,7 +34,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -120,12 +130,84 @@ def dense_all_experts(inp):
     return y
 
 
+def _triton_call(fn_name: str):
+    def provider(inp):
+        from selfmoe.kernels import lora_mix_decode, lora_mix_dense
+
+        fn = {"dense": lora_mix_dense, "decode": lora_mix_decode}[fn_name]
+        return fn(inp["x"], inp["A"], inp["B"], inp["ids"], inp["w"], SCALING, inp["W"], inp["b"])
+    provider.__name__ = f"selfmoe_{fn_name}"
+    return provider
+
+
+selfmoe_dense = _triton_call("dense")
+selfmoe_decode = _triton_call("decode")
+
+
+def selfmoe_grouped(inp):
+    from selfmoe.kernels.lora_mix_grouped import lora_mix_grouped
+
+    return lora_mix_grouped(inp["x"], inp["A"], inp["B"], inp["ids"], inp["w"], SCALING, inp["W"], inp["b"])
+
+
+def selfmoe_auto(inp):
+    return lora_mix(inp["x"], inp["A"], inp["B"], inp["ids"], inp["w"], SCALING,
+                    base_weight=inp["W"], base_bias=inp["b"], backend="auto")
+
+
+def torch_grouped_mm(inp):
+    """MoE-style: sort token-slots by expert, two ``F.grouped_mm`` calls (shrink, expand), index_add back."""
+    x, ids, w, A, B = inp["x"], inp["ids"], inp["w"], inp["A"], inp["B"]
+    T, k = ids.shape
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # [S] slots grouped by expert
+    tok = order // k
+    offs = torch.cumsum(torch.bincount(flat, minlength=A.shape[0]), 0).to(torch.int32)  # [E] group ends
+    h = F.grouped_mm(x[tok], A.transpose(1, 2), offs=offs)  # [S, r]; mat_b [E, d_in, r], column-major
+    ys = F.grouped_mm(h, B.transpose(1, 2), offs=offs)  # [S, d_out]
+    gate = (w.reshape(-1)[order] * SCALING).unsqueeze(-1)
+    return F.linear(x, inp["W"], inp["b"]).index_add(0, tok, ys * gate)
+
+
 PROVIDERS: Dict[str, Callable] = {
     "base": base,
     "selfmoe-torch": selfmoe_torch,
+    "selfmoe-dense": selfmoe_dense,
+    "selfmoe-grouped": selfmoe_grouped,
+    "selfmoe-decode": selfmoe_decode,
+    "selfmoe-auto": selfmoe_auto,
+    "torch-grouped-mm": torch_grouped_mm,
     "per-expert-loop": per_expert_loop,
     "dense-all-experts": dense_all_experts,
 }
+TRITON_PROVIDERS = ("selfmoe-dense", "selfmoe-grouped", "selfmoe-decode", "selfmoe-auto")
+DECODE_MAX_T = 64
+
+
+def skip_reason(name: str, shape: Shape, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why a provider does not run here (None: it runs)."""
+    if name in TRITON_PROVIDERS and device.type != "cuda":
+        return "CUDA only: on CPU Triton runs under its interpreter, whose timings mean nothing"
+    if name == "torch-grouped-mm" and device.type != "cuda":
+        return "CUDA only: grouped_mm is the CUDA grouped-GEMM baseline"
+    if name in TRITON_PROVIDERS:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+    if name == "selfmoe-grouped":
+        try:
+            from selfmoe.kernels.lora_mix_grouped import lora_mix_grouped  # noqa: F401
+        except ImportError as err:
+            return f"grouped path not importable ({err})"
+    if name == "selfmoe-decode" and shape.T > DECODE_MAX_T:
+        return f"decode kernel is for T <= {DECODE_MAX_T}"
+    if name == "torch-grouped-mm":
+        if not hasattr(F, "grouped_mm"):
+            return f"torch {torch.__version__} has no torch.nn.functional.grouped_mm"
+        if dtype != torch.bfloat16:
+            return "F.grouped_mm takes bfloat16 only"
+    return None
 
 
 def runner(provider: Callable, inp: Dict[str, torch.Tensor], mode: str) -> Callable[[], None]:
@@ -148,15 +230,39 @@ def runner(provider: Callable, inp: Dict[str, torch.Tensor], mode: str) -> Calla
     return step
 
 
+def _works(name: str, step: Callable[[], None]) -> Optional[str]:
+    """Run one step of a kernel provider outside the timer. A provider that fails here (a kernel that
+    does not compile on this GPU, an API this torch lacks) is reported and left out instead of ending
+    the run; one that works has done its autotuning, which would otherwise land in do_bench's first
+    call and make it pick far too few repetitions."""
+    try:
+        step()
+    except Exception as err:  # noqa: BLE001 - any failure of a provider is reported, not fatal
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+    return None
+
+
 def run(shapes: List[str], modes: List[str], providers: List[str], dtype: torch.dtype, device: torch.device,
         reps: int) -> List[Dict[str, object]]:
     rows: List[Dict[str, object]] = []
     meta = {"device": device_label(device), **versions(), "commit": git_commit(), "date": timestamp()}
+    reported = set()
     for shape_name in shapes:
         shape = SHAPES[shape_name]
         for mode in modes:
             inp = make_inputs(shape, dtype, device, mode, seed=0)  # one input set: every provider sees the same data
-            steps = {name: runner(PROVIDERS[name], inp, mode) for name in providers}
+            steps = {}
+            for name in providers:
+                reason = skip_reason(name, shape, device, dtype)
+                step = runner(PROVIDERS[name], inp, mode) if reason is None else None
+                if step is not None and (name in TRITON_PROVIDERS or name == "torch-grouped-mm"):
+                    reason = _works(name, step)
+                if reason is not None:
+                    if (name, reason) not in reported:
+                        print(f"skipping {name} ({shape.name}, {mode}): {reason}")
+                        reported.add((name, reason))
+                    continue
+                steps[name] = step
             timings = time_many_ms(steps, device, reps=reps)
             del inp, steps
             base_ms = timings.get("base")
@@ -177,6 +283,41 @@ def print_table(rows: List[Dict[str, object]]) -> None:
     print("-" * len(header))
     for row in rows:
         print(f"{row['shape']:<14}{row['mode']:<17}{row['provider']:<20}{row['ms']:>10.3f}{row['ratio_to_base']:>9.3f}")
+
+
+def plot(rows: List[Dict[str, object]], path: Path) -> None:
+    """Time relative to the base linear, one panel per mode, grouped bars per shape."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "base"]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(max(6, 1.6 * len(shapes) + 2), 3.2 * len(modes)), squeeze=False)
+    width = 0.8 / max(len(providers), 1)
+    for ax, mode in zip(axes[:, 0], modes):
+        for i, prov in enumerate(providers):
+            ratio = {r["shape"]: r["ratio_to_base"] for r in rows if r["mode"] == mode and r["provider"] == prov}
+            xs = [j + i * width for j, sh in enumerate(shapes) if ratio.get(sh, "") != ""]
+            ys = [float(ratio[sh]) for sh in shapes if ratio.get(sh, "") != ""]
+            ax.bar(xs, ys, width, label=prov)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
+        ax.set_yscale("log")
+        ax.set_ylabel("time / base linear")
+        ax.set_title(mode)
+    axes[0, 0].legend(fontsize="small", ncol=2)
+    fig.suptitle(f"{rows[0]['device']} | {rows[0]['dtype']} | torch {rows[0]['torch']} | commit {rows[0]['commit']}",
+                 fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
@@ -211,6 +352,8 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else RESULTS_DIR / f"{device_slug(device)}.csv"
     write_csv(out, rows)
     print(f"wrote {out}")
+    if rows:
+        plot(rows, out.with_suffix(".png"))
     return 0
 
 

@@ -19,8 +19,11 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        # The Triton kernels are not in this release yet: "auto" uses the torch path everywhere.
-        return "torch"
+        # CUDA tensors in fp32/fp16/bf16 take the Triton kernels when triton imports; CPU tensors stay
+        # on torch (the interpreter is for tests). SELFMOE_LORA_PATH=torch keeps "auto" on torch.
+        from .dispatch import auto_backend, triton_available
+
+        return auto_backend(x.is_cuda, x.dtype, x.is_cuda and triton_available())
     # backend == "triton"
     if not x.is_cuda and not _triton_interpret():
         raise ValueError(
@@ -84,6 +87,10 @@ def lora_mix(
     w2 = expert_weights.reshape(T, k)
 
     if resolved == "triton":
-        raise NotImplementedError("backend='triton' for lora_mix is not implemented yet; use backend='torch'")
+        # Dense-rank, decode or grouped kernels, picked from (T, d_in, d_out, E, r, k): see dispatch.py.
+        from .dispatch import lora_mix_triton
+
+        y = lora_mix_triton(x2, lora_A, lora_B, ids2, w2, scaling, base_weight, base_bias)
+        return y.reshape(*lead, d_out)
     y = lora_mix_torch(x2, lora_A, lora_B, ids2, w2, scaling, base_weight, base_bias)
     return y.reshape(*lead, d_out)

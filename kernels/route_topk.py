@@ -6,7 +6,9 @@ from typing import Tuple
 import torch
 
 
-def route_topk(logits: torch.Tensor, k: int, renormalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def route_topk(
+    logits: torch.Tensor, k: int, renormalize: bool = False, *, backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Softmax over all experts, then keep the k largest probabilities.
 
     Self-MoE keeps the raw probabilities (they sum to less than 1 when k < E); MixLoRA and HyperMoE
@@ -16,6 +18,8 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool = False) -> Tuple
         logits: ``[..., E]`` router logits, float.
         k: number of experts per token, ``1 <= k <= E``.
         renormalize: rescale the kept probabilities to sum to 1.
+        backend: ``"torch"``, ``"triton"`` (one fused kernel, kernels/route_topk_triton.py; CUDA, or CPU
+            with ``TRITON_INTERPRET=1``) or ``"auto"`` (triton for CUDA fp32/fp16/bf16 logits, else torch).
 
     Returns:
         ``(weights [..., k] in logits' dtype, ids [..., k] int64)``, largest first. The softmax runs in
@@ -30,6 +34,15 @@ def route_topk(logits: torch.Tensor, k: int, renormalize: bool = False) -> Tuple
     E = logits.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= E:
         raise ValueError(f"k must be an int in [1, E={E}] for logits of shape {list(logits.shape)}, got {k!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    if backend != "torch":
+        from .dispatch import route_topk_backend
+
+        if route_topk_backend(backend, logits) == "triton":
+            from .route_topk_triton import route_topk_triton
+
+            return route_topk_triton(logits, k, renormalize)
     probs = torch.softmax(logits.float(), dim=-1)  # [..., E]
     weights, ids = torch.topk(probs, k, dim=-1)  # [..., k]
     if renormalize:
