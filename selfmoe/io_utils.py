@@ -1,0 +1,155 @@
+"""Crash-safe writes: a directory or a JSON file either appears complete or not at all.
+
+Checkpoints and adapters are directories of several files; a crash (or an exception) halfway through
+``save`` must never leave a directory that looks loadable but holds a mix of old and new files. The
+recipe is the usual one: write everything into a fresh sibling (same filesystem, so ``rename`` is
+atomic), fsync it, then swap it in with renames.
+
+Temporary names start with ``.`` and contain ``.tmp-`` / ``.old-`` plus a random id, so they never
+collide with real outputs and are easy to spot if a hard crash (power loss, SIGKILL) leaves one behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import uuid
+import warnings
+from typing import Any, Iterator, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["atomic_directory", "atomic_write_json", "write_json"]
+
+
+def _sibling(target: pathlib.Path, tag: str) -> pathlib.Path:
+    return target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:12]}"
+
+
+def _fsync_path(path: pathlib.Path, directory: bool = False) -> None:
+    """fsync a file or a directory entry table, so renames and contents survive a power loss."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        # Some platforms/filesystems (Windows, some FUSE mounts) cannot open directories; durability
+        # then rests on the OS, but atomicity (the part callers rely on) does not need the fsync.
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: pathlib.Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(pathlib.Path(dirpath) / name)
+        _fsync_path(pathlib.Path(dirpath), directory=True)
+
+
+def _remove(path: pathlib.Path) -> None:
+    """Best-effort removal of a leftover; a failure only warns because the real work already succeeded."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path)
+    except OSError as exc:  # pragma: no cover - depends on filesystem permissions
+        warnings.warn(f"could not remove temporary path {str(path)!r}: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def _resolve_target(path: PathLike) -> pathlib.Path:
+    # Resolve symlinks so that saving "into" a symlinked directory replaces the directory it points to
+    # (what the caller means) and the temporary sibling lands on the same filesystem as the real target.
+    return pathlib.Path(os.path.realpath(os.fspath(path)))
+
+
+def _check_replaceable(target: pathlib.Path, overwrite: bool) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"atomic_directory: {str(target)!r} exists and is not a directory; refusing to replace it")
+    if not overwrite and any(target.iterdir()):
+        raise FileExistsError(f"atomic_directory: {str(target)!r} exists and is not empty (overwrite=False)")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike, overwrite: bool = True) -> Iterator[pathlib.Path]:
+    """Yield a fresh empty directory next to ``path``; on success it becomes ``path``.
+
+    On normal exit of the ``with`` block the temporary directory is fsynced and swapped in: the old
+    ``path`` (if any) is renamed aside, the new one renamed to ``path``, the old one deleted. On any
+    exception (including ``KeyboardInterrupt``) the temporary directory is removed and ``path`` is left
+    exactly as it was. Missing parent directories are created.
+
+    Raises ``FileExistsError`` when ``overwrite=False`` and ``path`` exists and is non-empty (checked on
+    entry, so no work is wasted, and again before the swap), ``NotADirectoryError`` when ``path`` exists
+    and is a file.
+
+    Between the two renames ``path`` is briefly absent; a hard crash exactly there leaves the previous
+    contents in a ``.<name>.old-<id>`` sibling, never a half-written ``path``.
+    """
+    target = _resolve_target(path)
+    _check_replaceable(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    # os.mkdir (not tempfile.mkdtemp) so the final directory gets the same umask-derived permissions as
+    # one made by a plain mkdir; mkdtemp would leave it 0700.
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _check_replaceable(target, overwrite)  # something may have appeared while the body ran
+        if target.exists():
+            old = _sibling(target, "old")
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)  # roll back so the caller still has the previous contents
+                raise
+            _fsync_path(target.parent, directory=True)
+            _remove(old)
+        else:
+            os.rename(tmp, target)
+            _fsync_path(target.parent, directory=True)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as strict JSON (no NaN/Infinity, which other readers reject), sorted and indented."""
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` so that readers see either the old file or the complete new one.
+
+    The text is written to a temporary file in the same directory, fsynced, and ``os.replace``d over
+    ``path``. Serialisation happens before anything touches the disk, so an object that is not JSON
+    serialisable (or holds NaN/Infinity) raises ``TypeError``/``ValueError`` and leaves ``path`` untouched.
+    """
+    target = _resolve_target(path)
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(target, "tmp")
+    # O_EXCL with mode 0o666: umask applies as for a normal open(), unlike mkstemp's fixed 0600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_path(target.parent, directory=True)
+    except BaseException:
+        _remove(tmp)
+        raise
