@@ -1,0 +1,217 @@
+"""One router-training step (forward, backward, optimizer step) of a causal LM with LoRA experts.
+
+Providers, all on the same random base model and the same E adapters (rank r on all 7 projections):
+  bare    the frozen base model alone; a trainable zero vector added to the input embeddings makes
+          backward run through every layer, as it must for a router at every layer
+  xlora   PEFT X-LoRA (the Self-MoE paper's stack): adapter-free scaling pass, classifier, real pass;
+          top-k LoRA masking; adapters named "0".."E-1" (peft's X-LoRA training path needs digit names)
+  mixse   selfmoe.MiXSE, shared router (one pass), top-k, fused lora_mix (Triton on CUDA via "auto")
+
+Presets:
+  small   Llama hidden 256, 4 layers, 8 heads / 4 KV heads, intermediate 688, vocab 2048; batch 4x256;
+          4 experts of rank 8, top-1 (the CPU target: mixse <= 1.25x bare, >= 2x faster than xlora)
+  large   Llama hidden 2048, 16 layers, 16 heads / 8 KV heads, intermediate 5632, vocab 32000;
+          batch 4x1024; same experts (for CUDA, bf16)
+
+Usage:
+  python benchmarks/bench_train_step.py                        # small on CPU (or large on CUDA)
+  python benchmarks/bench_train_step.py --device cuda --preset large
+  python benchmarks/bench_train_step.py --providers bare,mixse --reps 20
+
+Results: a table on stdout and benchmarks/results/train_step_<device>.csv (device, versions, commit,
+ms, ratio to bare). Ratios compare timings from the same run only (CPU: round-robin timing, so load
+from other processes lands on all providers alike).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR, device_label, device_slug, git_commit, time_many_ms, timestamp, versions, write_csv
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    seq: int
+    experts: int = 4
+    rank: int = 8
+    alpha: int = 16
+    top_k: int = 1
+
+
+PRESETS = {
+    "small": Preset("small", 256, 4, 8, 4, 688, 2048, 4, 256),
+    "large": Preset("large", 2048, 16, 16, 8, 5632, 32000, 4, 1024),
+}
+PROVIDERS = ("bare", "xlora", "mixse")
+
+
+def make_base(p: Preset, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=p.layers,
+        num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, vocab_size=p.vocab,
+        max_position_embeddings=max(2048, p.seq), use_cache=False,  # X-LoRA refuses use_cache=True
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    model.requires_grad_(False)
+    return model.train()
+
+
+def make_adapters(p: Preset, base: nn.Module, root: Path) -> Dict[str, str]:
+    """E PEFT adapters with random nonzero factors on every projection of every layer."""
+    from selfmoe.adapters import save_lora_adapter
+
+    paths = {}
+    g = torch.Generator().manual_seed(1)
+    for e in range(p.experts):
+        weights = {}
+        for name, mod in base.named_modules():
+            if isinstance(mod, nn.Linear) and name.startswith("model.layers."):
+                A = torch.randn(p.rank, mod.in_features, generator=g) / mod.in_features ** 0.5
+                B = torch.randn(mod.out_features, p.rank, generator=g) * 0.02
+                weights[name] = (A, B)
+        path = root / str(e)
+        save_lora_adapter(path, weights, r=p.rank, lora_alpha=p.alpha)
+        paths[str(e)] = str(path)
+    return paths
+
+
+def build_bare(p, device, dtype, adapters):
+    model = make_base(p, device, dtype)
+    # Trainable zero vector on the embeddings' output: backward then runs through every layer (as for a
+    # router) without changing the loss or training any base weight.
+    shift = nn.Parameter(torch.zeros(p.hidden, device=device, dtype=dtype))
+    model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out + shift)
+    return model, [shift]
+
+
+def build_xlora(p, device, dtype, adapters):
+    from peft import XLoraConfig, get_peft_model
+
+    base = make_base(p, device, dtype)
+    cfg = XLoraConfig(task_type="CAUSAL_LM", hidden_size=p.hidden, adapters=adapters, xlora_depth=1,
+                      top_k_lora=p.top_k, use_trainable_adapters=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, cfg)
+    model.to(device=device, dtype=dtype)
+    model.train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    return model, params
+
+
+def build_mixse(p, device, dtype, adapters):
+    from selfmoe import MiXSE
+
+    base = make_base(p, device, dtype)
+    model = MiXSE.from_adapters(base, adapters, top_k=p.top_k, router="shared")
+    model.train()
+    return model, model.router_parameters()
+
+
+BUILDERS = {"bare": build_bare, "xlora": build_xlora, "mixse": build_mixse}
+
+
+def make_step(model: nn.Module, params: List[nn.Parameter], ids: torch.Tensor) -> Callable[[], float]:
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        opt.step()
+        return out.loss
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: small on CPU, large on CUDA")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: fp32 CPU, bf16 CUDA")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--no-csv", action="store_true")
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS[args.preset or ("large" if device.type == "cuda" else "small")]
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    providers = [s.strip() for s in args.providers.split(",") if s.strip()]
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown:
+        ap.error(f"unknown providers {unknown}; choose from {PROVIDERS}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # training-time default; fp32 runs use TF32
+
+    ids = torch.randint(0, preset.vocab, (preset.batch, preset.seq), generator=torch.Generator().manual_seed(2)).to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = make_base(preset, torch.device("cpu"), torch.float32) if device.type == "cpu" else None
+        adapters = make_adapters(preset, probe if probe is not None else make_base(preset, device, dtype), Path(tmp))
+        del probe
+        steps = {}
+        for name in providers:
+            model, params = BUILDERS[name](preset, device, dtype, adapters)
+            steps[name] = make_step(model, params, ids)
+            loss = steps[name]()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"{name}: non-finite loss {loss.item()}")
+    times = time_many_ms(steps, device, reps=args.reps, warmup=args.warmup)
+
+    import peft
+    import transformers
+
+    vers = versions()
+    base_ms = times.get("bare")
+    rows = []
+    label = device_label(device)
+    print(f"\ntrain step, preset {preset.name} ({preset.batch}x{preset.seq} tokens, {preset.layers} layers, hidden {preset.hidden}, "
+          f"{preset.experts} experts r={preset.rank} top-{preset.top_k}), {dtype}, {label}")
+    print(f"{'provider':<8} {'ms':>10} {'x bare':>8}")
+    for name in providers:
+        ratio = times[name] / base_ms if base_ms else float("nan")
+        print(f"{name:<8} {times[name]:>10.2f} {ratio:>8.3f}")
+        rows.append({
+            "timestamp": timestamp(), "device": label, "provider": name, "ms": round(times[name], 4),
+            "ratio_to_bare": round(ratio, 4), "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
+            "threads": torch.get_num_threads() if device.type == "cpu" else "",
+            "torch": vers["torch"], "triton": vers["triton"], "transformers": transformers.__version__,
+            "peft": peft.__version__, "commit": git_commit(), **{f"preset_{k}": v for k, v in asdict(preset).items()},
+        })
+    if "mixse" in times and "xlora" in times:
+        print(f"xlora / mixse = {times['xlora'] / times['mixse']:.2f}x")
+    if not args.no_csv:
+        out = RESULTS_DIR / f"train_step_{device_slug(device)}.csv"
+        write_csv(out, rows)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

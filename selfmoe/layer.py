@@ -1,0 +1,431 @@
+"""``MoLoRALinear``: a drop-in ``nn.Linear`` replacement carrying E LoRA experts behind a token router.
+
+``y = base_layer(x) + sum_j g_j * s[e_j] * B[e_j] @ A[e_j] @ x`` for the top-k experts ``e_j`` of each
+token with gates ``g_j``; computed in one fused call of :func:`selfmoe.kernels.lora_mix` (base GEMM and
+all experts together, Triton on CUDA via ``backend="auto"``).
+
+Experts of different rank live in one stacked tensor zero-padded to the largest rank; each expert keeps
+its own scaling ``lora_alpha_e / r_e`` (a ``[E]`` tensor handed to the op), so padding changes nothing.
+An expert of rank 0 is absent from this module (adapters targeting different module sets: union, with
+zero experts where an adapter has no weights — exactly what that adapter does on its own).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from selfmoe.kernels import lora_mix
+
+from .routers import ROUTING_MODES, GateSlot, TopKRouter, check_top_k
+
+__all__ = ["MoLoRALinear"]
+
+ExpertWeights = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (A [r, d_in], B [d_out, r]) or None (absent)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _per_expert(name: str, value, num_experts: int) -> list:
+    """A scalar broadcast to E experts, or a sequence of exactly E values."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value] * num_experts
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    try:
+        values = list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a number or a sequence of {num_experts} numbers, got {type(value).__name__}") from None
+    if len(values) != num_experts:
+        raise ValueError(f"{name} must have one value per expert (num_experts={num_experts}), got {len(values)}: {values}")
+    return values
+
+
+class MoLoRALinear(nn.Module):
+    """Mixture of LoRA experts around a frozen ``nn.Linear``.
+
+    Args:
+        base_layer: the ``nn.Linear`` to wrap (kept as ``self.base_layer``, parameters frozen).
+        num_experts: E >= 1.
+        r: LoRA rank, one int for all experts or one per expert (0 = expert absent from this module).
+        lora_alpha: LoRA alpha, one or one per expert; scaling is ``lora_alpha / r`` per expert.
+        top_k: experts per token for the module's own router, ``1 <= top_k <= E``.
+        router: ``"linear"`` (own router on this module's input: per-layer routing) or ``None`` (gates come
+            from outside: ``forward(x, expert_ids=..., expert_weights=...)`` or a shared :class:`GateSlot`).
+        renormalize: own router renormalises the kept probabilities (default False: Self-MoE).
+        routing: own router mode, ``"learned"`` or ``"random"``.
+        expert_dtype: dtype of ``lora_A``/``lora_B`` (default: the base weight's). Experts may be float32
+            on a bf16 base; the op computes in x's dtype.
+        init_lora_weights: True (default) = PEFT init: ``lora_A`` kaiming-uniform(a=sqrt(5)) per expert,
+            ``lora_B`` zero, so a fresh layer equals its base. False = both zero (weights loaded later).
+        scalings: optional per-expert scalings overriding ``lora_alpha / r`` (e.g. rsLoRA adapters).
+
+    Parameters: ``lora_A [E, r_max, d_in]``, ``lora_B [E, d_out, r_max]`` (PEFT's ``lora_A.weight`` /
+    ``lora_B.weight`` stacked over experts), ``router.linear`` when ``router="linear"``.
+    Buffer: ``expert_scaling [E]`` float32 (not persistent: derived from ranks and alphas).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        num_experts: int,
+        r: Union[int, Sequence[int]] = 8,
+        lora_alpha: Union[float, Sequence[float]] = 16,
+        top_k: int = 1,
+        router: Optional[str] = "linear",
+        *,
+        renormalize: bool = False,
+        routing: str = "learned",
+        expert_dtype: Optional[torch.dtype] = None,
+        init_lora_weights: bool = True,
+        scalings: Optional[Sequence[float]] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+        if not base_layer.weight.is_floating_point():
+            raise TypeError(
+                f"base_layer weight must be float (quantized layers are not supported), got {base_layer.weight.dtype}"
+            )
+        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+        ranks = _per_expert("r", r, num_experts)
+        for e, re in enumerate(ranks):
+            if isinstance(re, bool) or not isinstance(re, int) or re < 0:
+                raise ValueError(f"r must be ints >= 0 (0 = expert absent), got r[{e}]={re!r}")
+        if max(ranks) < 1:
+            raise ValueError(f"at least one expert needs rank >= 1, got r={ranks}")
+        alphas = [float(a) for a in _per_expert("lora_alpha", lora_alpha, num_experts)]
+        check_top_k(top_k, num_experts)
+        if router not in ("linear", None):
+            raise ValueError(f"router must be 'linear' (own per-layer router) or None (gates from outside), got {router!r}")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.top_k = top_k
+        self.ranks: List[int] = list(ranks)
+        self.lora_alphas: List[float] = alphas
+
+        w = base_layer.weight
+        dtype = expert_dtype or w.dtype
+        r_max = max(ranks)
+        self.lora_A = nn.Parameter(torch.zeros(num_experts, r_max, self.in_features, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r_max, dtype=dtype, device=w.device))
+        if init_lora_weights:
+            self.reset_lora_parameters()
+        self.register_buffer("expert_scaling", torch.zeros(num_experts, dtype=torch.float32, device=w.device), persistent=False)
+        self._set_scalings(scalings)
+
+        self.router: Optional[TopKRouter] = (
+            TopKRouter(self.in_features, num_experts, top_k, renormalize=renormalize, mode=routing, device=w.device)
+            if router == "linear"
+            else None
+        )
+        # Set by MiXSE: a shared slot with gates computed elsewhere, and the name used in errors/statistics.
+        self.gate_slot: Optional[GateSlot] = None
+        self.route_key: Optional[str] = None
+        self.experts_enabled = True
+        self._merged_expert: Optional[int] = None
+        self._unmerged_weight: Optional[torch.Tensor] = None
+        # The base stays frozen; remember its flags so unwrap() hands it back as it came.
+        self._base_requires_grad = {n: p.requires_grad for n, p in base_layer.named_parameters()}
+        base_layer.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------
+    # construction helpers
+
+    @classmethod
+    def from_linear(
+        cls,
+        base_layer: nn.Linear,
+        experts: Sequence[ExpertWeights],
+        lora_alpha: Union[float, Sequence[float]] = 16,
+        top_k: int = 1,
+        router: Optional[str] = "linear",
+        *,
+        scalings: Optional[Sequence[float]] = None,
+        **kwargs,
+    ) -> "MoLoRALinear":
+        """Build from per-expert PEFT weights ``(A [r_e, d_in], B [d_out, r_e])`` (``None`` = absent expert).
+
+        Ranks are read from the shapes (different ranks are zero-padded to the largest one); shapes are
+        checked against ``base_layer`` and errors name the expert index and the shapes.
+        """
+        experts = list(experts)
+        if not experts:
+            raise ValueError("experts must hold at least one (lora_A, lora_B) pair")
+        ranks = []
+        for e, pair in enumerate(experts):
+            if pair is None:
+                ranks.append(0)
+                continue
+            A, B = pair
+            cls._check_expert_shapes(base_layer, A, B, f"expert {e}")
+            ranks.append(A.shape[0])
+        layer = cls(base_layer, len(experts), r=ranks, lora_alpha=lora_alpha, top_k=top_k, router=router,
+                    init_lora_weights=False, scalings=scalings, **kwargs)
+        with torch.no_grad():
+            for e, pair in enumerate(experts):
+                if pair is not None:
+                    layer._write_expert(e, *pair)
+        return layer
+
+    @staticmethod
+    def _check_expert_shapes(base_layer: nn.Linear, A: torch.Tensor, B: torch.Tensor, what: str) -> None:
+        d_in, d_out = base_layer.in_features, base_layer.out_features
+        if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+            raise TypeError(f"{what}: lora_A and lora_B must be tensors, got {type(A).__name__}, {type(B).__name__}")
+        if A.dim() != 2 or B.dim() != 2:
+            raise ValueError(f"{what}: lora_A must be [r, d_in] and lora_B [d_out, r], got {_shape(A)} and {_shape(B)}")
+        r = A.shape[0]
+        if A.shape[1] != d_in or B.shape[0] != d_out or B.shape[1] != r or r < 1:
+            raise ValueError(
+                f"{what}: lora_A {_shape(A)} / lora_B {_shape(B)} do not fit the base linear "
+                f"(in_features={d_in}, out_features={d_out}): expected lora_A [r, {d_in}] and lora_B [{d_out}, r]"
+            )
+
+    def _write_expert(self, e: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        r = A.shape[0]
+        self.lora_A[e].zero_()
+        self.lora_B[e].zero_()
+        self.lora_A[e, :r].copy_(A)
+        self.lora_B[e, :, :r].copy_(B)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init per expert: A kaiming-uniform(a=sqrt(5)) over its own rows, B zero."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)) on an [r, d_in] matrix
+        self.lora_A.zero_()
+        self.lora_B.zero_()
+        for e, r in enumerate(self.ranks):
+            if r > 0:
+                self.lora_A[e, :r].uniform_(-bound, bound)
+
+    def _set_scalings(self, scalings: Optional[Sequence[float]] = None) -> None:
+        E = self.num_experts
+        if scalings is None:
+            values = [a / r if r > 0 else 0.0 for a, r in zip(self.lora_alphas, self.ranks)]
+        else:
+            values = [float(s) for s in _per_expert("scalings", scalings, E)]
+        with torch.no_grad():
+            self.expert_scaling.copy_(torch.tensor(values, dtype=torch.float32))
+        present = {v for v, r in zip(values, self.ranks) if r > 0}
+        # One float for the op when all present experts share it (absent experts are zero anyway).
+        self._uniform_scaling: Optional[float] = present.pop() if len(present) == 1 else None
+
+    # ------------------------------------------------------------------------------------------------
+    # properties
+
+    @property
+    def num_experts(self) -> int:
+        return self.lora_A.shape[0]
+
+    @property
+    def r(self) -> int:
+        """The stacked (padded) rank, ``max(ranks)``."""
+        return self.lora_A.shape[1]
+
+    @property
+    def scaling(self) -> Union[float, torch.Tensor]:
+        """``lora_alpha / r``: a float when all experts share it, else the ``[E]`` tensor."""
+        return self._uniform_scaling if self._uniform_scaling is not None else self.expert_scaling
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_expert is not None
+
+    @property
+    def merged_expert(self) -> Optional[int]:
+        return self._merged_expert
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (code that reads ``linear.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    def extra_repr(self) -> str:
+        ranks = self.ranks[0] if len(set(self.ranks)) == 1 else self.ranks
+        scaling = self._uniform_scaling if self._uniform_scaling is not None else [round(v, 6) for v in self.expert_scaling.tolist()]
+        if self.gate_slot is not None:
+            src = f"shared[{self.gate_slot.name}]"
+        else:
+            src = "linear" if self.router is not None else "external"
+        s = (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"r={ranks}, scaling={scaling}, top_k={self.top_k}, router={src}"
+        )
+        if self.merged:
+            s += f", merged_expert={self._merged_expert}"
+        return s
+
+    # ------------------------------------------------------------------------------------------------
+    # forward
+
+    def _name(self) -> str:
+        return self.route_key or "MoLoRALinear"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        expert_ids: Optional[torch.Tensor] = None,
+        expert_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``x [..., d_in] -> [..., d_out]``.
+
+        Gates: ``expert_ids``/``expert_weights [..., k]`` when given (leading dims of x, or the same
+        number of tokens); else the shared :class:`GateSlot` when MiXSE installed one; else the module's
+        own router. With experts disabled or an expert merged into the base weight, this is the base layer.
+        """
+        if self._merged_expert is not None or not self.experts_enabled:
+            return self.base_layer(x)
+        if (expert_ids is None) != (expert_weights is None):
+            raise ValueError(f"{self._name()}: pass both expert_ids and expert_weights, or neither")
+        if expert_ids is None:
+            slot = self.gate_slot
+            if slot is not None:
+                if slot.bypass:
+                    return self.base_layer(x)
+                expert_ids, expert_weights = slot.get(self._name())
+            elif self.router is not None:
+                expert_weights, expert_ids, _ = self.router(x, key=self.route_key)
+            else:
+                raise ValueError(
+                    f"{self._name()}: this MoLoRALinear has no router (router=None); pass expert_ids= and expert_weights="
+                )
+        if expert_ids.device != x.device:  # a router on another device (model split over GPUs)
+            expert_ids, expert_weights = expert_ids.to(x.device), expert_weights.to(x.device)
+        lead = x.shape[:-1]
+        if expert_ids.shape[:-1] != lead:
+            # Some models flatten tokens ([B*S, d]) inside a layer; gates from the layer input still apply.
+            if expert_ids.dim() >= 1 and expert_ids.shape[:-1].numel() == lead.numel():
+                k = expert_ids.shape[-1]
+                expert_ids = expert_ids.reshape(*lead, k)
+                expert_weights = expert_weights.reshape(*lead, k)
+            else:
+                raise ValueError(
+                    f"{self._name()}: gates {_shape(expert_ids)} do not match the tokens of x {_shape(x)}"
+                )
+        try:
+            return lora_mix(
+                x, self.lora_A, self.lora_B, expert_ids, expert_weights, self.scaling,
+                base_weight=self.base_layer.weight, base_bias=self.base_layer.bias, backend="auto",
+            )
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{self._name()}: {exc}") from exc
+
+    # ------------------------------------------------------------------------------------------------
+    # experts
+
+    @torch.no_grad()
+    def get_delta_weight(self, expert: int) -> torch.Tensor:
+        """Dense ``[d_out, d_in]`` update ``scaling_e * B_e @ A_e`` of one expert, float32."""
+        self._check_expert_index(expert)
+        A = self.lora_A[expert].float()
+        B = self.lora_B[expert].float()
+        return (B @ A) * self.expert_scaling[expert].float()
+
+    def _check_expert_index(self, expert: int) -> None:
+        if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < self.num_experts:
+            raise ValueError(f"{self._name()}: expert must be an int in [0, {self.num_experts}), got {expert!r}")
+
+    @torch.no_grad()
+    def merge_expert(self, expert: int) -> None:
+        """Fold one expert into the base weight: ``W <- W + scaling_e * B_e @ A_e`` (computed in float32).
+
+        While merged, ``forward`` is the (merged) base linear: routing is off and no expert is added on
+        top (the expert is already inside ``W``). A copy of the original weight is kept, so
+        :meth:`unmerge` restores it bit for bit; that copy costs one base weight of memory. Merging a
+        second expert without unmerging raises.
+        """
+        self._check_expert_index(expert)
+        if self._merged_expert is not None:
+            raise RuntimeError(
+                f"{self._name()}: expert {self._merged_expert} is already merged; call unmerge() first"
+            )
+        W = self.base_layer.weight
+        delta = self.get_delta_weight(expert)
+        self._unmerged_weight = W.detach().clone()
+        W.copy_((W.float() + delta).to(W.dtype))
+        self._merged_expert = expert
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact base weight saved by :meth:`merge_expert` (no-op when nothing is merged)."""
+        if self._merged_expert is None:
+            return
+        self.base_layer.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self._merged_expert = None
+
+    @torch.no_grad()
+    def add_expert(
+        self,
+        lora_A: Optional[torch.Tensor],
+        lora_B: Optional[torch.Tensor],
+        lora_alpha: float = 16,
+        *,
+        scaling: Optional[float] = None,
+        router_init_logit: Optional[float] = None,
+    ) -> int:
+        """Append one expert ``(A [r, d_in], B [d_out, r])`` (both None: absent from this module).
+
+        Existing experts keep their values (re-padded if the new rank is larger); the new stacked
+        parameters keep the old ``requires_grad``. The parameters are new objects: rebuild optimizers.
+        The own router (if any) grows by one output (see :meth:`TopKRouter.add_expert`).
+        Returns the new expert's index.
+        """
+        if self.merged:
+            raise RuntimeError(f"{self._name()}: unmerge() before adding experts")
+        if (lora_A is None) != (lora_B is None):
+            raise ValueError(f"{self._name()}: pass both lora_A and lora_B, or neither (absent expert)")
+        r_new = 0
+        if lora_A is not None:
+            self._check_expert_shapes(self.base_layer, lora_A, lora_B, f"{self._name()}: new expert")
+            r_new = lora_A.shape[0]
+        E, r_old = self.num_experts, self.r
+        r_max = max(r_old, r_new)
+        old_A, old_B = self.lora_A, self.lora_B
+        A = old_A.new_zeros(E + 1, r_max, self.in_features)
+        B = old_B.new_zeros(E + 1, self.out_features, r_max)
+        A[:E, :r_old] = old_A
+        B[:E, :, :r_old] = old_B
+        if lora_A is not None:
+            A[E, :r_new] = lora_A
+            B[E, :, :r_new] = lora_B
+        self.lora_A = nn.Parameter(A, requires_grad=old_A.requires_grad)
+        self.lora_B = nn.Parameter(B, requires_grad=old_B.requires_grad)
+        old_scalings = self.expert_scaling.tolist()
+        self.ranks.append(r_new)
+        self.lora_alphas.append(float(lora_alpha))
+        new_scaling = (float(scaling) if scaling is not None else (lora_alpha / r_new if r_new else 0.0))
+        self.expert_scaling = torch.zeros(E + 1, dtype=torch.float32, device=old_A.device)
+        self._set_scalings(old_scalings + [new_scaling])
+        if self.router is not None:
+            self.router.add_expert(router_init_logit)
+        return E
+
+    def expert_weights(self, expert: int) -> ExpertWeights:
+        """PEFT-shaped ``(A [r_e, d_in], B [d_out, r_e])`` of one expert (unpadded), or None if absent here."""
+        self._check_expert_index(expert)
+        r = self.ranks[expert]
+        if r == 0:
+            return None
+        return self.lora_A[expert, :r].detach(), self.lora_B[expert, :, :r].detach()
+
+    def unwrap(self) -> nn.Linear:
+        """Unmerge, restore the base parameters' ``requires_grad`` flags and return the original ``base_layer``."""
+        self.unmerge()
+        for n, p in self.base_layer.named_parameters():
+            p.requires_grad_(self._base_requires_grad.get(n, p.requires_grad))
+        return self.base_layer
