@@ -25,6 +25,7 @@ setup(
         "transformers>=4.45",
         "safetensors>=0.4",
         "numpy",
+        "tqdm",
         # The torch path works without Triton; Triton wheels exist for Linux only.
         "triton>=3.0; platform_system == 'Linux'",
     ],

@@ -1,0 +1,266 @@
+"""Batched text generation: Hugging Face ``generate`` with left padding, or vLLM when asked for.
+
+Both backends take a list of prompt strings and a :class:`SamplingConfig` and return one
+:class:`Completion` per prompt, in prompt order: only the newly generated text (prompt and special
+tokens removed, cut before the first stop string) and why it ended (``"stop"``: EOS or a stop string;
+``"length"``: ``max_new_tokens`` ran out, so the text may be cut mid-sentence).
+
+The HF backend never changes the tokenizer: it pads on the left by itself (a decoder-only model
+continues from the last position, so every prompt must end there), with the pad token or, if the
+tokenizer has none, EOS (masked out either way). Prompts are sorted by length before batching to keep
+padding low, and results are put back in order.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+
+from .data import encode_prompt
+
+__all__ = ["SamplingConfig", "Completion", "TextGenerator", "HFGenerator", "VLLMGenerator",
+           "make_generator", "generate_texts", "vllm_available"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to decode.
+
+    ``do_sample=False`` is greedy (``temperature``/``top_p``/``top_k`` are then ignored). ``top_k=0``
+    disables top-k (the Hugging Face default would otherwise be 50 in older versions; vLLM's is off).
+    ``stop``: strings that end a completion; the returned text stops before the first one.
+    ``seed``: makes sampling reproducible (HF: seeds a forked RNG, the caller's RNG state is untouched;
+    vLLM: per-request seed).
+    """
+
+    max_new_tokens: int = 256
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: Tuple[str, ...] = ()
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature} (use do_sample=False for greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+
+    def replace(self, **changes: Any) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str  # "stop" or "length"
+
+
+class TextGenerator(Protocol):
+    """What the self-specialization pipeline needs from a backend."""
+
+    def generate(self, prompts: Sequence[str], config: SamplingConfig, *, desc: Optional[str] = None) -> List[Completion]:
+        ...
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> Tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
+    """EOS ids from the tokenizer and the model's generation config (Llama 3 style models list several)."""
+    ids: List[int] = []
+    for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if src is None:
+            continue
+        for i in (src if isinstance(src, (list, tuple)) else [src]):
+            if int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while generating; the caller's train/eval mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class HFGenerator:
+    """Batched ``model.generate`` with left padding (see the module docstring).
+
+    ``batch_size`` prompts per ``generate`` call; ``progress`` shows a tqdm bar over batches.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = True,
+                 sort_by_length: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+        self.sort_by_length = sort_by_length
+        self.eos_ids = _eos_ids(model, tokenizer)
+        if not self.eos_ids:
+            raise ValueError("neither the tokenizer nor the model's generation_config has an eos_token_id")
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+
+    def _generation_kwargs(self, config: SamplingConfig) -> dict:
+        from transformers import GenerationConfig
+
+        # A fresh GenerationConfig, so defaults shipped with a checkpoint (e.g. temperature 0.6) never
+        # leak into the decoding the caller asked for.
+        gc = dict(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
+                  pad_token_id=self.pad_id, eos_token_id=list(self.eos_ids))
+        if config.do_sample:
+            gc.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None)
+        kwargs: dict = {}
+        if config.stop:
+            # Stopping inside generate saves the tokens after a stop string (generate needs the tokenizer
+            # to match strings against tokens); the text is cut at the first stop string afterwards too.
+            gc["stop_strings"] = list(config.stop)
+            kwargs["tokenizer"] = self.tokenizer
+        kwargs["generation_config"] = GenerationConfig(**gc)
+        return kwargs
+
+    def _left_pad(self, seqs: Sequence[List[int]], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+                mask[i, width - len(s):] = 1
+        return ids.to(device), mask.to(device)
+
+    def _decode(self, new_ids: torch.Tensor, config: SamplingConfig) -> Completion:
+        row = new_ids.tolist()
+        finished = False
+        for j, t in enumerate(row):
+            if t in self.eos_ids:
+                row, finished = row[:j], True
+                break
+        text = self.tokenizer.decode(row, skip_special_tokens=True)
+        text, hit = _cut_at_stop(text, config.stop)
+        return Completion(text, "stop" if (finished or hit) else "length")
+
+    def generate(self, prompts: Sequence[str], config: SamplingConfig, *, desc: Optional[str] = None) -> List[Completion]:
+        from tqdm.auto import tqdm
+
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        if not prompts:
+            return []
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        empty = [i for i, e in enumerate(encoded) if not e]
+        if empty:
+            raise ValueError(f"prompt(s) {empty[:5]} encode to no tokens (an empty prompt without BOS cannot be continued)")
+        order = list(range(len(prompts)))
+        if self.sort_by_length:
+            order.sort(key=lambda i: -len(encoded[i]))  # longest first: an OOM shows up on the first batch
+        device = next(self.model.parameters()).device
+        kwargs = self._generation_kwargs(config)
+        out: List[Optional[Completion]] = [None] * len(prompts)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        devices = [device] if device.type == "cuda" else []
+        # fork_rng: a seeded run must not reset the caller's global RNG stream.
+        with torch.random.fork_rng(devices=devices, enabled=config.seed is not None), _eval_mode(self.model), torch.no_grad():
+            if config.seed is not None:
+                torch.manual_seed(config.seed)
+            for batch in tqdm(batches, desc=desc or "generate", disable=not self.progress, unit="batch"):
+                ids, mask = self._left_pad([encoded[i] for i in batch], device)
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                new = gen[:, ids.shape[1]:].cpu()
+                for row, i in enumerate(batch):
+                    out[i] = self._decode(new[row], config)
+        return [c for c in out if c is not None]
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install raising something else at import
+        return False
+    return True
+
+
+class VLLMGenerator:
+    """The same interface on vLLM (``pip install vllm``; needs a GPU). Untested here: no GPU in CI.
+
+    ``model`` is a path or hub name that vLLM loads itself (it cannot share an HF model object), or a
+    ready ``vllm.LLM``. ``llm_kwargs`` go to ``vllm.LLM`` (e.g. ``dtype``, ``gpu_memory_utilization``).
+    vLLM schedules all prompts at once, so there is no batch size.
+    """
+
+    def __init__(self, model: Any, *, progress: bool = True, **llm_kwargs: Any) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ImportError("backend='vllm' needs the vllm package (pip install vllm)") from exc
+        self._vllm = vllm
+        self.llm = model if isinstance(model, vllm.LLM) else vllm.LLM(model=str(model), **llm_kwargs)
+        self.progress = progress
+
+    def generate(self, prompts: Sequence[str], config: SamplingConfig, *, desc: Optional[str] = None) -> List[Completion]:
+        if not prompts:
+            return []
+        kw: dict = dict(n=1, max_tokens=config.max_new_tokens, seed=config.seed,
+                        temperature=config.temperature if config.do_sample else 0.0)  # vLLM: 0 = greedy
+        if config.stop:
+            kw["stop"] = list(config.stop)
+        if config.do_sample:
+            kw["top_p"] = config.top_p
+            if config.top_k:
+                kw["top_k"] = config.top_k  # left out otherwise: vLLM's default is "off" in every version
+        params = self._vllm.SamplingParams(**kw)
+        outs = self.llm.generate(list(prompts), params, use_tqdm=self.progress)
+        result = []
+        for o in outs:
+            c = o.outputs[0]
+            text, _ = _cut_at_stop(c.text, config.stop)  # vLLM already drops the stop string; cheap to be sure
+            result.append(Completion(text, "length" if c.finish_reason == "length" else "stop"))
+        return result
+
+
+def make_generator(model: Any, tokenizer: Any = None, *, backend: str = "hf", batch_size: int = 8,
+                   progress: bool = True, **vllm_kwargs: Any) -> TextGenerator:
+    """A generator for ``backend``: ``"hf"`` (model object + tokenizer), ``"vllm"`` (model path), or
+    ``"auto"`` (vLLM when it is installed, CUDA is present and ``model`` is a path; HF otherwise)."""
+    if backend == "auto":
+        backend = "vllm" if (isinstance(model, str) and torch.cuda.is_available() and vllm_available()) else "hf"
+    if backend == "vllm":
+        return VLLMGenerator(model, progress=progress, **vllm_kwargs)
+    if backend == "hf":
+        if isinstance(model, str):
+            raise TypeError("backend='hf' needs a loaded model object and its tokenizer, not a path")
+        if tokenizer is None:
+            raise ValueError("backend='hf' needs the tokenizer")
+        return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress)
+    raise ValueError(f"backend must be 'hf', 'vllm' or 'auto', got {backend!r}")
+
+
+def generate_texts(model: Any, tokenizer: Any, prompts: Sequence[str], config: Optional[SamplingConfig] = None, *,
+                   backend: str = "hf", batch_size: int = 8, progress: bool = True) -> List[str]:
+    """Only the new text for each prompt (see :class:`HFGenerator` / :class:`VLLMGenerator`)."""
+    gen = make_generator(model, tokenizer, backend=backend, batch_size=batch_size, progress=progress)
+    return [c.text for c in gen.generate(prompts, config or SamplingConfig())]

@@ -1,0 +1,353 @@
+"""Self-specialization: the base model writes its own instruction/response pairs for a domain.
+
+Per round (paper defaults, all in :class:`SpecializeConfig`):
+
+1. **Brainstorm**: ``prompts_per_round`` prompts, each the domain's instruction-writing header plus
+   ``brainstorm_shots=3`` random seed instructions; sampled (temperature 1.0, top-p 0.98). The text
+   before the next ``### Instruction``/``### Response`` mark is the new instruction.
+2. **Filter instructions** (:mod:`selfmoe.filters`): empty, short, long, unfinished, format-broken,
+   exact/near copies of a seed or of an instruction kept earlier (or earlier in the same round).
+3. **Respond**: the domain's expert system prompt, ``response_shots=5`` random seed pairs, the new
+   instruction; greedy.
+4. **Filter responses**, then append the kept pairs to ``out_path`` (flushed and fsynced per round)
+   and rewrite the stats file next to it.
+
+Rounds repeat until ``num_pairs`` records are in the file or ``max_attempts`` instructions were
+brainstormed in this call. Output format: one record per line, ``{"instruction", "input": "",
+"output", "domain"}`` (:mod:`selfmoe.data`), so the file is training data as it stands.
+
+**Resuming**: calling again with the same ``out_path`` continues: the records already there count
+toward ``num_pairs`` and join the duplicate index, and an incomplete last line (a crash mid-write) is
+dropped first. A file holding another domain's records is refused unless ``overwrite=True`` (which
+starts over). Ctrl-C leaves every line written so far valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .data import DataFormatError, append_jsonl, repair_jsonl_tail, validate_record
+from .filters import FilterConfig, NearDuplicateIndex, check_text, empty_stats, normalize_tokens
+from .generate import HFGenerator, SamplingConfig, TextGenerator
+from .prompts import (STOP_MARKS, TemplateSource, build_brainstorm_prompt, build_response_prompt, get_template,
+                      load_templates, seed_instruction_text)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["SpecializeConfig", "specialize_domain", "specialize", "stats_path", "parse_completion",
+           "check_seed_counts"]
+
+
+def _brainstorm_default() -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=256, do_sample=True, temperature=1.0, top_p=0.98, stop=STOP_MARKS)
+
+
+def _response_default() -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=512, do_sample=False, stop=STOP_MARKS)
+
+
+@dataclass(frozen=True)
+class SpecializeConfig:
+    """Everything about a self-specialization run except the model, seeds, domain and target count.
+
+    ``prompts_per_round``: instructions brainstormed per round (the unit of checkpointing).
+    ``batch_size``: prompts per ``generate`` call when the pipeline builds the HF generator itself.
+    ``max_attempts``: most instructions brainstormed in one call; ``None`` = 20 x the pairs still
+    missing (a model that writes nothing usable then stops instead of looping forever).
+    ``seed``: the seed-example draws and the sampling; a run is reproducible given the seed (the
+    ``seed`` fields of ``brainstorm``/``response`` are ignored: each round derives its own).
+    ``templates``: overrides for :mod:`selfmoe.prompts` (dict or JSON file path).
+    ``overwrite``: start over when ``out_path`` exists (required if it holds another domain).
+    """
+
+    brainstorm_shots: int = 3
+    response_shots: int = 5
+    brainstorm: SamplingConfig = field(default_factory=_brainstorm_default)
+    response: SamplingConfig = field(default_factory=_response_default)
+    prompts_per_round: int = 64
+    batch_size: int = 16
+    max_attempts: Optional[int] = None
+    seed: int = 0
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    templates: TemplateSource = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("brainstorm_shots", "response_shots", "prompts_per_round", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 or None, got {self.max_attempts}")
+
+    @property
+    def min_seeds(self) -> int:
+        return max(self.brainstorm_shots, self.response_shots)
+
+
+def stats_path(out_path: PathLike) -> pathlib.Path:
+    """Where the stats of ``out_path`` live: ``math.jsonl`` -> ``math.stats.json``."""
+    p = pathlib.Path(out_path)
+    stem = p.name[: -len(".jsonl")] if p.name.endswith(".jsonl") else p.name
+    return p.with_name(stem + ".stats.json")
+
+
+def parse_completion(text: str) -> str:
+    """The usable part of a completion: text before the next prompt section mark, stripped.
+
+    Backends already stop at these marks; cutting again makes a custom backend that ignores ``stop``
+    safe. Garbage is returned as-is (the filters judge it), never raises.
+    """
+    cut = min((i for i in (text.find(m) for m in STOP_MARKS) if i >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def check_seed_counts(seeds_by_domain: Mapping[str, Sequence[Any]], config: SpecializeConfig) -> None:
+    """Fail early, naming the domain and the counts, when a domain has too few seeds for the shots."""
+    for domain, seeds in seeds_by_domain.items():
+        if len(seeds) < config.min_seeds:
+            raise ValueError(
+                f"domain {domain!r} has {len(seeds)} seed(s), but brainstorm_shots={config.brainstorm_shots} and "
+                f"response_shots={config.response_shots} need at least {config.min_seeds} distinct seeds in context")
+
+
+def _validated_seeds(seeds: Sequence[Mapping[str, Any]], domain: str) -> List[Dict[str, Any]]:
+    out = []
+    for i, s in enumerate(seeds):
+        try:
+            out.append(validate_record(s, require_domain=False))
+        except DataFormatError as exc:
+            raise DataFormatError(f"seeds for domain {domain!r}, item {i}: {exc}") from None
+    return out
+
+
+def _scan_existing(path: pathlib.Path, domain: str) -> List[Dict[str, Any]]:
+    """Records already in ``path`` (all of ``domain``), read before anything in the file is changed.
+
+    A final line without its newline that does not parse is a crash remnant: ignored here, removed by
+    :func:`repair_jsonl_tail` once we know the file is ours. Any other bad line is an error with its
+    line number (the file is not something we wrote, or it was edited).
+    """
+    if not path.exists():
+        return []
+    if not path.is_file():
+        raise IsADirectoryError(f"{path}: output path exists and is not a file")
+    records: List[Dict[str, Any]] = []
+    with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        lines = f.readlines()
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            if lineno == len(lines) and not raw.endswith("\n"):
+                break
+            raise DataFormatError(f"{path}:{lineno}: invalid JSON in existing output: {exc.msg}") from None
+        rec = validate_record(obj, path=path, line=lineno)
+        if rec["domain"] != domain:
+            raise ValueError(
+                f"{path}:{lineno}: output file holds records of domain {rec['domain']!r}, not {domain!r}; "
+                f"refusing to append (pass overwrite=True to replace it)")
+        records.append(rec)
+    return records
+
+
+def _load_stats(path: pathlib.Path, domain: str) -> Dict[str, Any]:
+    try:
+        st = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}  # stats are a report, not the source of truth (the JSONL is): start them afresh
+    return st if isinstance(st, dict) and st.get("domain") == domain else {}
+
+
+def _write_stats(path: pathlib.Path, stats: Mapping[str, Any]) -> None:
+    from .io_utils import atomic_write_json
+
+    atomic_write_json(path, dict(stats))
+
+
+def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, Any]], domain: str, out_path: PathLike,
+                      num_pairs: int = 5000, *, config: Optional[SpecializeConfig] = None,
+                      generator: Optional[TextGenerator] = None, **overrides: Any) -> Dict[str, Any]:
+    """Generate (or continue generating) ``num_pairs`` filtered pairs for one domain into ``out_path``.
+
+    ``model``/``tokenizer``: the base model and its tokenizer (HF backend). ``generator``: any
+    :class:`~selfmoe.generate.TextGenerator` instead (e.g. vLLM); ``model`` may then be ``None``, and
+    ``tokenizer`` is only used to count tokens for the length filters (whitespace words without it).
+    ``overrides``: fields of :class:`SpecializeConfig` (e.g. ``max_attempts=50, overwrite=True``).
+
+    Returns the stats dict (also written to :func:`stats_path`): ``kept`` records in the file,
+    ``written`` this call, ``removed`` per filter (cumulative over resumed calls), ``attempts``,
+    ``complete``. Warns (does not raise) when ``max_attempts`` ran out first.
+    """
+    cfg = dataclasses.replace(config or SpecializeConfig(), **overrides)
+    if not isinstance(domain, str) or not domain.strip():
+        raise ValueError(f"domain must be a non-empty string, got {domain!r}")
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    seeds = _validated_seeds(seeds, domain)
+    check_seed_counts({domain: seeds}, cfg)
+    if generator is None:
+        if model is None or tokenizer is None:
+            raise ValueError("pass model and tokenizer, or a generator")
+        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=False)
+    template = get_template(domain, load_templates(cfg.templates))
+    count_tokens = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer is not None else None
+
+    out = pathlib.Path(out_path)
+    spath = stats_path(out)
+    had_output = out.is_file()
+    if cfg.overwrite:
+        if out.is_dir():
+            raise IsADirectoryError(f"{out}: output path exists and is not a file")
+        out.unlink(missing_ok=True)
+        spath.unlink(missing_ok=True)
+        existing: List[Dict[str, Any]] = []
+    else:
+        existing = _scan_existing(out, domain)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    repaired = repair_jsonl_tail(out)
+    out.touch()  # the output exists after every run, even one that kept nothing
+
+    # Stats left from a deleted output describe data that is gone: start them afresh.
+    prev = _load_stats(spath, domain) if had_output else {}
+    removed = empty_stats()
+    for k, v in (prev.get("removed") or {}).items():
+        if k in removed and isinstance(v, int):
+            removed[k] = v
+    stats: Dict[str, Any] = {
+        "domain": domain, "target": num_pairs, "output": str(out), "kept": len(existing), "written": 0,
+        "removed": removed, "attempts": int(prev.get("attempts", 0)), "surplus": int(prev.get("surplus", 0)),
+        "rounds": int(prev.get("rounds", 0)),
+        "runs": int(prev.get("runs", 0)) + 1, "repaired_bytes": int(prev.get("repaired_bytes", 0)) + repaired,
+        "complete": len(existing) >= num_pairs, "seeds": len(seeds),
+        # JSON round trip (tuples -> lists) so the returned dict equals the one on disk.
+        "config": json.loads(json.dumps({
+            "brainstorm_shots": cfg.brainstorm_shots, "response_shots": cfg.response_shots,
+            "brainstorm": dataclasses.asdict(cfg.brainstorm), "response": dataclasses.asdict(cfg.response),
+            "filters": dataclasses.asdict(cfg.filters), "seed": cfg.seed})),
+    }
+
+    index = NearDuplicateIndex(cfg.filters.near_dup_threshold)
+    for s in seeds:
+        index.add(normalize_tokens(seed_instruction_text(s)), "seed")
+    for r in existing:
+        index.add(normalize_tokens(seed_instruction_text(r)), "generated")
+
+    budget = cfg.max_attempts if cfg.max_attempts is not None else 20 * max(0, num_pairs - len(existing))
+    attempts_this_call = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_pairs, initial=min(len(existing), num_pairs), desc=f"specialize {domain}",
+               disable=not cfg.progress, unit="pair")
+    t0 = time.time()
+    try:
+        while stats["kept"] < num_pairs and attempts_this_call < budget:
+            k = min(cfg.prompts_per_round, budget - attempts_this_call)
+            # One RNG per round, keyed by the round number and file size: a resumed run continues with
+            # fresh draws instead of replaying the first rounds (which the duplicate filter would eat).
+            rng = random.Random(f"{cfg.seed}:{domain}:{stats['rounds']}:{stats['kept']}")
+            # The round counts its drops separately and they are merged only once its records are on
+            # disk: a round cut short by Ctrl-C leaves no trace, so attempts = kept + removed + surplus.
+            round_removed = empty_stats()
+            new = _run_round(generator, template, seeds, cfg, rng, k, index, round_removed, count_tokens, domain)
+            # Pairs beyond the target are discarded but counted, so attempts = kept + removed + surplus.
+            stats["surplus"] += max(0, len(new) - (num_pairs - stats["kept"]))
+            new = new[: num_pairs - stats["kept"]]
+            append_jsonl(out, new)  # records first, stats second: the JSONL is the truth on a crash
+            for r in new:
+                index.add(normalize_tokens(r["instruction"]), "generated")
+            for key, v in round_removed.items():
+                removed[key] += v
+            attempts_this_call += k
+            stats["attempts"] += k
+            stats["rounds"] += 1
+            stats["kept"] += len(new)
+            stats["written"] += len(new)
+            stats["complete"] = stats["kept"] >= num_pairs
+            stats["seconds"] = round(time.time() - t0, 3)
+            _write_stats(spath, stats)
+            bar.update(len(new))
+            bar.set_postfix(attempts=attempts_this_call, dropped=sum(removed.values()))
+    finally:
+        bar.close()
+        stats["seconds"] = round(time.time() - t0, 3)
+        _write_stats(spath, stats)  # also on Ctrl-C: the report matches what is on disk
+    if not stats["complete"]:
+        warnings.warn(f"domain {domain!r}: {stats['kept']}/{num_pairs} pairs after {attempts_this_call} attempts "
+                      f"(max_attempts reached); call again to continue. Filter counts: "
+                      f"{ {k: v for k, v in removed.items() if v} }", RuntimeWarning, stacklevel=2)
+    return stats
+
+
+def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str, Any]], cfg: SpecializeConfig,
+               rng: random.Random, k: int, index: NearDuplicateIndex, removed: Dict[str, int],
+               count_tokens: Any, domain: str) -> List[Dict[str, Any]]:
+    """One brainstorm -> filter -> respond -> filter round; returns the kept records (not yet written)."""
+    fc = cfg.filters
+    prompts = [build_brainstorm_prompt(template, rng.sample(seeds, cfg.brainstorm_shots)) for _ in range(k)]
+    comps = generator.generate(prompts, cfg.brainstorm.replace(seed=rng.getrandbits(31)), desc=f"{domain}: instructions")
+    # Duplicates within the round are checked against a round-local index, so an instruction whose
+    # response is later dropped does not block its near-copies in later rounds.
+    local = NearDuplicateIndex(fc.near_dup_threshold)
+    instructions: List[Tuple[str, List[str]]] = []
+    for c in comps:
+        text = parse_completion(c.text)
+        reason = check_text(text, "instruction", fc, finished=c.finish_reason == "stop", count_tokens=count_tokens)
+        toks = normalize_tokens(text)
+        if reason is None:
+            reason = index.check(toks) or local.check(toks)
+        if reason is not None:
+            removed[reason] += 1
+            continue
+        local.add(toks, "generated")
+        instructions.append((text, toks))
+    if not instructions:
+        return []
+    resp_prompts = [build_response_prompt(template, rng.sample(seeds, cfg.response_shots), text)
+                    for text, _ in instructions]
+    answers = generator.generate(resp_prompts, cfg.response.replace(seed=rng.getrandbits(31)), desc=f"{domain}: responses")
+    kept = []
+    for (text, _), a in zip(instructions, answers):
+        resp = parse_completion(a.text)
+        reason = check_text(resp, "response", fc, finished=a.finish_reason == "stop", count_tokens=count_tokens)
+        if reason is not None:
+            removed[reason] += 1
+            continue
+        kept.append({"instruction": text, "input": "", "output": resp, "domain": domain})
+    return kept
+
+
+def specialize(model: Any, tokenizer: Any, seeds_by_domain: Mapping[str, Sequence[Mapping[str, Any]]],
+               out_dir: PathLike, num_pairs: int = 5000, *, domains: Optional[Sequence[str]] = None,
+               config: Optional[SpecializeConfig] = None, generator: Optional[TextGenerator] = None,
+               **overrides: Any) -> Dict[str, Dict[str, Any]]:
+    """:func:`specialize_domain` for every domain: ``out_dir/<domain>.jsonl`` and ``<domain>.stats.json``.
+
+    ``domains`` picks and orders the domains (default: all in ``seeds_by_domain``). Seed counts of all
+    of them are checked before any generation starts. Returns ``{domain: stats}``.
+    """
+    cfg = dataclasses.replace(config or SpecializeConfig(), **overrides)
+    names = list(domains) if domains is not None else list(seeds_by_domain)
+    missing = [d for d in names if d not in seeds_by_domain]
+    if missing:
+        raise ValueError(f"no seeds for domain(s) {missing}; seeds are given for {sorted(seeds_by_domain)}")
+    if not names:
+        raise ValueError("no domains to specialize")
+    check_seed_counts({d: seeds_by_domain[d] for d in names}, cfg)
+    if generator is None:
+        if model is None or tokenizer is None:
+            raise ValueError("pass model and tokenizer, or a generator")
+        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=False)
+    out_root = pathlib.Path(out_dir)
+    out_root.mkdir(parents=True, exist_ok=True)
+    return {d: specialize_domain(model, tokenizer, seeds_by_domain[d], d, out_root / f"{d}.jsonl", num_pairs,
+                                 config=cfg, generator=generator) for d in names}
