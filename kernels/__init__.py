@@ -9,11 +9,10 @@ from .lora_mix import lora_mix, resolve_backend
 from .lora_mix_torch import lora_mix_torch
 from .naive import lora_mix_naive, route_topk_naive
 from .route_topk import route_topk
-from .routing import RoutingMeta, routing_metadata
 
 __all__ = [
     "lora_mix", "lora_mix_torch", "lora_mix_naive", "route_topk", "route_topk_naive", "resolve_backend",
-    "choose_lora_path", "RoutingMeta", "routing_metadata",
+    "choose_lora_path",
 ]
 
 try:
@@ -25,6 +24,7 @@ else:
     # the first import of the submodule (from anywhere) would bind the package attribute to the module.
     from .lora_mix_dense import lora_mix_decode, lora_mix_dense
     from .lora_mix_grouped import lora_mix_grouped
+    from .routing import RoutingMeta, routing_metadata
     from .route_topk_triton import route_topk_triton
 
-    __all__ += ["lora_mix_dense", "lora_mix_decode", "lora_mix_grouped", "route_topk_triton"]
+    __all__ += ["lora_mix_dense", "lora_mix_decode", "lora_mix_grouped", "route_topk_triton", "RoutingMeta", "routing_metadata"]
