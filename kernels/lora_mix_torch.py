@@ -5,15 +5,16 @@ two skinny GEMMs around a per-token gate, with no gather, no scatter and no Pyth
 experts::
 
     G  = dense gates [T, E]              (scatter-add of the top-k weights; duplicate ids add up)
+    Gc = (G * scaling) @ expander        [T, E*r]   (each expert's gate copied onto its r columns)
     H  = x @ A_all.T                     [T, E*r]   (fp32 for half inputs: it feeds the gate grads)
-    Hg = H * (G * scaling) per rank col  [T, E*r]
+    Hg = H * Gc                          [T, E*r]
     y  = x @ W.T + b + Hg @ B_all.T      [T, d_out]
 
 Backward, each product only when some input asks for it::
 
     dHg = dy @ B_all                     [T, E*r]
-    dG  = scaling * sum_r (dHg * H)      [T, E]   (gate grads in rank space, never [T, k, d_out])
-    dH  = dHg * (G * scaling)
+    dG  = scaling * (dHg * H) @ expander.T [T, E] (gate grads in rank space, never [T, k, d_out])
+    dH  = dHg * Gc
     dx  = dy @ W + dH @ A_all,  dA = dH.T @ x,  dB = dy.T @ Hg,  dW = dy.T @ x,  db = sum_t dy
 
 Cost next to the base GEMM: ``4 * E*r / d`` more FLOPs for router training (grads for x and gates),
@@ -22,7 +23,7 @@ kernels are the fast path; this one stays correct there, only slower.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -65,17 +66,33 @@ def dense_gates(expert_ids: torch.Tensor, expert_weights: torch.Tensor, num_expe
     return gates.scatter_add_(1, expert_ids, expert_weights.to(dtype))
 
 
+_EXPANDERS: Dict[Tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _expander(num_experts: int, rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0/1 matrix ``[E, E*r]`` with row e set on expert e's rank columns (cached per shape/dtype/device).
+
+    ``g @ expander`` spreads per-expert gates ``[T, E]`` over rank columns ``[T, E*r]``, and
+    ``p @ expander.T`` sums rank columns back per expert. Both are exact (products with 1, sums with
+    0) and, as small GEMMs, several times cheaper on CPU than the broadcasting multiply or the
+    ``view(T, E, r).sum(-1)`` reduction they replace.
+    """
+    key = (num_experts, rank, dtype, device)
+    m = _EXPANDERS.get(key)
+    if m is None:
+        m = torch.eye(num_experts, dtype=dtype, device=device).repeat_interleave(rank, dim=1)
+        _EXPANDERS[key] = m
+    return m
+
+
 def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
-    """``[E, d_out, r] -> [d_out, E*r]`` with expert e's rank columns at ``e*r:(e+1)*r``."""
+    """``[E, d_out, r] -> [d_out, E*r]`` with expert e's rank columns at ``e*r:(e+1)*r``.
+
+    A copy per call (small: the experts' B). Not cached across calls on purpose: a cache keyed on the
+    parameter would miss writes made through ``param.data``, which bypass the version counter.
+    """
     E, N, r = lora_B.shape
     return lora_B.transpose(0, 1).reshape(N, E * r)
-
-
-def _gate(h: torch.Tensor, gate_scale: torch.Tensor) -> torch.Tensor:
-    """Multiply each expert's r rank columns of ``h [T, E*r]`` by its ``gate_scale [T, E]``."""
-    T, E = gate_scale.shape
-    R = h.shape[1]  # explicit sizes: view(0, -1) is ambiguous when T == 0
-    return (h.view(T, E, R // E) * gate_scale.unsqueeze(-1)).view(T, R)
 
 
 class LoRAMixDenseRankFunction(torch.autograd.Function):
@@ -85,12 +102,19 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
     def forward(ctx, x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias):
         T, K = x.shape  # x: [T, K]
         E, r, _ = lora_A.shape
+        acc = _acc_dtype(x)
         A_all = lora_A.reshape(E * r, K)  # [E*r, K]
         B_all = _stack_B(lora_B)  # [N, E*r]
+        expand = _expander(E, r, acc, x.device)  # [E, E*r]
 
-        gate_scale = dense_gates(expert_ids, expert_weights, E, _acc_dtype(x)) * scaling  # [T, E]
+        gate_scale = dense_gates(expert_ids, expert_weights, E, acc)  # [T, E]
+        if isinstance(scaling, torch.Tensor):
+            gate_scale = gate_scale * scaling
+        elif scaling != 1.0:
+            gate_scale = gate_scale * scaling
+        gate_cols = gate_scale @ expand  # [T, E*r]: each expert's gate x scaling on its r columns
         h = _mm_acc(x, A_all.t())  # [T, E*r], fp32 for half x
-        hg = _gate(h, gate_scale).to(x.dtype)  # [T, E*r]
+        hg = (h * gate_cols).to(x.dtype)  # [T, E*r]
 
         if base_weight is not None:
             if base_bias is not None:
@@ -101,7 +125,7 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
         else:
             y = hg @ B_all.t()  # [T, N]
 
-        ctx.save_for_backward(x, lora_A, lora_B, expert_ids, h, gate_scale, base_weight)
+        ctx.save_for_backward(x, lora_A, B_all, expert_ids, h, gate_cols, base_weight)
         ctx.scaling = scaling
         ctx.weights_dtype = expert_weights.dtype
         ctx.has_bias = base_bias is not None
@@ -110,7 +134,7 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, lora_A, lora_B, expert_ids, h, gate_scale, base_weight = ctx.saved_tensors
+        x, lora_A, B_all, expert_ids, h, gate_cols, base_weight = ctx.saved_tensors
         need_x, need_A, need_B, _, need_w, _, need_W, need_b = ctx.needs_input_grad
         T, K = x.shape
         E, r, _ = lora_A.shape
@@ -118,12 +142,16 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
         dx = dA = dB = dw = dW = db = None
 
         if need_x or need_A or need_w:
-            dhg = _mm_acc(dy, _stack_B(lora_B))  # [T, E*r], fp32 for half dy
+            dhg = _mm_acc(dy, B_all)  # [T, E*r], fp32 for half dy
             if need_w:
-                dgate = (dhg.view(T, E, r) * h.view(T, E, r)).sum(-1) * ctx.scaling  # [T, E]
+                expand = _expander(E, r, h.dtype, h.device)
+                dgate = (dhg * h) @ expand.t()  # [T, E]: sum over each expert's rank columns
+                scaling = ctx.scaling
+                if isinstance(scaling, torch.Tensor) or scaling != 1.0:
+                    dgate = dgate * scaling
                 dw = dgate.gather(1, expert_ids).to(ctx.weights_dtype)  # [T, k]
             if need_x or need_A:
-                dh = _gate(dhg, gate_scale).to(x.dtype)  # [T, E*r]
+                dh = (dhg * gate_cols).to(x.dtype)  # [T, E*r]
                 A_all = lora_A.reshape(E * r, K)
                 if need_x:
                     if base_weight is not None:
@@ -134,7 +162,7 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
                 if need_A:
                     dA = (dh.t() @ x).view(E, r, K)
         if need_B:
-            hg = _gate(h, gate_scale).to(x.dtype)
+            hg = (h * gate_cols).to(x.dtype)
             dB = (dy.t() @ hg).view(-1, E, r).transpose(0, 1).contiguous()  # [E, N, r]
         if need_W:
             dW = dy.t() @ x

@@ -134,8 +134,8 @@ def test_router_training_skips_expert_gradients():
     assert router.lora_A.grad is None and router.lora_B.grad is None and router.base_weight.grad is None
     assert router.x.grad is not None and router.expert_weights.grad is not None
     R = E * r
-    # dHg = dy @ B_all, dx = dy @ W + dH @ A_all — and nothing else of GEMM size.
-    assert bwd_router == 2 * T * N * R + 2 * T * N * K + 2 * T * R * K
+    # dHg = dy @ B_all, dx = dy @ W + dH @ A_all, gate grads (dHg * H) @ expander.T [R, E] — nothing else.
+    assert bwd_router == 2 * T * N * R + 2 * T * N * K + 2 * T * R * K + 2 * T * R * E
 
     experts = case.to(torch.float32, {"x": True, "expert_weights": True, "lora_A": True, "lora_B": True})
     y = experts.call(lora_mix, backend="torch")
@@ -147,7 +147,8 @@ def test_forward_cost_is_base_plus_low_rank():
     T, K, N, E, r = 64, 96, 80, 4, 8
     case = make_case(T, K, N, E, r, 1, seed=29).to(torch.float32)
     total = _flops(lambda: case.call(lora_mix, backend="torch"))
-    assert total == 2 * T * K * N + 2 * T * K * E * r + 2 * T * E * r * N
+    # base + shrink + expand + spreading the [T, E] gates over the rank columns ([T, E] @ [E, E*r])
+    assert total == 2 * T * K * N + 2 * T * K * E * r + 2 * T * E * r * N + 2 * T * E * E * r
 
 
 def test_no_grad_and_inference_mode():
