@@ -21,7 +21,7 @@ setup(
     packages=["selfmoe", "selfmoe.kernels"],
     package_dir={"selfmoe": "selfmoe", "selfmoe.kernels": "kernels"},
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.4",  # torch.is_autocast_enabled(device_type)
         "transformers>=4.45",
         "safetensors>=0.4",
         "numpy",

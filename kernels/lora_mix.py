@@ -34,6 +34,17 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "triton"
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would run a linear in for x's device, or None when autocast is off there."""
+    device_type = x.device.type
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (RuntimeError, TypeError, AttributeError):  # a device type autocast does not know
+        return None
+
+
 def lora_mix(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -71,7 +82,20 @@ def lora_mix(
     Raises:
         TypeError / ValueError naming the argument and shapes on bad input. The id range check syncs
         on CUDA; it is skipped during CUDA graph capture and with ``SELFMOE_CHECK_IDS=0``.
+
+    Under ``torch.autocast`` the op behaves like ``nn.Linear`` there: a float32 ``x`` is cast to the
+    autocast dtype (bf16/fp16) and the whole op, base GEMM included, runs in it; gate gradients stay
+    in the gates' dtype.
     """
+    amp_dtype = _autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    if amp_dtype is not None:
+        # Run the op as one unit with autocast off: autocast would otherwise recast some products
+        # inside it and leave operands of in-place accumulations in different dtypes.
+        if x.dtype == torch.float32 and amp_dtype != torch.float32:
+            x = x.to(amp_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_mix(x, lora_A, lora_B, expert_ids, expert_weights, scaling,
+                            base_weight=base_weight, base_bias=base_bias, backend=backend)
     check_lora_mix_inputs(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias, backend)
     resolved = resolve_backend(backend, x)
 

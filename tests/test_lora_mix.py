@@ -163,3 +163,20 @@ def test_no_grad_and_inference_mode():
 def test_auto_backend_on_cpu_matches_torch():
     case = make_case(10, 16, 12, 4, 3, 2, seed=37).to(torch.float32)
     assert torch.equal(case.call(lora_mix, backend="auto"), case.call(lora_mix, backend="torch"))
+
+
+def test_autocast_runs_the_op_in_the_autocast_dtype():
+    """Under autocast the op acts like nn.Linear: fp32 x is cast to bf16 and everything runs in bf16."""
+    case = make_case(24, 40, 36, 4, 8, 2, seed=41).to(torch.float32, {"x": True, "expert_weights": True})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = case.call(lora_mix, backend="torch")
+        reference_linear = torch.nn.functional.linear(case.x, case.base_weight)
+    assert y.dtype == reference_linear.dtype == torch.bfloat16
+    bf = lambda t: t.to(torch.bfloat16).double()  # noqa: E731 - what autocast hands the op
+    ref = lora_mix_naive(bf(case.x), bf(case.lora_A), bf(case.lora_B), case.expert_ids,
+                         case.expert_weights.double(), case.scaling, bf(case.base_weight), bf(case.base_bias))
+    assert rel_err(y, ref) <= TOL[torch.bfloat16]
+    y.float().square().sum().backward()
+    assert case.x.grad.dtype == torch.float32 and torch.isfinite(case.x.grad).all()
+    assert case.expert_weights.grad.dtype == case.expert_weights.dtype
+    assert torch.isfinite(case.expert_weights.grad).all() and case.expert_weights.grad.abs().sum() > 0

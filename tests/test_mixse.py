@@ -206,6 +206,25 @@ def test_router_only_training_lowers_loss_and_freezes_the_rest(router, adapter):
             assert torch.equal(p, frozen_before[n]), n
 
 
+@pytest.mark.parametrize("router", ["shared", "per_layer"])
+def test_autocast_training_step(router, adapter):
+    """bf16 autocast (the mixed-precision training setup): the MoLoRA linears run like nn.Linear does
+    there, the loss stays close to the fp32 one and the router gets finite, nonzero gradients."""
+    model = MiXSE.from_adapters(make_base(), {"a": adapter("llama", "a"), "b": adapter("llama", "b")}, top_k=1,
+                                router=router)
+    spread_router(model)
+    ids = ids_for(batch=2, seq=12)
+    with torch.no_grad():
+        ref = model(input_ids=ids, labels=ids).loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    assert abs(out.loss.item() - ref) <= 2e-2 * abs(ref), (out.loss.item(), ref)
+    out.loss.backward()
+    grads = [p.grad for p in model.router_parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
 def test_from_scratch_trains_experts_and_router():
     base = make_base()
     ids = ids_for()
