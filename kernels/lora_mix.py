@@ -99,6 +99,14 @@ def lora_mix(
     check_lora_mix_inputs(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias, backend)
     resolved = resolve_backend(backend, x)
 
+    if resolved == "torch":  # flattens inside its autograd.Function: no view nodes per call
+        lead = x.shape[:-1]
+        if expert_ids.shape[:-1] != lead:
+            expert_ids = expert_ids.reshape(*lead, expert_ids.shape[-1])
+        if expert_weights.shape[:-1] != lead:
+            expert_weights = expert_weights.reshape(*lead, expert_weights.shape[-1])
+        return lora_mix_torch(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias)
+
     lead = x.shape[:-1]
     T = 1
     for s in lead:
@@ -110,11 +118,8 @@ def lora_mix(
     ids2 = expert_ids.reshape(T, k)
     w2 = expert_weights.reshape(T, k)
 
-    if resolved == "triton":
-        # Dense-rank, decode or grouped kernels, picked from (T, d_in, d_out, E, r, k): see dispatch.py.
-        from .dispatch import lora_mix_triton
+    # Dense-rank, decode or grouped kernels, picked from (T, d_in, d_out, E, r, k): see dispatch.py.
+    from .dispatch import lora_mix_triton
 
-        y = lora_mix_triton(x2, lora_A, lora_B, ids2, w2, scaling, base_weight, base_bias)
-        return y.reshape(*lead, d_out)
-    y = lora_mix_torch(x2, lora_A, lora_B, ids2, w2, scaling, base_weight, base_bias)
+    y = lora_mix_triton(x2, lora_A, lora_B, ids2, w2, scaling, base_weight, base_bias)
     return y.reshape(*lead, d_out)

@@ -23,6 +23,7 @@ kernels are the fast path; this one stays correct there, only slower.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -66,21 +67,28 @@ def dense_gates(expert_ids: torch.Tensor, expert_weights: torch.Tensor, num_expe
     return gates.scatter_add_(1, expert_ids, expert_weights.to(dtype))
 
 
-_EXPANDERS: Dict[Tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+_EXPANDERS: Dict[Tuple[int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _expander(num_experts: int, rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0/1 matrix ``[E, E*r]`` with row e set on expert e's rank columns (cached per shape/dtype/device).
+def _expander(num_experts: int, rank: int, scaling: Scaling, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[E, E*r]`` matrix holding expert e's scaling on its r rank columns, zero elsewhere.
 
-    ``g @ expander`` spreads per-expert gates ``[T, E]`` over rank columns ``[T, E*r]``, and
-    ``p @ expander.T`` sums rank columns back per expert. Both are exact (products with 1, sums with
-    0) and, as small GEMMs, several times cheaper on CPU than the broadcasting multiply or the
-    ``view(T, E, r).sum(-1)`` reduction they replace.
+    ``g @ expander`` spreads per-expert gates ``[T, E]`` over the rank columns ``[T, E*r]`` with the
+    scaling applied, and ``p @ expander.T`` sums rank columns back per expert (times the scaling). Each
+    output element is one product plus exact zeros, so this is as exact as the elementwise version,
+    and, as small GEMMs, several times cheaper on CPU than the broadcasting multiply and the
+    ``view(T, E, r).sum(-1)`` it replaces. Cached per float scaling; a per-expert scaling tensor costs
+    one small multiply per call.
     """
-    key = (num_experts, rank, dtype, device)
+    if isinstance(scaling, torch.Tensor):
+        ones = _expander(num_experts, rank, 1.0, dtype, device)
+        return ones * scaling.to(dtype).unsqueeze(1)
+    key = (num_experts, rank, scaling, dtype, device)
     m = _EXPANDERS.get(key)
     if m is None:
-        m = torch.eye(num_experts, dtype=dtype, device=device).repeat_interleave(rank, dim=1)
+        if len(_EXPANDERS) >= 256:
+            _EXPANDERS.clear()
+        m = torch.eye(num_experts, dtype=dtype, device=device).repeat_interleave(rank, dim=1) * scaling
         _EXPANDERS[key] = m
     return m
 
@@ -96,60 +104,62 @@ def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
 
 
 class LoRAMixDenseRankFunction(torch.autograd.Function):
-    """Autograd for the dense-rank torch path. Inputs are 2-D and share x's dtype (see ``lora_mix_torch``)."""
+    """Autograd for the dense-rank torch path.
+
+    x ``[..., K]`` and the gates ``[..., k]`` keep their leading dims: flattening happens in here, so no
+    autograd view nodes are added per call. Weights share x's dtype (see ``lora_mix_torch``).
+    """
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias):
-        T, K = x.shape  # x: [T, K]
+        K = x.shape[-1]
         E, r, _ = lora_A.shape
+        k = expert_ids.shape[-1]
+        T = math.prod(x.shape[:-1])  # explicit: reshape(-1, K) is ambiguous when T == 0
+        x2 = x.reshape(T, K)  # [T, K]
+        ids2 = expert_ids.reshape(T, k)
         acc = _acc_dtype(x)
         A_all = lora_A.reshape(E * r, K)  # [E*r, K]
         B_all = _stack_B(lora_B)  # [N, E*r]
-        expand = _expander(E, r, acc, x.device)  # [E, E*r]
+        N = B_all.shape[0]
+        expand = _expander(E, r, scaling, acc, x.device)  # [E, E*r], scaling included
 
-        gate_scale = dense_gates(expert_ids, expert_weights, E, acc)  # [T, E]
-        if isinstance(scaling, torch.Tensor):
-            gate_scale = gate_scale * scaling
-        elif scaling != 1.0:
-            gate_scale = gate_scale * scaling
-        gate_cols = gate_scale @ expand  # [T, E*r]: each expert's gate x scaling on its r columns
-        h = _mm_acc(x, A_all.t())  # [T, E*r], fp32 for half x
+        gates = dense_gates(ids2, expert_weights.reshape(T, k), E, acc)  # [T, E]
+        gate_cols = gates @ expand  # [T, E*r]: each expert's gate x scaling on its r columns
+        h = _mm_acc(x2, A_all.t())  # [T, E*r], fp32 for half x
         hg = (h * gate_cols).to(x.dtype)  # [T, E*r]
 
         if base_weight is not None:
             if base_bias is not None:
-                y = torch.addmm(base_bias, x, base_weight.t())  # [T, N]
+                y = torch.addmm(base_bias, x2, base_weight.t())  # [T, N]
             else:
-                y = x @ base_weight.t()
+                y = x2 @ base_weight.t()
             y.addmm_(hg, B_all.t())
         else:
             y = hg @ B_all.t()  # [T, N]
 
-        ctx.save_for_backward(x, lora_A, B_all, expert_ids, h, gate_cols, base_weight)
-        ctx.scaling = scaling
+        ctx.save_for_backward(x2, lora_A, B_all, ids2, h, gate_cols, base_weight, expand)
+        ctx.x_shape = x.shape
+        ctx.w_shape = expert_weights.shape
         ctx.weights_dtype = expert_weights.dtype
         ctx.has_bias = base_bias is not None
-        return y
+        return y.view(*x.shape[:-1], N)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, lora_A, B_all, expert_ids, h, gate_cols, base_weight = ctx.saved_tensors
+        x, lora_A, B_all, expert_ids, h, gate_cols, base_weight, expand = ctx.saved_tensors
         need_x, need_A, need_B, _, need_w, _, need_W, need_b = ctx.needs_input_grad
         T, K = x.shape
         E, r, _ = lora_A.shape
-        dy = dy.contiguous()  # [T, N]
+        dy = dy.reshape(T, B_all.shape[0]).contiguous()  # [T, N]
         dx = dA = dB = dw = dW = db = None
 
         if need_x or need_A or need_w:
             dhg = _mm_acc(dy, B_all)  # [T, E*r], fp32 for half dy
             if need_w:
-                expand = _expander(E, r, h.dtype, h.device)
-                dgate = (dhg * h) @ expand.t()  # [T, E]: sum over each expert's rank columns
-                scaling = ctx.scaling
-                if isinstance(scaling, torch.Tensor) or scaling != 1.0:
-                    dgate = dgate * scaling
-                dw = dgate.gather(1, expert_ids).to(ctx.weights_dtype)  # [T, k]
+                dgate = (dhg * h) @ expand.t()  # [T, E]: scaling x sum over each expert's rank columns
+                dw = dgate.gather(1, expert_ids).to(ctx.weights_dtype).view(ctx.w_shape)  # [..., k]
             if need_x or need_A:
                 dh = (dhg * gate_cols).to(x.dtype)  # [T, E*r]
                 A_all = lora_A.reshape(E * r, K)
@@ -159,6 +169,7 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
                         dx.addmm_(dh, A_all)
                     else:
                         dx = dh @ A_all
+                    dx = dx.view(ctx.x_shape)
                 if need_A:
                     dA = (dh.t() @ x).view(E, r, K)
         if need_B:
@@ -181,10 +192,11 @@ def lora_mix_torch(
     base_weight: Optional[torch.Tensor] = None,
     base_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Routed multi-LoRA linear on 2-D inputs (no validation: ``lora_mix`` does that).
+    """Routed multi-LoRA linear, no validation (``lora_mix`` does that).
 
-    x ``[T, d_in]``, lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, expert_ids / expert_weights
-    ``[T, k]``, scaling a float or ``[E]`` (no gradient); returns ``[T, d_out]`` in x's dtype.
+    x ``[..., d_in]``, lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, expert_ids / expert_weights
+    ``[..., k]`` (the same leading dims as x), scaling a float or ``[E]`` (no gradient); returns
+    ``[..., d_out]`` in x's dtype.
     Experts and base weights in another dtype are cast to x's dtype (their grads come back in theirs).
     """
     dtype = x.dtype
