@@ -1,7 +1,7 @@
 """selfmoe.kernels: the routed multi-LoRA op and routing, with PyTorch references beside every kernel.
 
 Installed from the top-level ``kernels/`` folder as ``selfmoe.kernels`` (see setup.py). The Triton-backed
-functions (``lora_mix_dense``, ``lora_mix_decode``, ``lora_mix_grouped``, ``route_topk_triton``) are exported when triton is
+functions (``lora_mix_dense``, ``lora_mix_decode``, ``route_topk_triton``) are exported when triton is
 installed; without it the package still imports and everything runs on the torch path.
 """
 from .dispatch import choose_lora_path
@@ -23,8 +23,9 @@ else:
     # Imported eagerly, not through a lazy __getattr__: these functions share their module's name, and
     # the first import of the submodule (from anywhere) would bind the package attribute to the module.
     from .lora_mix_dense import lora_mix_decode, lora_mix_dense
-    from .lora_mix_grouped import lora_mix_grouped
     from .routing import RoutingMeta, routing_metadata
     from .route_topk_triton import route_topk_triton
 
-    __all__ += ["lora_mix_dense", "lora_mix_decode", "lora_mix_grouped", "route_topk_triton", "RoutingMeta", "routing_metadata"]
+    # lora_mix_grouped stays a module attribute on purpose (selfmoe.kernels.lora_mix_grouped.lora_mix_grouped):
+    # binding the function to the package would shadow the module for `import ... as` (tests patch it).
+    __all__ += ["lora_mix_dense", "lora_mix_decode", "route_topk_triton", "RoutingMeta", "routing_metadata"]
