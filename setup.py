@@ -29,6 +29,7 @@ setup(
         # The torch path works without Triton; Triton wheels exist for Linux only.
         "triton>=3.0; platform_system == 'Linux'",
     ],
+    entry_points={"console_scripts": ["selfmoe=selfmoe.cli:main"]},
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.13"],
     },

@@ -35,6 +35,7 @@ from .routers import (
 )
 from .specialize import SpecializeConfig, specialize, specialize_domain
 from .stats import RoutingStats
+from .train import NonFiniteLossError, TrainConfig, TrainingInterrupted, fit, train_expert, train_router
 
 __all__ = [
     "__version__",
@@ -67,6 +68,12 @@ __all__ = [
     "SpecializeConfig",
     "specialize",
     "specialize_domain",
+    "TrainConfig",
+    "train_expert",
+    "train_router",
+    "fit",
+    "TrainingInterrupted",
+    "NonFiniteLossError",
     "TopKRouter",
     "Routing",
     "GateSlot",
