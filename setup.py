@@ -20,6 +20,7 @@ setup(
     python_requires=">=3.9",
     packages=["selfmoe", "selfmoe.kernels"],
     package_dir={"selfmoe": "selfmoe", "selfmoe.kernels": "kernels"},
+    package_data={"selfmoe": ["seeds/*.jsonl"]},
     install_requires=[
         "torch>=2.4",  # torch.is_autocast_enabled(device_type)
         "transformers>=4.45",

@@ -168,7 +168,8 @@ def _add_specialize(sub: Any) -> None:
                                          "<output>/<domain>.jsonl (resumable)."),
                        epilog=SPECIALIZE_EPILOG, formatter_class=_Formatter)
     _add_model_args(p)
-    p.add_argument("--seeds", required=True, metavar="PATH", help="seed JSONL file, or a directory of <domain>.jsonl")
+    p.add_argument("--seeds", required=True, metavar="PATH", help="seed JSONL file, a directory of <domain>.jsonl, or 'builtin' (6 seeds each for "
+                   "knowledge, reasoning, math, coding, shipped with selfmoe)")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory for <domain>.jsonl")
     p.add_argument("--domains", default=None, help="comma-separated domains to run (default: all in the seeds)")
     p.add_argument("--num-pairs", type=int, default=5000, help="pairs to keep per domain")

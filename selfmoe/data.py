@@ -31,6 +31,8 @@ __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
     "validate_record",
     "read_jsonl",
+    "BUILTIN_SEEDS",
+    "builtin_seeds_dir",
     "iter_jsonl",
     "write_jsonl",
     "append_jsonl",
@@ -232,8 +234,20 @@ def repair_jsonl_tail(path: PathLike) -> int:
             return size - start
 
 
+BUILTIN_SEEDS = "builtin"
+
+
+def builtin_seeds_dir() -> pathlib.Path:
+    """The seeds shipped with selfmoe: six pairs for each of knowledge, reasoning, math and coding, in
+    the formats the default prompt templates ask for (written for this project; enough to run the
+    pipeline, while the paper used 100 seeds per domain)."""
+    return pathlib.Path(__file__).resolve().parent / "seeds"
+
+
 def load_seeds(path: PathLike, *, domains: Optional[Sequence[str]] = None) -> Dict[str, List[Record]]:
     """Seed pairs per domain, from one JSONL file or a directory with one JSONL file per domain.
+
+    ``path="builtin"`` reads the seeds shipped with selfmoe (:func:`builtin_seeds_dir`).
 
     - **File**: every record carries its ``domain``; records are grouped by it (file order kept).
     - **Directory**: every ``*.jsonl`` in it (not recursive) is one domain named by the file stem
@@ -243,7 +257,7 @@ def load_seeds(path: PathLike, *, domains: Optional[Sequence[str]] = None) -> Di
     (path missing, or a directory without ``*.jsonl``), :class:`DataFormatError` (``file:line``),
     ``ValueError`` (an empty domain or a requested domain that is not there).
     """
-    p = pathlib.Path(path)
+    p = builtin_seeds_dir() if os.fspath(path) == BUILTIN_SEEDS else pathlib.Path(path)
     out: Dict[str, List[Record]] = {}
     if p.is_dir():
         files = sorted(q for q in p.glob("*.jsonl") if q.is_file())

@@ -287,3 +287,43 @@ def test_dataloader_end_to_end(tok):
         assert (b["labels"] != -100).sum() > 0
         seen += b["input_ids"].shape[0]
     assert seen == 40
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in seeds
+
+
+def test_builtin_seeds_cover_the_default_domains_and_are_valid():
+    from selfmoe.data import BUILTIN_SEEDS, builtin_seeds_dir
+    from selfmoe.prompts import DEFAULT_TEMPLATES
+    from selfmoe.specialize import SpecializeConfig, check_seed_counts
+
+    seeds = load_seeds(BUILTIN_SEEDS)
+    assert sorted(seeds) == sorted(DEFAULT_TEMPLATES)
+    check_seed_counts(seeds, SpecializeConfig())  # enough for 3 brainstorm and 5 response shots
+    for domain, records in seeds.items():
+        assert all(r["domain"] == domain and r["instruction"].strip() and r["output"].strip() for r in records)
+        assert len({r["instruction"] for r in records}) == len(records), domain
+    assert load_seeds(builtin_seeds_dir(), domains=["math"]) == {"math": seeds["math"]}
+
+
+def test_builtin_knowledge_seeds_are_multiple_choice_with_an_answer_letter():
+    import re
+
+    for rec in load_seeds("builtin")["knowledge"]:
+        assert all(f"({c})" in rec["instruction"] for c in "ABCD"), rec["instruction"]
+        assert re.search(r"The answer is \([ABCD]\)\.$", rec["output"]), rec["output"]
+
+
+def test_builtin_coding_seed_solutions_pass_their_own_tests():
+    """Each coding seed is a signature + docstring + asserts; its response must pass those asserts,
+    and a wrong body must not (so the asserts really test something)."""
+    for rec in load_seeds("builtin")["coding"]:
+        asserts = "\n".join(line for line in rec["instruction"].splitlines() if line.startswith("assert "))
+        assert asserts.count("assert ") >= 3
+        namespace: dict = {}
+        exec(rec["output"] + "\n" + asserts, namespace)  # raises AssertionError if a seed is wrong
+        name = rec["output"].split("(")[0].removeprefix("def ").strip()
+        broken = {name: lambda *args, **kwargs: None}
+        with pytest.raises(AssertionError):
+            exec(asserts, broken)
