@@ -34,9 +34,15 @@ def _require_float(name: str, t: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype} with shape {_shape(t)}")
 
 
-def id_check_enabled(expert_ids: torch.Tensor) -> bool:
-    """Whether the (syncing) id range check runs for these ids."""
-    if os.environ.get("SELFMOE_CHECK_IDS", "1").strip().lower() in ("0", "false", "no", "off"):
+def id_check_enabled(expert_ids: torch.Tensor, check_ids: Optional[bool] = None) -> bool:
+    """Whether the (syncing) id range check runs for these ids.
+
+    ``check_ids=False``: the caller vouches for the ids (e.g. they come straight from ``route_topk``).
+    ``None``: on unless ``SELFMOE_CHECK_IDS=0``. Never during CUDA graph capture (a sync is illegal there).
+    """
+    if check_ids is False:
+        return False
+    if check_ids is None and os.environ.get("SELFMOE_CHECK_IDS", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if expert_ids.is_cuda and torch.cuda.is_current_stream_capturing():
         return False
@@ -53,6 +59,7 @@ def check_lora_mix_inputs(
     base_weight: Optional[torch.Tensor],
     base_bias: Optional[torch.Tensor],
     backend: str,
+    check_ids: Optional[bool] = None,
 ) -> None:
     """Raise ``TypeError``/``ValueError`` if the arguments of ``lora_mix`` break its contract."""
     x = _require_tensor("x", x)
@@ -135,7 +142,7 @@ def check_lora_mix_inputs(
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
-    if expert_ids.numel() > 0 and id_check_enabled(expert_ids):
+    if expert_ids.numel() > 0 and id_check_enabled(expert_ids, check_ids):
         lo, hi = torch.aminmax(expert_ids)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= E:

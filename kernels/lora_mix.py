@@ -56,6 +56,7 @@ def lora_mix(
     base_weight: Optional[torch.Tensor] = None,
     base_bias: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    check_ids: Optional[bool] = None,
 ) -> torch.Tensor:
     """Routed mixture of LoRA experts, optionally fused with the base linear.
 
@@ -74,6 +75,9 @@ def lora_mix(
         base_bias: optional ``[d_out]`` base bias (only with ``base_weight``).
         backend: ``"torch"`` (any device), ``"triton"`` (CUDA, or CPU with ``TRITON_INTERPRET=1``),
             ``"auto"`` (the best available for x's device).
+        check_ids: check that ``expert_ids`` lie in ``[0, E)``. ``None`` (default): yes, unless
+            ``SELFMOE_CHECK_IDS=0``. The check reads the ids back, a device sync on CUDA; pass False
+            only for ids that cannot be out of range (``MoLoRALinear`` does so for its router's ids).
 
     Returns:
         ``[..., d_out]`` in x's dtype. Differentiable w.r.t. x, lora_A, lora_B, expert_weights,
@@ -81,7 +85,8 @@ def lora_mix(
 
     Raises:
         TypeError / ValueError naming the argument and shapes on bad input. The id range check syncs
-        on CUDA; it is skipped during CUDA graph capture and with ``SELFMOE_CHECK_IDS=0``.
+        on CUDA; it is skipped during CUDA graph capture, with ``SELFMOE_CHECK_IDS=0`` and with
+        ``check_ids=False``.
 
     Under ``torch.autocast`` the op behaves like ``nn.Linear`` there: a float32 ``x`` is cast to the
     autocast dtype (bf16/fp16) and the whole op, base GEMM included, runs in it; gate gradients stay
@@ -95,8 +100,9 @@ def lora_mix(
             x = x.to(amp_dtype)
         with torch.autocast(x.device.type, enabled=False):
             return lora_mix(x, lora_A, lora_B, expert_ids, expert_weights, scaling,
-                            base_weight=base_weight, base_bias=base_bias, backend=backend)
-    check_lora_mix_inputs(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias, backend)
+                            base_weight=base_weight, base_bias=base_bias, backend=backend, check_ids=check_ids)
+    check_lora_mix_inputs(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias, backend,
+                          check_ids)
     resolved = resolve_backend(backend, x)
 
     if resolved == "torch":  # flattens inside its autograd.Function: no view nodes per call

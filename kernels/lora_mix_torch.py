@@ -103,6 +103,40 @@ def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
     return lora_B.transpose(0, 1).reshape(N, E * r)
 
 
+def _dense_rank_forward(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias):
+    """The forward math, shared by the autograd Function and the no-grad path.
+
+    Returns ``y [..., N]`` and what the backward needs: ``x2 [T, K]``, ``B_all [N, E*r]``, ``ids2 [T, k]``,
+    ``h [T, E*r]`` (ungated), ``gate_cols [T, E*r]`` and the expander ``[E, E*r]``.
+    """
+    K = x.shape[-1]
+    E, r, _ = lora_A.shape
+    k = expert_ids.shape[-1]
+    T = math.prod(x.shape[:-1])  # explicit: reshape(-1, K) is ambiguous when T == 0
+    x2 = x.reshape(T, K)  # [T, K]
+    ids2 = expert_ids.reshape(T, k)
+    acc = _acc_dtype(x)
+    A_all = lora_A.reshape(E * r, K)  # [E*r, K]
+    B_all = _stack_B(lora_B)  # [N, E*r]
+    N = B_all.shape[0]
+    expand = _expander(E, r, scaling, acc, x.device)  # [E, E*r], scaling included
+
+    gates = dense_gates(ids2, expert_weights.reshape(T, k), E, acc)  # [T, E]
+    gate_cols = gates @ expand  # [T, E*r]: each expert's gate x scaling on its r columns
+    h = _mm_acc(x2, A_all.t())  # [T, E*r], fp32 for half x
+    hg = (h * gate_cols).to(x.dtype)  # [T, E*r]
+
+    if base_weight is not None:
+        if base_bias is not None:
+            y = torch.addmm(base_bias, x2, base_weight.t())  # [T, N]
+        else:
+            y = x2 @ base_weight.t()
+        y.addmm_(hg, B_all.t())
+    else:
+        y = hg @ B_all.t()  # [T, N]
+    return y.view(*x.shape[:-1], N), (x2, B_all, ids2, h, gate_cols, expand)
+
+
 class LoRAMixDenseRankFunction(torch.autograd.Function):
     """Autograd for the dense-rank torch path.
 
@@ -112,38 +146,14 @@ class LoRAMixDenseRankFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias):
-        K = x.shape[-1]
-        E, r, _ = lora_A.shape
-        k = expert_ids.shape[-1]
-        T = math.prod(x.shape[:-1])  # explicit: reshape(-1, K) is ambiguous when T == 0
-        x2 = x.reshape(T, K)  # [T, K]
-        ids2 = expert_ids.reshape(T, k)
-        acc = _acc_dtype(x)
-        A_all = lora_A.reshape(E * r, K)  # [E*r, K]
-        B_all = _stack_B(lora_B)  # [N, E*r]
-        N = B_all.shape[0]
-        expand = _expander(E, r, scaling, acc, x.device)  # [E, E*r], scaling included
-
-        gates = dense_gates(ids2, expert_weights.reshape(T, k), E, acc)  # [T, E]
-        gate_cols = gates @ expand  # [T, E*r]: each expert's gate x scaling on its r columns
-        h = _mm_acc(x2, A_all.t())  # [T, E*r], fp32 for half x
-        hg = (h * gate_cols).to(x.dtype)  # [T, E*r]
-
-        if base_weight is not None:
-            if base_bias is not None:
-                y = torch.addmm(base_bias, x2, base_weight.t())  # [T, N]
-            else:
-                y = x2 @ base_weight.t()
-            y.addmm_(hg, B_all.t())
-        else:
-            y = hg @ B_all.t()  # [T, N]
-
+        y, (x2, B_all, ids2, h, gate_cols, expand) = _dense_rank_forward(
+            x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias)
         ctx.save_for_backward(x2, lora_A, B_all, ids2, h, gate_cols, base_weight, expand)
         ctx.x_shape = x.shape
         ctx.w_shape = expert_weights.shape
         ctx.weights_dtype = expert_weights.dtype
         ctx.has_bias = base_bias is not None
-        return y.view(*x.shape[:-1], N)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -210,7 +220,9 @@ def lora_mix_torch(
         scaling = scaling.detach().to(_acc_dtype(x))
     else:
         scaling = float(scaling)
-    return LoRAMixDenseRankFunction.apply(
-        x.contiguous(), lora_A.contiguous(), lora_B.contiguous(), expert_ids.long(), expert_weights,
-        scaling, base_weight, base_bias,
-    )
+    args = (x.contiguous(), lora_A.contiguous(), lora_B.contiguous(), expert_ids.long(), expert_weights,
+            scaling, base_weight, base_bias)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        return LoRAMixDenseRankFunction.apply(*args)
+    # Inference (generation, eval): the same math without the autograd.Function's bookkeeping.
+    return _dense_rank_forward(*args)[0]

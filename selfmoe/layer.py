@@ -291,6 +291,9 @@ class MoLoRALinear(nn.Module):
             return self.base_layer(x)
         if (expert_ids is None) != (expert_weights is None):
             raise ValueError(f"{self._name()}: pass both expert_ids and expert_weights, or neither")
+        # Ids from our own routers come out of top-k over E logits: always in range, so skip the range
+        # check (a device sync per call on CUDA). Ids passed in by the caller are checked.
+        from_router = expert_ids is None
         if expert_ids is None:
             slot = self.gate_slot
             if slot is not None:
@@ -320,6 +323,7 @@ class MoLoRALinear(nn.Module):
             return lora_mix(
                 x, self.lora_A, self.lora_B, expert_ids, expert_weights, self.scaling,
                 base_weight=self.base_layer.weight, base_bias=self.base_layer.bias, backend="auto",
+                check_ids=False if from_router else None,
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{self._name()}: {exc}") from exc

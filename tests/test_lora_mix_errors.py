@@ -74,3 +74,42 @@ def test_id_check_switch_never_reads_out_of_bounds(monkeypatch):
     monkeypatch.setenv("SELFMOE_CHECK_IDS", "0")
     with pytest.raises((RuntimeError, IndexError)):
         call(expert_ids=torch.full((T, k), E + 5), backend="torch")
+
+
+def _count_range_checks(monkeypatch):
+    calls = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
+def test_check_ids_argument(monkeypatch):
+    calls = _count_range_checks(monkeypatch)
+    args = good()
+    run = lambda **kw: lora_mix(args["x"], args["lora_A"], args["lora_B"], args["expert_ids"],  # noqa: E731
+                                args["expert_weights"], 2.0, backend="torch", **kw)
+    run()
+    assert len(calls) == 1  # default: checked
+    run(check_ids=False)
+    assert len(calls) == 1  # the caller vouches: no read-back
+    monkeypatch.setenv("SELFMOE_CHECK_IDS", "0")
+    run()
+    assert len(calls) == 1
+    run(check_ids=True)  # an explicit True wins over the environment switch
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match=r"expert_ids \[6, 2\] must lie in \[0, E=3\)"):
+        lora_mix(args["x"], args["lora_A"], args["lora_B"], torch.full((T, k), E), args["expert_weights"], 2.0,
+                 check_ids=True)
+
+
+def test_molora_checks_ids_from_callers_but_not_from_its_router(monkeypatch):
+    from selfmoe import MoLoRALinear
+
+    layer = MoLoRALinear(torch.nn.Linear(K, N), E, r=r, top_k=k)
+    calls = _count_range_checks(monkeypatch)
+    x = torch.randn(T, K)
+    layer(x)  # own router: ids from top-k, always in range
+    assert calls == []
+    with pytest.raises(ValueError, match=r"must lie in \[0, E=3\)"):
+        layer(x, expert_ids=torch.full((T, k), E), expert_weights=torch.rand(T, k))
+    assert calls == [1]
