@@ -16,6 +16,7 @@ from .data import (
     read_jsonl,
     write_jsonl,
 )
+from .evaluate import EvalResult, evaluate, load_eval_records, write_results
 from .filters import FilterConfig, filter_records
 from .generate import SamplingConfig, generate_texts, make_generator
 from .io_utils import atomic_directory, atomic_write_json
@@ -63,6 +64,10 @@ __all__ = [
     "SamplingConfig",
     "make_generator",
     "generate_texts",
+    "evaluate",
+    "load_eval_records",
+    "write_results",
+    "EvalResult",
     "FilterConfig",
     "filter_records",
     "SpecializeConfig",

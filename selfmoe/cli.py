@@ -7,6 +7,7 @@ Subcommands (``selfmoe <command> --help`` shows each one's flags and examples)::
     selfmoe train-router  base + experts + JSONL -> MiXSE directory (router trained, experts frozen)
     selfmoe merge         experts -> one merged adapter (linear / TIES / DARE) or a merged base model
     selfmoe generate      complete prompts with a base model, a LoRA adapter or a MiXSE
+    selfmoe eval          accuracy on MMLU/BBH/GSM8K/HumanEval-style JSONL (multiple choice, exact match, numeric, code)
     selfmoe bench         run the kernel benchmark from a source checkout (arguments passed through)
 
 Exit codes: 0 success, 1 training stopped on a NaN/inf loss, 2 bad input (the message names the file,
@@ -613,6 +614,95 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# eval
+
+EVAL_EPILOG = """\
+examples:
+  # the MiXSE on four benchmarks converted to selfmoe's JSONL (each record carries "task")
+  selfmoe eval --model ./llama-7b --mixse mixse/ --data mmlu.jsonl --data bbh.jsonl --data gsm8k.jsonl \\
+      --data humaneval.jsonl --output eval/mixse --routing-stats
+
+  # one expert; records without "task" get the kind given per file (KIND=FILE) or by --task
+  selfmoe eval --model ./llama-7b --adapter experts/math --data numeric=gsm8k.jsonl --output eval/math \\
+      --max-new-tokens 512
+
+record kinds ("task"): multiple_choice {"instruction", "answer": "B"}; exact_match {"instruction",
+"answer"}; numeric {"instruction", "answer": "42"}; code {"instruction", "tests", "entry_point"}
+(optional: "input", "id"). Greedy decoding in the Alpaca template; scoring rules: selfmoe.evaluate.
+output: <output>/predictions.jsonl (one row per example: source, task, response, prediction, correct)
+and <output>/summary.json (per-task n/correct/accuracy, overall, sampling, routing per task).
+"""
+
+
+def _add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="score a base model, a LoRA adapter or a MiXSE on benchmark JSONL",
+                       description=_desc("Greedy generation on multiple-choice (MMLU), exact-match (BBH), numeric "
+                                         "(GSM8K) and code (HumanEval, run in a subprocess) examples; accuracy per "
+                                         "task."), epilog=EVAL_EPILOG, formatter_class=_Formatter)
+    _add_model_args(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--mixse", default=None, metavar="DIR", help="MiXSE directory (from train-router)")
+    which.add_argument("--adapter", default=None, metavar="DIR", help="PEFT LoRA adapter directory (expert or merge)")
+    p.add_argument("--data", required=True, action="append", metavar="[KIND=]FILE",
+                   help="JSONL examples (repeat); KIND= sets the task kind for records without one")
+    p.add_argument("--task", default=None, choices=("multiple_choice", "exact_match", "numeric", "code"),
+                   help="task kind for records without one, in every --data file without KIND=")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory for predictions.jsonl and summary.json")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="first N examples of each --data file only")
+    p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per code example")
+    p.add_argument("--route-top-k", type=int, default=None, help="MiXSE: experts per token at inference")
+    p.add_argument("--routing-stats", action="store_true", help="MiXSE: per-task expert usage into summary.json")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import TASKS, default_sampling, evaluate, load_eval_records, write_results
+
+    if args.routing_stats and not args.mixse:
+        raise CLIError("--routing-stats needs --mixse (only a MiXSE has a router)")
+    if args.limit is not None and args.limit < 1:
+        raise CLIError(f"--limit must be >= 1, got {args.limit}")
+    out = pathlib.Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output {out}: exists and is not a directory")
+    sampling = default_sampling(args.max_new_tokens)  # checks --max-new-tokens before the model loads
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    records: List[Any] = []
+    for item in args.data:
+        kind, sep, path = item.partition("=")
+        if not sep or kind not in TASKS:
+            if sep and kind.isidentifier() and not pathlib.Path(item).is_file():
+                raise CLIError(f"--data {item}: unknown task kind {kind!r} (one of {', '.join(TASKS)})")
+            kind, path = args.task, item
+        if not pathlib.Path(path).is_file():
+            raise CLIError(f"--data {path}: file not found")
+        records.extend(load_eval_records(path, task=kind)[:args.limit])
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device or _default_device())
+    runner: Any = model
+    if args.mixse:
+        from .model import MiXSE
+
+        runner = MiXSE.from_pretrained(args.mixse, model)
+        if args.route_top_k is not None:
+            runner.configure_routing(top_k=args.route_top_k)
+    elif args.adapter:
+        from .train import attach_lora_adapter
+
+        attach_lora_adapter(model, args.adapter)
+    result = evaluate(runner, tok, records, sampling=sampling, batch_size=args.batch_size,
+                      progress=not args.no_progress, routing_stats=args.routing_stats, code_timeout=args.code_timeout)
+    extra = {"model": args.model, "mixse": args.mixse, "adapter": args.adapter, "data": list(args.data)}
+    paths = write_results(result, out, extra=extra)
+    print(result.table(), flush=True)
+    _say(f"{result.n} examples -> {paths['predictions']}, {paths['summary']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # bench
 
 BENCH_EPILOG = """\
@@ -667,6 +757,7 @@ the pipeline on a local model (each step is resumable; see `selfmoe <command> --
   selfmoe train-router --model ./base --data data/ --output mixse/ \\
       --expert math=experts/math --expert coding=experts/coding
   selfmoe generate     --model ./base --mixse mixse/ --prompt "What is 17 * 23?"
+  selfmoe eval         --model ./base --mixse mixse/ --data gsm8k.jsonl --output eval/
 
 exit codes: 0 ok, 1 NaN/inf loss, 2 bad input, 130 interrupted (checkpoint written; rerun with --resume)
 """
@@ -688,6 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_router(sub)
     _add_merge(sub)
     _add_generate(sub)
+    _add_eval(sub)
     _add_bench(sub)
     return parser
 

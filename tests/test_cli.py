@@ -72,11 +72,11 @@ def run(capsys, *argv):
 def test_python_m_selfmoe_help_runs_in_a_subprocess():
     proc = subprocess.run([sys.executable, "-m", "selfmoe", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    for cmd in ("specialize", "train-expert", "train-router", "merge", "generate", "bench"):
+    for cmd in ("specialize", "train-expert", "train-router", "merge", "generate", "eval", "bench"):
         assert cmd in proc.stdout
 
 
-@pytest.mark.parametrize("cmd", ["specialize", "train-expert", "train-router", "merge", "generate"])
+@pytest.mark.parametrize("cmd", ["specialize", "train-expert", "train-router", "merge", "generate", "eval"])
 def test_every_subcommand_has_help_with_examples(capsys, cmd):
     with pytest.raises(SystemExit) as info:
         main([cmd, "--help"])

@@ -1,0 +1,403 @@
+"""Evaluation: the scorers on hand-written responses, code run in a subprocess (pass / fail / timeout /
+early exit), ``evaluate`` end to end with a scripted generator, and ``selfmoe eval`` on the tiny model."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from selfmoe.data import DataFormatError
+from selfmoe.evaluate import (
+    EvalExample,
+    build_program,
+    evaluate,
+    extract_choice,
+    extract_code,
+    extract_final_answer,
+    extract_number,
+    load_eval_records,
+    normalize_answer,
+    run_program,
+    score,
+    validate_eval_record,
+    write_results,
+)
+from selfmoe.generate import Completion
+
+from _tiny_lm import shared_tiny_lm
+
+MC_Q = "Which planet is known as the red planet? (A) Venus (B) Mars (C) Jupiter (D) Saturn"
+SENT = "SENTINEL-test-1234"
+ADD_PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
+ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------- scorers
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("The answer is (B).", "B"),
+    ("The answer is B", "B"),
+    ("Answer: C", "C"),
+    ("answer is option D.", "D"),
+    ("(A) is wrong because Venus is yellow. So the answer is (B).", "B"),  # "answer is" beats earlier (X)
+    ("The answer is (B). Not (C), which is Jupiter.", "B"),  # ... even when an (X) follows it
+    ("Venus (A) or Mars (B)? It is (B)", "B"),  # no "answer is": the last (X)
+    ("B", "B"),
+    ("B.", "B"),
+    ("(D)", "D"),
+    ("The answer is Alice.", None),  # a word, not a letter
+    ("The answer is (E).", None),  # not one of the options
+    ("I am not sure, maybe A or B", None),  # ambiguous: no pattern at all
+    ("", None),
+])
+def test_extract_choice(response, expected):
+    assert extract_choice(response, MC_Q) == expected
+
+
+def test_multiple_choice_score_and_gold_formats():
+    for gold in ("B", "b", "(B)", " B "):
+        ex = validate_eval_record({"task": "multiple_choice", "instruction": MC_Q, "answer": gold})
+        assert ex.answer == "B"
+        assert score(ex, "So the answer is (B).")["correct"]
+        assert not score(ex, "So the answer is (C).")["correct"]
+        assert not score(ex, "no idea")["correct"]
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("Let's think. The first is true.\nSo the answer is True.", "True."),
+    ("So the answer is: No.\nI hope that helps.", "No."),  # cut at the end of that line
+    ("the answer is 3. Wait, the answer is (C).", "(C)."),  # the last "answer is"
+    ("Some reasoning\n\n  valid  \n", "valid"),  # no "answer is": the last non-empty line
+    ("", ""),
+])
+def test_extract_final_answer(response, expected):
+    assert extract_final_answer(response) == expected
+
+
+def test_exact_match_normalisation():
+    assert normalize_answer('  "True."  ') == "true"
+    assert normalize_answer("**Not  Plausible**.") == "not plausible"
+    assert normalize_answer("(A)") == "(a)"
+    ex = validate_eval_record({"task": "exact_match", "instruction": "q", "answer": "not plausible"})
+    assert score(ex, "Thinking...\nSo the answer is Not   Plausible.")["correct"]
+    assert score(ex, "not plausible")["correct"]
+    assert not score(ex, "So the answer is plausible.")["correct"]
+    assert not score(ex, "So the answer is not plausible at all.")["correct"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("He pays $1,234.50 in total.", 1234.5),
+    ("so 12 + 30 = 42.", 42.0),
+    ("The temperature is -5 degrees", -5.0),
+    ("a loss of -$3", -3.0),
+    ("$-3", -3.0),
+    ("pages 3-4", 4.0),  # a range dash, not a minus sign
+    ("It takes 0.5 hours or .25 days", 0.25),
+    ("1,000,000 people", 1_000_000.0),
+    ("#### 72", 72.0),
+    ("5kg of flour", 5.0),
+    ("no numbers here", None),
+])
+def test_extract_number(text, expected):
+    assert extract_number(text) == expected
+
+
+def test_numeric_score():
+    ex = validate_eval_record({"task": "numeric", "instruction": "q", "answer": "1,000"})
+    assert ex.answer == 1000.0
+    assert score(ex, "The answer is $1,000.")["correct"]
+    assert score(ex, "1000.00")["correct"]
+    assert not score(ex, "It is 1000, plus 1 = 1001")["correct"]  # the last number counts
+    assert not score(ex, "I cannot tell")["correct"]
+    assert validate_eval_record({"task": "numeric", "instruction": "q", "answer": -7}).answer == -7.0
+    assert validate_eval_record({"task": "numeric", "instruction": "q", "answer": "Janet... #### 18"}).answer == 18.0
+
+
+# ---------------------------------------------------------------------------------------------- code
+
+
+def run_code(response, *, prompt=ADD_PROMPT, tests=ADD_TESTS, timeout=5.0):
+    return run_program(build_program(prompt, response, tests, "add", SENT), SENT, timeout=timeout)
+
+
+def test_code_passes_full_function_fenced_and_body_only():
+    assert run_code("```python\ndef add(a, b):\n    return a + b\n```\nThis adds.").passed
+    assert run_code("def add(a, b):\n    return a + b").passed
+    assert run_code("    return a + b").passed  # body continuing the instruction's signature
+    assert run_code("```python\ndef add(a, b):\n    return a + b").passed  # fence cut by the token limit
+    # imports of the instruction stay available to a full redefinition
+    prompt = "from typing import List\n\n\ndef add(a: List[int], b):\n    \"\"\"Sum.\"\"\"\n"
+    assert run_code("def add(a: List[int], b):\n    return a + b", prompt=prompt).passed
+    # HumanEval-style check(candidate) is called with the entry point
+    assert run_code("def add(a, b):\n    return a + b", tests="def check(candidate):\n    assert candidate(2, 2) == 4\n").passed
+    # prose instructions are not prepended to a full function
+    assert run_code("def add(a, b):\n    return a + b", prompt="Write add(a, b) that returns the sum.").passed
+
+
+@pytest.mark.parametrize("response,status", [
+    ("def add(a, b):\n    return a - b", "failed"),  # wrong
+    ("def add(a, b):\n    raise ValueError('no')", "failed"),  # raises
+    ("import sys\nsys.exit(0)\ndef add(a, b):\n    return a + b", "failed"),  # exits 0 before the tests
+    ("def add(a, b):\n    import sys; sys.exit(0)", "failed"),  # exits 0 from inside the tests
+    ("def add(a, b):\n    import os; os._exit(0)", "failed"),
+    ("def add(a, b)\n    return a + b", "failed"),  # syntax error
+    ("def add(a, b):\n    while True:\n        pass", "timeout"),
+    ("def other(a, b):\n    return a + b", "failed"),  # no add defined: the instruction's stub returns None
+])
+def test_code_failures(response, status):
+    t = time.time()
+    res = run_code(response, timeout=1.0)
+    assert not res.passed and res.status == status, res
+    assert time.time() - t < 4
+
+
+def test_check_without_entry_point_call_fails_when_check_fails():
+    res = run_code("def add(a, b):\n    return 0", tests="def check(candidate):\n    assert candidate(2, 2) == 4\n")
+    assert not res.passed and "AssertionError" in res.detail
+
+
+def test_extract_code_prefers_the_block_defining_the_entry_point():
+    resp = "Example:\n```\nprint(1)\n```\nSolution:\n```python\ndef add(a, b):\n    return a + b\n```"
+    assert extract_code(resp, "add").startswith("def add")
+    assert extract_code("no fences", "add") == "no fences"
+
+
+# ----------------------------------------------------------------------------------------- records
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"instruction": "q", "answer": "B"}', "missing required key 'task'"),
+    ('{"task": "essay", "instruction": "q", "answer": "B"}', "'task' must be one of"),
+    ('{"task": "multiple_choice", "instruction": "q", "answer": "BC"}', "one option letter"),
+    ('{"task": "multiple_choice", "instruction": "  ", "answer": "B"}', "'instruction' is empty"),
+    ('{"task": "numeric", "instruction": "q", "answer": "many"}', "holds no finite number"),
+    ('{"task": "numeric", "instruction": "q", "answer": true}', "must be a number"),
+    ('{"task": "exact_match", "instruction": "q"}', "missing required key 'answer'"),
+    ('{"task": "code", "instruction": "def f():", "entry_point": "f"}', "missing required key 'tests'"),
+    ('{"task": "code", "instruction": "def f():", "tests": "assert f()", "entry_point": "f x"}', "identifier"),
+    ('{"task": "code", "instruction": "q", "tests": "assert f()", "entry_point": "f", "input": 3}', "'input' must be a string"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"task": "numeric", ', "invalid JSON"),
+])
+def test_malformed_records_name_file_and_line(tmp_path, line, message):
+    good = '{"task": "numeric", "instruction": "1+1?", "answer": "2"}'
+    path = write_lines(tmp_path / "bad.jsonl", [good, "", line])
+    with pytest.raises(DataFormatError) as info:
+        load_eval_records(path)
+    assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value)
+
+
+def test_task_per_file(tmp_path):
+    path = write_lines(tmp_path / "gsm.jsonl", ['{"instruction": "1+1?", "answer": "2"}',
+                                                '{"task": "numeric", "instruction": "2+2?", "answer": 4, "id": "q2"}'])
+    recs = load_eval_records(path, task="numeric")
+    assert [r.task for r in recs] == ["numeric", "numeric"] and recs[1].id == "q2"
+    assert recs[0].source == f"{path}:1"
+    with pytest.raises(DataFormatError, match=r":2: record has task 'numeric' but 'exact_match'"):
+        load_eval_records(path, task="exact_match")
+    with pytest.raises(DataFormatError, match="no records"):
+        load_eval_records(write_lines(tmp_path / "empty.jsonl", [""]))
+    with pytest.raises(FileNotFoundError):
+        load_eval_records(tmp_path / "missing.jsonl")
+
+
+# -------------------------------------------------------------------------------------- end to end
+
+
+class ScriptedGenerator:
+    """Answers each prompt with the response scripted for the instruction it contains."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    def generate(self, prompts, config, *, desc=None):
+        self.calls.append((list(prompts), config))
+        out = []
+        for p in prompts:
+            hits = [r for key, r in self.script.items() if f"### Instruction:\n{key}" in p]
+            assert len(hits) == 1, p
+            out.append(Completion(hits[0], "stop"))
+        return out
+
+
+RECORDS = [
+    {"task": "multiple_choice", "instruction": MC_Q, "answer": "B", "id": "mc1"},
+    {"task": "multiple_choice", "instruction": "Pick one. (A) x (B) y", "answer": "A"},
+    {"task": "multiple_choice", "instruction": "Pick two. (A) x (B) y", "answer": "A"},
+    {"task": "exact_match", "instruction": "Is it sunny?", "answer": "Yes"},
+    {"task": "exact_match", "instruction": "Is it raining?", "answer": "No"},
+    {"task": "numeric", "instruction": "What is 12 + 30?", "answer": "42"},
+    {"task": "numeric", "instruction": "What is 2 - 3?", "answer": "-1"},
+    {"task": "numeric", "instruction": "What is 10 * 10?", "answer": "100"},
+    {"task": "numeric", "instruction": "What is 1000 + 234?", "answer": "1,234"},
+    {"task": "code", "instruction": ADD_PROMPT, "tests": ADD_TESTS, "entry_point": "add"},
+    {"task": "code", "instruction": 'def sub(a, b):\n    """a - b"""\n', "tests": "assert sub(3, 1) == 2", "entry_point": "sub"},
+]
+SCRIPT = {
+    MC_Q: "Mars is red, so the answer is (B).",
+    "Pick one.": "(B)",
+    "Pick two.": "The answer is A.",
+    "Is it sunny?": "Looking outside.\nSo the answer is yes.",
+    "Is it raining?": "So the answer is yes.",
+    "What is 12 + 30?": "12 + 30 = 42",
+    "What is 2 - 3?": "2 - 3 = -1.",
+    "What is 10 * 10?": "10 * 10 = 100, then add 1: 101",
+    "What is 1000 + 234?": "The answer is $1,234.",
+    "def add(a, b)": "```python\ndef add(a, b):\n    return a + b\n```",
+    "def sub(a, b)": "    import sys\n    sys.exit(0)",
+}
+
+
+def test_evaluate_end_to_end_with_a_scripted_generator(tmp_path):
+    gen = ScriptedGenerator(SCRIPT)
+    result = evaluate(None, None, RECORDS, generator=gen, max_new_tokens=17, code_timeout=5)
+    assert result.tasks == {
+        "multiple_choice": {"n": 3, "correct": 2, "accuracy": 2 / 3},
+        "exact_match": {"n": 2, "correct": 1, "accuracy": 0.5},
+        "numeric": {"n": 4, "correct": 3, "accuracy": 0.75},
+        "code": {"n": 2, "correct": 1, "accuracy": 0.5},
+    }
+    assert (result.n, result.correct) == (11, 7)
+    assert result.macro_accuracy == pytest.approx((2 / 3 + 0.5 + 0.75 + 0.5) / 4)
+    # one generate call per task, greedy, Alpaca prompts, the template's stop marks
+    assert len(gen.calls) == 4
+    for prompts, config in gen.calls:
+        assert not config.do_sample and config.max_new_tokens == 17 and "### Instruction" in config.stop
+        assert all(p.startswith("Below is an instruction") and p.endswith("### Response:\n") for p in prompts)
+    preds = result.predictions
+    assert [p["index"] for p in preds] == list(range(11))
+    assert preds[0]["id"] == "mc1" and preds[0]["prediction"] == "B" and preds[0]["correct"] is True
+    assert preds[1]["prediction"] == "B" and preds[1]["correct"] is False
+    assert preds[7]["prediction"] == 101.0
+    assert preds[9]["status"] == "passed" and preds[10]["status"] == "failed"
+    assert preds[10]["answer"] is None and "sys.exit" in preds[10]["prediction"]
+
+    paths = write_results(result, tmp_path / "out", extra={"model": "m"})
+    rows = [json.loads(x) for x in paths["predictions"].read_text().splitlines()]
+    assert [r["correct"] for r in rows] == [r["correct"] for r in preds]
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["model"] == "m" and summary["overall"]["correct"] == 7
+    assert summary["tasks"]["numeric"]["accuracy"] == 0.75 and summary["sampling"]["do_sample"] is False
+    assert "routing" not in summary
+    assert "macro avg" in result.table()
+
+
+def test_evaluate_argument_errors():
+    gen = ScriptedGenerator(SCRIPT)
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate(None, None, [], generator=gen)
+    with pytest.raises(DataFormatError, match="record 1: missing required key 'task'"):
+        evaluate(None, None, [RECORDS[0], {"instruction": "q", "answer": "1"}], generator=gen)
+    with pytest.raises(ValueError, match="need a MiXSE"):
+        evaluate(torch.nn.Linear(2, 2), None, RECORDS[:1], generator=gen, routing_stats=True)
+    assert isinstance(validate_eval_record(RECORDS[0]), EvalExample)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def lm_path(tmp_path_factory):
+    return shared_tiny_lm(tmp_path_factory)
+
+
+def run_cli(capsys, *argv):
+    from selfmoe.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_eval_writes_predictions_and_summary(lm_path, tmp_path, capsys):
+    mc = write_lines(tmp_path / "mc.jsonl", [json.dumps(r) for r in RECORDS[:3]])
+    num = write_lines(tmp_path / "gsm.jsonl", [json.dumps({k: v for k, v in r.items() if k != "task"}) for r in RECORDS[5:7]])
+    code_file = write_lines(tmp_path / "code.jsonl", [json.dumps(RECORDS[9])])
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli(capsys, "eval", "--model", lm_path, "--data", mc, "--data", f"numeric={num}",
+                                "--data", code_file, "--output", out, "--max-new-tokens", "4", "--batch-size", "2",
+                                "--no-progress", "--code-timeout", "5")
+    assert code == 0, err
+    assert stdout.splitlines()[0].split() == ["task", "n", "correct", "accuracy"]
+    assert "multiple_choice" in stdout and "numeric" in stdout and "overall" in stdout
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["multiple_choice"] * 3 + ["numeric"] * 2 + ["code"]
+    assert rows[3]["source"] == f"{num}:1" and rows[0]["id"] == "mc1"
+    for r in rows:
+        assert {"index", "source", "task", "instruction", "response", "prediction", "correct", "finish_reason"} <= set(r)
+        assert isinstance(r["correct"], bool)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"multiple_choice", "numeric", "code"}
+    assert summary["overall"]["n"] == 6 and summary["sampling"]["max_new_tokens"] == 4
+    assert summary["model"] == str(lm_path) and summary["mixse"] is None
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no temporary files left behind
+
+
+def test_cli_eval_bad_input_exits_2(lm_path, tmp_path, capsys):
+    bad = write_lines(tmp_path / "bad.jsonl", ['{"task": "numeric", "instruction": "q", "answer": "1"}',
+                                               '{"task": "numeric", "instruction": "q"}'])
+    code, _, err = run_cli(capsys, "eval", "--model", lm_path, "--data", bad, "--output", tmp_path / "o")
+    assert code == 2 and f"{bad}:2: missing required key 'answer'" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "eval", "--model", lm_path, "--data", tmp_path / "nope.jsonl", "--output", tmp_path / "o")
+    assert code == 2 and "file not found" in err
+    code, _, err = run_cli(capsys, "eval", "--model", lm_path, "--data", f"maths={bad}", "--output", tmp_path / "o")
+    assert code == 2 and "unknown task kind 'maths'" in err
+    code, _, err = run_cli(capsys, "eval", "--model", lm_path, "--data", bad, "--output", tmp_path / "o", "--routing-stats")
+    assert code == 2 and "--routing-stats needs --mixse" in err
+    code, _, err = run_cli(capsys, "eval", "--model", lm_path, "--data", bad, "--output", tmp_path / "o", "--max-new-tokens", "0")
+    assert code == 2 and "max_new_tokens" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_eval_mixse_routing_stats(lm_path, tmp_path, capsys):
+    from selfmoe import MiXSE
+    from selfmoe.adapters import save_lora_adapter
+
+    from _tiny_lm import load_tiny_lm
+
+    base, _ = load_tiny_lm(lm_path)
+    g = torch.Generator().manual_seed(0)
+    experts = {}
+    for name in ("a", "b"):
+        weights = {f"model.layers.{i}.self_attn.q_proj": (torch.randn(2, 64, generator=g) * 0.1,
+                                                           torch.randn(64, 2, generator=g) * 0.1) for i in range(2)}
+        save_lora_adapter(tmp_path / name, weights, r=2, lora_alpha=4)
+        experts[name] = tmp_path / name
+    MiXSE.from_adapters(base, experts).save_pretrained(tmp_path / "mixse")
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(RECORDS[0]), json.dumps(RECORDS[5])])
+    code, _, err = run_cli(capsys, "eval", "--model", lm_path, "--mixse", tmp_path / "mixse", "--data", data,
+                           "--output", tmp_path / "out", "--max-new-tokens", "3", "--routing-stats", "--no-progress")
+    assert code == 0, err
+    routing = json.loads((tmp_path / "out" / "summary.json").read_text())["routing"]
+    assert set(routing) == {"multiple_choice", "numeric"}
+    for per_layer in routing.values():
+        assert list(per_layer) == ["model.layers.0", "model.layers.1"]
+        for entry in per_layer.values():
+            assert entry["tokens"] > 0 and set(entry["usage"]) == {"a", "b"}
+            assert sum(entry["usage"].values()) == pytest.approx(1.0)
+
+
+def test_cli_eval_help_has_examples(capsys):
+    from selfmoe.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "examples:" in out and "\n  selfmoe eval --" in out and "multiple_choice" in out
