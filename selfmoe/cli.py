@@ -571,24 +571,31 @@ def _read_prompts(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return items
 
 
+def _load_runner(args: argparse.Namespace) -> Tuple[Any, Any]:
+    """The model ``generate``/``eval`` run: the base, with ``--mixse DIR`` attached (routing top-k per
+    ``--route-top-k``) or ``--adapter DIR`` applied. Returns ``(model, tokenizer)``."""
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device or _default_device())
+    if args.mixse:
+        from .model import MiXSE
+
+        mixse = MiXSE.from_pretrained(args.mixse, model)
+        if args.route_top_k is not None:
+            mixse.configure_routing(top_k=args.route_top_k)
+        return mixse, tok
+    if args.adapter:
+        from .train import attach_lora_adapter
+
+        attach_lora_adapter(model, args.adapter)
+    return model, tok
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .data import format_prompt, write_jsonl
     from .generate import HFGenerator, SamplingConfig
     from .prompts import STOP_MARKS
 
     items = _read_prompts(args)
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device or _default_device())
-    runner: Any = model
-    if args.mixse:
-        from .model import MiXSE
-
-        runner = MiXSE.from_pretrained(args.mixse, model)
-        if args.route_top_k is not None:
-            runner.configure_routing(top_k=args.route_top_k)
-    elif args.adapter:
-        from .train import attach_lora_adapter
-
-        attach_lora_adapter(model, args.adapter)
+    runner, tok = _load_runner(args)
     prompts = [it["instruction"] if args.raw else format_prompt(it["instruction"], it.get("input", "")) for it in items]
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, stop=() if args.raw else STOP_MARKS)
@@ -681,18 +688,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if not pathlib.Path(path).is_file():
             raise CLIError(f"--data {path}: file not found")
         records.extend(load_eval_records(path, task=kind)[:args.limit])
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device or _default_device())
-    runner: Any = model
-    if args.mixse:
-        from .model import MiXSE
-
-        runner = MiXSE.from_pretrained(args.mixse, model)
-        if args.route_top_k is not None:
-            runner.configure_routing(top_k=args.route_top_k)
-    elif args.adapter:
-        from .train import attach_lora_adapter
-
-        attach_lora_adapter(model, args.adapter)
+    runner, tok = _load_runner(args)
     result = evaluate(runner, tok, records, sampling=sampling, batch_size=args.batch_size,
                       progress=not args.no_progress, routing_stats=args.routing_stats, code_timeout=args.code_timeout)
     extra = {"model": args.model, "mixse": args.mixse, "adapter": args.adapter, "data": list(args.data)}
