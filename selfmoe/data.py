@@ -17,10 +17,12 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+
+from .io_utils import atomic_write_text
 
 PathLike = Union[str, "os.PathLike[str]"]
 Record = Dict[str, Any]
@@ -34,6 +36,7 @@ __all__ = [
     "BUILTIN_SEEDS",
     "builtin_seeds_dir",
     "iter_jsonl",
+    "iter_json_lines",
     "write_jsonl",
     "append_jsonl",
     "repair_jsonl_tail",
@@ -116,12 +119,11 @@ def validate_record(obj: Any, *, domain: Optional[str] = None, require_domain: b
     return rec
 
 
-def iter_jsonl(path: PathLike, *, domain: Optional[str] = None, require_domain: bool = True,
-               validate: bool = True) -> Iterator[Record]:
-    """Yield the records of a JSONL file, one per non-blank line, validated (see :func:`validate_record`).
+def iter_json_lines(path: PathLike) -> Iterator[Tuple[int, Any]]:
+    """``(line number, parsed JSON)`` for each non-blank line of a JSONL file.
 
     Raises ``FileNotFoundError`` naming the path, :class:`DataFormatError` with ``path:line`` for a line
-    that is not JSON or not a valid record. ``validate=False`` only requires JSON objects.
+    that is not JSON (noting a torn last line, the mark of an interrupted writer).
     """
     p = pathlib.Path(path)
     if not p.is_file():
@@ -135,12 +137,23 @@ def iter_jsonl(path: PathLike, *, domain: Optional[str] = None, require_domain: 
             except json.JSONDecodeError as exc:
                 cut = "" if raw.endswith("\n") else " (the last line is incomplete: was the writer interrupted?)"
                 raise DataFormatError(f"{_where(path, lineno)}invalid JSON: {exc.msg} at column {exc.colno}{cut}") from None
-            if validate:
-                yield validate_record(obj, domain=domain, require_domain=require_domain, path=path, line=lineno)
-            elif not isinstance(obj, dict):
-                raise DataFormatError(f"{_where(path, lineno)}expected a JSON object, got {type(obj).__name__}")
-            else:
-                yield obj
+            yield lineno, obj
+
+
+def iter_jsonl(path: PathLike, *, domain: Optional[str] = None, require_domain: bool = True,
+               validate: bool = True) -> Iterator[Record]:
+    """Yield the records of a JSONL file, one per non-blank line, validated (see :func:`validate_record`).
+
+    Raises ``FileNotFoundError`` naming the path, :class:`DataFormatError` with ``path:line`` for a line
+    that is not JSON or not a valid record. ``validate=False`` only requires JSON objects.
+    """
+    for lineno, obj in iter_json_lines(path):
+        if validate:
+            yield validate_record(obj, domain=domain, require_domain=require_domain, path=path, line=lineno)
+        elif not isinstance(obj, dict):
+            raise DataFormatError(f"{_where(path, lineno)}expected a JSON object, got {type(obj).__name__}")
+        else:
+            yield obj
 
 
 def read_jsonl(path: PathLike, *, domain: Optional[str] = None, require_domain: bool = True,
@@ -157,19 +170,8 @@ def _dumps(rec: Mapping[str, Any]) -> str:
 
 def write_jsonl(path: PathLike, records: Iterable[Mapping[str, Any]]) -> None:
     """Write ``records`` to ``path`` atomically: readers see the old file or the complete new one."""
-    target = pathlib.Path(os.path.realpath(os.fspath(path)))
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(_dumps(r) for r in records)  # serialise first: a bad record leaves the file untouched
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_text(path, text)
 
 
 def append_jsonl(path: PathLike, records: Sequence[Mapping[str, Any]]) -> None:

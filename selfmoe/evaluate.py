@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -53,10 +52,10 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
 
-from .data import DataFormatError, PathLike, format_prompt, write_jsonl
+from .data import DataFormatError, PathLike, format_prompt, iter_json_lines, write_jsonl
 from .generate import Completion, SamplingConfig, TextGenerator
 from .io_utils import atomic_write_json
 
@@ -171,19 +170,7 @@ def validate_eval_record(obj: Any, *, task: Optional[str] = None, path: Optional
 def load_eval_records(path: PathLike, *, task: Optional[str] = None) -> List[EvalExample]:
     """The examples of one JSONL file (see :func:`validate_eval_record`); errors name ``file:line``.
     Blank lines are skipped; an empty file is an error (an evaluation of nothing is a mistake)."""
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{os.fspath(path)}: no such file" + (" (it is a directory)" if p.is_dir() else ""))
-    out = []
-    with open(p, "r", encoding="utf-8", newline="\n") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{_where(path, lineno)}invalid JSON: {exc.msg} at column {exc.colno}") from None
-            out.append(validate_eval_record(obj, task=task, path=path, line=lineno))
+    out = [validate_eval_record(obj, task=task, path=path, line=lineno) for lineno, obj in iter_json_lines(path)]
     if not out:
         raise DataFormatError(f"{os.fspath(path)}: no records")
     return out

@@ -21,14 +21,14 @@ from typing import Any, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["atomic_directory", "atomic_write_json", "write_json"]
+__all__ = ["atomic_directory", "atomic_write_json", "atomic_write_text", "fsync_path", "write_json"]
 
 
 def _sibling(target: pathlib.Path, tag: str) -> pathlib.Path:
     return target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:12]}"
 
 
-def _fsync_path(path: pathlib.Path, directory: bool = False) -> None:
+def fsync_path(path: pathlib.Path, directory: bool = False) -> None:
     """fsync a file or a directory entry table, so renames and contents survive a power loss."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
@@ -48,8 +48,8 @@ def _fsync_path(path: pathlib.Path, directory: bool = False) -> None:
 def _fsync_tree(root: pathlib.Path) -> None:
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            _fsync_path(pathlib.Path(dirpath) / name)
-        _fsync_path(pathlib.Path(dirpath), directory=True)
+            fsync_path(pathlib.Path(dirpath) / name)
+        fsync_path(pathlib.Path(dirpath), directory=True)
 
 
 def _remove(path: pathlib.Path) -> None:
@@ -113,11 +113,11 @@ def atomic_directory(path: PathLike, overwrite: bool = True) -> Iterator[pathlib
             except BaseException:
                 os.rename(old, target)  # roll back so the caller still has the previous contents
                 raise
-            _fsync_path(target.parent, directory=True)
+            fsync_path(target.parent, directory=True)
             _remove(old)
         else:
             os.rename(tmp, target)
-            _fsync_path(target.parent, directory=True)
+            fsync_path(target.parent, directory=True)
     except BaseException:
         _remove(tmp)
         raise
@@ -130,26 +130,32 @@ def write_json(path: PathLike, obj: Any) -> None:
         f.write(text)
 
 
-def atomic_write_json(path: PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` so that readers see either the old file or the complete new one.
-
-    The text is written to a temporary file in the same directory, fsynced, and ``os.replace``d over
-    ``path``. Serialisation happens before anything touches the disk, so an object that is not JSON
-    serialisable (or holds NaN/Infinity) raises ``TypeError``/``ValueError`` and leaves ``path`` untouched.
-    """
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` so that readers see either the old file or
+    the complete new one: a temporary file in the same directory, fsynced, then ``os.replace``d over
+    ``path`` (whose directory entry is fsynced too). Missing parent directories are created."""
     target = _resolve_target(path)
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(target, "tmp")
     # O_EXCL with mode 0o666: umask applies as for a normal open(), unlike mkstemp's fixed 0600.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-        _fsync_path(target.parent, directory=True)
+        fsync_path(target.parent, directory=True)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` so that readers see either the old file or the complete new one.
+
+    Serialisation happens before anything touches the disk, so an object that is not JSON serialisable
+    (or holds NaN/Infinity) raises ``TypeError``/``ValueError`` and leaves ``path`` untouched. The write
+    itself is :func:`atomic_write_text`.
+    """
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -66,7 +66,7 @@ from torch import nn
 
 from .adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRAAdapter, load_lora_adapter, save_lora_adapter
 from .data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTCollator, SFTDataset, append_jsonl, read_jsonl
-from .io_utils import atomic_directory, atomic_write_json
+from .io_utils import atomic_directory, atomic_write_json, atomic_write_text, fsync_path
 from .model import CONFIG_NAME as MIXSE_CONFIG_NAME
 from .model import EXPERTS_NAME, ROUTER_NAME, MiXSE, _find_decoder_layers, _linear_modules, _match_targets
 from .routers import ROUTER_KINDS, check_aux_loss, check_top_k
@@ -838,23 +838,7 @@ def _truncate_log(path: pathlib.Path, step: int) -> None:
             continue  # a torn last line from a crash
         if int(obj.get("step", 0)) <= step:
             keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    """Make renames into ``path`` durable (best effort: some filesystems cannot open directories)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    atomic_write_text(path, "".join(keep))
 
 
 def _publish(out: pathlib.Path, export: Callable[[pathlib.Path], None]) -> None:
@@ -866,7 +850,7 @@ def _publish(out: pathlib.Path, export: Callable[[pathlib.Path], None]) -> None:
         names = sorted(os.listdir(staging), key=lambda n: (n.endswith(".json"), n))
         for name in names:
             os.replace(staging / name, out / name)
-        _fsync_dir(out)
+        fsync_path(out, directory=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

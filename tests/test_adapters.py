@@ -505,7 +505,7 @@ def test_atomic_directory_through_symlink_replaces_the_real_directory(tmp_path):
 def test_atomic_directory_umask_permissions(tmp_path):
     old = os.umask(0o022)
     try:
-        with atomic_directory(tmp_path / "d") as tmp:
+        with atomic_directory(tmp_path / "d"):
             pass
         atomic_write_json(tmp_path / "f.json", {})
     finally:
@@ -525,3 +525,20 @@ def test_atomic_write_json(tmp_path):
             atomic_write_json(path, bad)
     assert json.loads(path.read_text()) == {"v": 2}
     assert sorted(p.name for p in path.parent.iterdir()) == ["c.json"]
+
+
+def test_atomic_write_text_failed_replace_keeps_the_old_file(tmp_path, monkeypatch):
+    from selfmoe import io_utils
+
+    path = tmp_path / "sub" / "log.jsonl"
+    io_utils.atomic_write_text(path, "one\ntwo\n")
+    assert path.read_bytes() == b"one\ntwo\n"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io_utils.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        io_utils.atomic_write_text(path, "three\n")
+    assert path.read_bytes() == b"one\ntwo\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["log.jsonl"]  # no temporary left behind
