@@ -81,7 +81,7 @@ def check_lora_mix_inputs(
         )
 
     if x.dim() < 1:
-        raise ValueError(f"x must have shape [..., d_in], got a 0-d tensor")
+        raise ValueError("x must have shape [..., d_in], got a 0-d tensor")
     if lora_A.dim() != 3:
         raise ValueError(f"lora_A must have shape [E, r, d_in], got {_shape(lora_A)}")
     if lora_B.dim() != 3:

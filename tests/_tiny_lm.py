@@ -71,13 +71,3 @@ def load_tiny_lm(path: pathlib.Path) -> Tuple[torch.nn.Module, object]:
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     return model, tok
 
-
-_SHARED: dict = {}
-
-
-def shared_tiny_lm(tmp_path_factory, **kwargs) -> pathlib.Path:
-    """``save_tiny_lm`` once per test session (per keyword set): the directory is only read by callers."""
-    key = tuple(sorted(kwargs.items()))
-    if key not in _SHARED:
-        _SHARED[key] = save_tiny_lm(tmp_path_factory.mktemp("shared-tiny-lm"), **kwargs)
-    return _SHARED[key]

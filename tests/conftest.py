@@ -38,3 +38,20 @@ def _no_tf32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
     else:
         yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread (tiny shapes run fastest so), then restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lm_path(tmp_path_factory):
+    """A tiny random Llama + tokenizer saved once per session; tests only read the directory."""
+    from _tiny_lm import save_tiny_lm
+
+    return save_tiny_lm(tmp_path_factory.mktemp("shared-tiny-lm"))

@@ -23,7 +23,10 @@ from selfmoe.adapters import load_lora_adapter
 from selfmoe.cli import main
 from selfmoe.data import read_jsonl, write_jsonl
 
-from _tiny_lm import load_tiny_lm, shared_tiny_lm
+from _tiny_lm import load_tiny_lm
+
+# Tiny shapes run fastest on one thread (conftest restores the setting after the module).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RECORD_KEYS = {"instruction", "input", "output", "domain"}
 SEEDS = {
@@ -37,21 +40,6 @@ SPECIALIZE_FAST = ["--num-pairs", "4", "--prompts-per-round", "4", "--batch-size
                    "--brainstorm-max-new-tokens", "12", "--response-max-new-tokens", "12", "--min-instruction-words", "1",
                    "--keep-unfinished", "--no-progress"]
 TRAIN_FAST = ["--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2", "--no-progress", "--logging-steps", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest on one thread, and a second process on a 2-core machine makes torch's
-    thread pool crawl; the previous setting comes back after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lm_path(tmp_path_factory):
-    return shared_tiny_lm(tmp_path_factory)
 
 
 def write_seeds(root):

@@ -26,20 +26,14 @@ from selfmoe.evaluate import (
 )
 from selfmoe.generate import Completion
 
-from _tiny_lm import shared_tiny_lm
+# Tiny shapes run fastest on one thread (conftest restores the setting after the module).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 MC_Q = "Which planet is known as the red planet? (A) Venus (B) Mars (C) Jupiter (D) Saturn"
 SENT = "SENTINEL-test-1234"
 ADD_PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------- scorers
@@ -311,11 +305,6 @@ def test_evaluate_argument_errors():
 
 
 # --------------------------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def lm_path(tmp_path_factory):
-    return shared_tiny_lm(tmp_path_factory)
 
 
 def run_cli(capsys, *argv):

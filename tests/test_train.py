@@ -20,8 +20,11 @@ from selfmoe.train import (CHECKPOINT_DIR, LOG_NAME, RUN_CONFIG_NAME, LoRALinear
                            TrainingInterrupted, add_lora, attach_lora_adapter, evaluate_loss, load_records, remove_lora,
                            select_domain, set_seed, train_expert, train_router)
 
-from _tiny_lm import load_tiny_lm, shared_tiny_lm
+from _tiny_lm import load_tiny_lm
 from helpers import rel_err
+
+# Tiny shapes run fastest on one thread (conftest restores the setting after the module).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL7 = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -41,21 +44,6 @@ def cfg(**kw):
                 logging_steps=1, warmup_ratio=0.0)
     base.update(kw)
     return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny shapes run fastest on one thread, and a second process on a 2-core machine makes torch's
-    thread pool crawl; the previous setting comes back after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lm_path(tmp_path_factory):
-    return shared_tiny_lm(tmp_path_factory)
 
 
 def fresh(lm_path):
