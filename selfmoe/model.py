@@ -228,6 +228,13 @@ def _input_arg(args: tuple, kwargs: dict, name: str, position: int):
     return args[position] if len(args) > position else None
 
 
+def _cache_argument(module: nn.Module) -> str:
+    """The name under which ``module.forward`` takes its KV cache: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _new_cache(config) -> Any:
     """An empty ``DynamicCache`` laid out for ``config`` (transformers 5 takes the config; 4.x does not)."""
     from transformers.cache_utils import DynamicCache
@@ -664,10 +671,28 @@ class MiXSE(nn.Module):
     def _inner_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         if self._in_scaling_pass:
             return None
+        if module.training and torch.is_grad_enabled():
+            self._check_checkpointing()
         self._state.begin_forward(_input_arg(args, kwargs, "attention_mask", 1))
         if self.mixse_config.router == "xlora":
             return self._xlora_scaling_pass(module, args, kwargs)
         return None
+
+    def _check_checkpointing(self) -> None:
+        """Refuse reentrant gradient checkpointing: the gates reach the LoRA layers through slots, not as
+        inputs of the checkpointed function, so a reentrant replay would give the router no gradient
+        (transformers 4.x defaults to reentrant; 5.x does not)."""
+        for layer in self._decoder_layers[0]:
+            if not (getattr(layer, "gradient_checkpointing", False) and layer.training):
+                continue
+            fn = getattr(layer, "_gradient_checkpointing_func", None)
+            if getattr(fn, "keywords", {}).get("use_reentrant", True):
+                raise RuntimeError(
+                    "MiXSE training needs non-reentrant gradient checkpointing (reentrant checkpointing gives the "
+                    "router no gradient): enable it with gradient_checkpointing_enable("
+                    "gradient_checkpointing_kwargs={'use_reentrant': False})"
+                )
+            return
 
     def _inner_post_hook(self, module: nn.Module, args: tuple, output):
         if self._in_scaling_pass:
@@ -688,7 +713,13 @@ class MiXSE(nn.Module):
             params = list(inspect.signature(module.forward).parameters)
             for name, value in zip(params, args):
                 named[name] = value
-        past = named.get("past_key_values")
+        # transformers 5.24 renamed the cache argument ``past_key_values`` -> ``cache`` (the old name is
+        # still accepted by callers until 5.40): read either, hand the inner model the name it declares.
+        cache_name = _cache_argument(module)
+        past = named.pop("cache", None)
+        legacy = named.pop("past_key_values", None)
+        if past is None:
+            past = legacy
         use_cache = named.get("use_cache")
         if use_cache is None:
             use_cache = bool(getattr(getattr(module, "config", None), "use_cache", False))
@@ -712,11 +743,12 @@ class MiXSE(nn.Module):
                 )
         elif use_cache:
             past = _new_cache(cfg)
-            named["past_key_values"] = past
             scaling_cache = _new_cache(cfg)
             self._xlora_caches[past] = scaling_cache
+        if past is not None:
+            named[cache_name] = past
         scaling_kwargs = dict(named)
-        scaling_kwargs["past_key_values"] = scaling_cache
+        scaling_kwargs[cache_name] = scaling_cache
         scaling_kwargs["use_cache"] = scaling_cache is not None
         scaling_kwargs.pop("output_attentions", None)
         scaling_kwargs.pop("output_hidden_states", None)

@@ -261,8 +261,8 @@ def test_gradient_checkpointing_gives_the_same_router_grads(adapter):
         base = make_base()
         model = MiXSE.from_adapters(base, {"a": adapter("llama", "a"), "b": adapter("llama", "b")})
         spread_router(model, std=0.5)
-        if gc:
-            base.gradient_checkpointing_enable()
+        if gc:  # non-reentrant, as MiXSE requires (the default of transformers 5; 4.x defaults to reentrant)
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         ids = ids_for()
         model(ids, labels=ids, use_cache=False).loss.backward()
@@ -271,6 +271,19 @@ def test_gradient_checkpointing_gives_the_same_router_grads(adapter):
         assert all((s.ids is not None) == gc for s in model._slots)
     assert grads[0].abs().sum() > 0
     assert rel_err(grads[1], grads[0]) < 1e-5
+
+
+def test_reentrant_gradient_checkpointing_is_refused(adapter):
+    base = make_base()
+    model = MiXSE.from_adapters(base, {"a": adapter("llama", "a"), "b": adapter("llama", "b")})
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    ids = ids_for()
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        model(ids, labels=ids, use_cache=False)
+    model.eval()  # inference does not replay layers: no error
+    with torch.no_grad():
+        model(ids, use_cache=False)
 
 
 def test_bf16_model_with_fp32_router(adapter):
