@@ -32,41 +32,54 @@ Scoring rules (the functions named here are public and tested):
   If it defines ``def <entry_point>(`` it runs after the instruction (when the instruction compiles as
   Python: its imports and helpers stay; the new definition wins); otherwise it is taken as the body
   that continues the instruction's signature. Then the tests run (a ``def check(candidate)`` in them
-  is called with the entry point), then a random sentinel is printed. Passed only if the program
-  exits with status 0 and the sentinel is the last line of its output, within the timeout: a
-  program that crashes, raises, calls ``sys.exit(0)``/``os._exit`` early or loops forever fails.
-  The sentinel is random per :func:`evaluate` call, so a program cannot print it by itself.
-  Programs run in a fresh ``python -I`` subprocess in a temporary directory, never in this process;
-  that is isolation from the evaluator, not a security sandbox: run untrusted models in a container.
+  is called with the entry point). Passed only if the program runs to its end within the limits:
+  a program that crashes, raises, calls ``sys.exit(0)``/``os._exit(0)`` early, loops forever, prints
+  past the output limit or exceeds another limit fails.
+
+Running code is opt-in: ``evaluate`` raises :class:`CodeExecutionNotAllowed` before generating
+anything when code examples are present, unless ``allow_code_execution=True`` (CLI:
+``--allow-code-execution``) or the environment has ``SELFMOE_ALLOW_CODE_EVAL=1``. Each program then
+runs in :mod:`selfmoe.sandbox` (a fresh work dir and ``HOME``, resource limits, no process left behind,
+and as root also no network, its own unprivileged uid and private tmp dirs; the verdict comes from a
+trusted runner over a pipe with a per-run secret, so printing anything or exiting early cannot pass).
+That module's docstring says exactly what is and is not contained.
+
+Resuming: with ``partial_path``, completions are appended to that JSONL file (fsynced) as they are
+generated, one line per chunk of prompts. A rerun with the same records, sampling and ``run_info``
+reuses them and generates only the rest; the final predictions equal those of an uninterrupted run
+(chunk boundaries do not depend on what was already saved). A file made with other settings is refused
+(:class:`PartialMismatchError`) unless ``restart=True``, which discards it.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import pathlib
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
+import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from .data import DataFormatError, PathLike, format_prompt, iter_json_lines, write_jsonl
+from .data import DataFormatError, PathLike, append_jsonl, format_prompt, iter_json_lines, repair_jsonl_tail, write_jsonl
 from .generate import Completion, SamplingConfig, TextGenerator
 from .io_utils import atomic_write_json
+from .sandbox import SandboxConfig, check_sandbox, run_python
 
 __all__ = [
-    "TASKS", "EvalExample", "EvalResult", "CodeResult",
+    "TASKS", "EvalExample", "EvalResult", "CodeResult", "CodeExecutionNotAllowed", "PartialMismatchError",
+    "ALLOW_CODE_ENV", "code_execution_allowed", "check_partial",
     "validate_eval_record", "load_eval_records", "default_sampling", "evaluate", "write_results",
     "score", "extract_choice", "extract_final_answer", "normalize_answer", "extract_number",
     "extract_code", "build_program", "run_program",
 ]
 
 TASKS = ("multiple_choice", "exact_match", "numeric", "code")
+#: Set to ``1`` to allow running the model's programs when ``allow_code_execution`` is not given.
+ALLOW_CODE_ENV = "SELFMOE_ALLOW_CODE_EVAL"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,8 +290,9 @@ def _compiles(code: str) -> bool:
     return True
 
 
-def build_program(instruction: str, response: str, tests: str, entry_point: str, sentinel: str) -> str:
-    """The program a code example runs (see the module docstring)."""
+def build_program(instruction: str, response: str, tests: str, entry_point: str) -> str:
+    """The program a code example runs (see the module docstring): solution, tests, ``check`` call.
+    It holds nothing secret: whether it ran to its end is reported by the sandbox's runner."""
     code = extract_code(response, entry_point)
     if _defines(code, entry_point):
         prefix = instruction if _compiles(instruction) else ""
@@ -288,58 +302,42 @@ def build_program(instruction: str, response: str, tests: str, entry_point: str,
     parts = [solution.rstrip(), "", "", tests.rstrip()]
     if re.search(r"^def\s+check\s*\(", tests, re.M):
         parts.append(f"check({entry_point})")
-    parts.append(f"print({sentinel!r}, flush=True)")
     return "\n".join(parts) + "\n"
 
 
 @dataclass(frozen=True)
 class CodeResult:
     passed: bool
-    status: str  # "passed", "failed" (assertion, exception, early exit, no sentinel) or "timeout"
-    detail: str = ""  # the tail of stderr (or why it failed)
+    status: str  # "passed", "failed" (assertion, exception, early exit, a limit) or "timeout"
+    detail: str = ""  # why it failed: the limit hit and/or the tail of stderr
+    limit: Optional[str] = None  # the limit that ended it: "timeout", "cpu", "output" (see selfmoe.sandbox)
 
 
-def _tail(path: pathlib.Path, n: int) -> str:
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - n))
-        return f.read().decode("utf-8", errors="replace")
+def run_program(program: str, *, timeout: Optional[float] = None, sandbox: Optional[SandboxConfig] = None) -> CodeResult:
+    """Run ``program`` in :func:`selfmoe.sandbox.run_python`: passed only if it runs to its end (the
+    sandbox's runner reports it; output and exit status alone cannot) within the limits.
 
-
-def run_program(program: str, sentinel: str, *, timeout: float = 10.0) -> CodeResult:
-    """Run ``program`` in a fresh ``python -I`` subprocess in a temporary directory; passed only on exit
-    status 0 with ``sentinel`` as the last line of stdout, within ``timeout`` seconds. On timeout the
-    whole process group is killed. Output goes to files (a program printing forever costs no memory)."""
-    with tempfile.TemporaryDirectory(prefix="selfmoe-eval-") as tmp:
-        d = pathlib.Path(tmp)
-        (d / "program.py").write_text(program, encoding="utf-8")
-        env = {"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8"}
-        posix = os.name == "posix"
-        with open(d / "stdout", "wb") as out, open(d / "stderr", "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-I", "-B", "program.py"], cwd=tmp, env=env,
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=posix)
-            try:
-                rc: Optional[int] = proc.wait(timeout=timeout)
-            except BaseException as exc:  # timeout, or KeyboardInterrupt while waiting
-                rc = None
-                if posix:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)  # the group, before reaping: children it forked too
-                    except (ProcessLookupError, PermissionError):
-                        pass
-                proc.kill()
-                proc.wait()
-                if not isinstance(exc, subprocess.TimeoutExpired):
-                    raise
-        stderr = _tail(d / "stderr", 2000).strip()
-        if rc is None:
-            return CodeResult(False, "timeout", f"timed out after {timeout:g} s")
-        lines = _tail(d / "stdout", 4096).rstrip().splitlines()
-        if rc == 0 and lines and lines[-1].strip() == sentinel:
-            return CodeResult(True, "passed", "")
-        why = stderr[-1000:] or (f"exit status {rc}" if rc else "exited before the tests finished")
-        return CodeResult(False, "failed", why)
+    ``timeout``: wall-clock seconds (default ``sandbox.timeout``, else 10). ``sandbox``: the other
+    limits and isolation (default :class:`selfmoe.sandbox.SandboxConfig`). Calling this function is
+    the opt-in: it runs the program. A failing program is a result, never an exception;
+    :class:`selfmoe.sandbox.SandboxError` means the sandbox itself cannot run here.
+    """
+    cfg = sandbox if sandbox is not None else SandboxConfig()
+    if timeout is not None:
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        cfg = cfg.replace(timeout=float(timeout))
+    res = run_python(program, cfg)
+    if res.completed:
+        return CodeResult(True, "passed", "")
+    if res.status == "timeout":
+        return CodeResult(False, "timeout", f"timed out after {cfg.timeout:g} s", limit="timeout")
+    stderr = res.stderr.strip()[-1000:]
+    if res.limit is not None or not stderr:
+        detail = res.reason + (f"\n{stderr[-800:]}" if stderr else "")
+    else:
+        detail = stderr
+    return CodeResult(False, "failed", detail, limit=res.limit)
 
 
 def score(example: EvalExample, response: str) -> Dict[str, Any]:
@@ -354,6 +352,197 @@ def score(example: EvalExample, response: str) -> Dict[str, Any]:
         pred = extract_number(response)
         return {"prediction": pred, "correct": pred is not None and _numbers_equal(pred, example.answer)}
     raise ValueError(f"score() handles {list(TASKS[:3])}; {example.task!r} examples are run with run_program()")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Opt-in and resumable progress
+
+
+class CodeExecutionNotAllowed(PermissionError):
+    """Code examples are present, and running the programs a model writes was not allowed."""
+
+
+def code_execution_allowed(allow: Optional[bool] = None) -> bool:
+    """``allow`` when given (True/False), else whether the environment has ``SELFMOE_ALLOW_CODE_EVAL=1``."""
+    if allow is not None:
+        return bool(allow)
+    return os.environ.get(ALLOW_CODE_ENV, "").strip() == "1"
+
+
+def _refusal(n_code: int) -> str:
+    return (f"{n_code} code example(s) would run the programs the model writes on this machine; allow it with "
+            f"allow_code_execution=True (CLI: --allow-code-execution) or {ALLOW_CODE_ENV}=1 (they run in "
+            "selfmoe.sandbox: see its documentation for what it contains)")
+
+
+class PartialMismatchError(ValueError):
+    """A partial-predictions file was written by an evaluation with other settings.
+
+    ``path``: the file; ``differences``: what differs (e.g. ``["sampling.max_new_tokens (4, now 8)"]``).
+    """
+
+    def __init__(self, path: PathLike, differences: List[str]) -> None:
+        self.path = pathlib.Path(path)
+        self.differences = differences
+        self.reason = (f"{os.fspath(path)} holds completions of an evaluation with different settings: "
+                       + "; ".join(differences))
+        super().__init__(self.reason + "; rerun with the same settings to continue it, or pass restart=True to "
+                                       "discard it")
+
+
+_PARTIAL_KEY = "selfmoe_eval_partial"
+
+
+def _settings(examples: List[EvalExample], config: SamplingConfig, run_info: Optional[Mapping[str, Any]],
+              routing_stats: bool) -> Dict[str, Any]:
+    """What generation depends on, as plain JSON (compared with a partial file's header)."""
+    prompts = json.dumps([[e.task, e.prompt] for e in examples], ensure_ascii=False)
+    settings = {"records": hashlib.sha256(prompts.encode("utf-8")).hexdigest(), "n_records": len(examples),
+                "sampling": dataclasses.asdict(config), "routing_stats": bool(routing_stats),
+                "run": dict(run_info or {})}
+    try:
+        return json.loads(json.dumps(settings, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"run_info must hold JSON values only: {exc}") from None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _differences(saved: Any, now: Dict[str, Any]) -> List[str]:
+    if not isinstance(saved, dict):
+        return ["header (unreadable settings)"]
+    out = []
+    for key in now:
+        a, b = saved.get(key), now[key]
+        if a == b:
+            continue
+        if key == "records":
+            if saved.get("n_records") == now["n_records"]:
+                out.append("records (other prompts or order)")
+        elif isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{k} ({_short(a.get(k))}, now {_short(b.get(k))})" for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)]
+        else:
+            out.append(f"{key} ({_short(a)}, now {_short(b)})")
+    return out
+
+
+def _read_partial(path: pathlib.Path, settings: Dict[str, Any]
+                  ) -> Optional[Tuple[Dict[int, Completion], Dict[str, List[Tuple[int, Dict[str, Any]]]]]]:
+    """Completions (and per-chunk routing summaries) saved in ``path``; None if it holds nothing yet.
+    Raises :class:`PartialMismatchError` (other settings) or ``DataFormatError`` (not such a file)."""
+    if not path.is_file():
+        return None
+    rows = iter(iter_json_lines(path))
+    first = next(rows, None)
+    if first is None:
+        return None
+    _, head = first
+    if not isinstance(head, dict) or head.get(_PARTIAL_KEY) != 1:
+        raise DataFormatError(f"{path}:1: not a selfmoe eval partial-predictions file (no header); move it "
+                              "away or pass restart=True to overwrite it")
+    diffs = _differences(head.get("settings"), settings)
+    if diffs:
+        raise PartialMismatchError(path, diffs)
+    n = settings["n_records"]
+    completions: Dict[int, Completion] = {}
+    routing: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
+    for lineno, row in rows:
+        try:
+            items = row["completions"]
+            got = {int(i): Completion(str(text), str(reason)) for i, text, reason in items}
+            if not got or not all(0 <= i < n for i in got):
+                raise ValueError("index out of range")
+        except (TypeError, KeyError, ValueError) as exc:
+            raise DataFormatError(f"{path}:{lineno}: not a partial-predictions row ({exc}); pass restart=True to "
+                                  "discard the file") from None
+        completions.update(got)
+        if row.get("routing") is not None:
+            routing.setdefault(str(row.get("task")), []).append((min(got), row["routing"]))
+    return completions, routing
+
+
+def check_partial(path: PathLike, records: Iterable[Union[EvalExample, Mapping[str, Any]]], *,
+                  sampling: Optional[SamplingConfig] = None, max_new_tokens: int = 256,
+                  run_info: Optional[Mapping[str, Any]] = None, routing_stats: bool = False) -> int:
+    """How many completions :func:`evaluate` would reuse from ``path`` with these arguments (0 when the
+    file does not exist); changes nothing but a torn last line (as :func:`evaluate` would). Raises :class:`PartialMismatchError` when the file was made
+    with other settings, so a caller can refuse before loading a model."""
+    examples = [validate_eval_record(r, line=i) for i, r in enumerate(records)]
+    config = sampling if sampling is not None else default_sampling(max_new_tokens)
+    p = pathlib.Path(path)
+    if p.is_file():
+        repair_jsonl_tail(p)
+    saved = _read_partial(p, _settings(examples, config, run_info, routing_stats))
+    return 0 if saved is None else len(saved[0])
+
+
+class _PartialWriter:
+    """The partial-predictions file of one evaluation, locked against a second writer."""
+
+    def __init__(self, path: PathLike, settings: Dict[str, Any], restart: bool) -> None:
+        import fcntl
+
+        self.path = pathlib.Path(path)
+        if self.path.exists() and not self.path.is_file():
+            raise IsADirectoryError(f"partial_path {os.fspath(path)}: exists and is not a file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise RuntimeError(f"partial_path {os.fspath(path)}: another evaluation is writing it") from None
+            if restart:
+                os.ftruncate(self._fd, 0)
+            repair_jsonl_tail(self.path)
+            saved = _read_partial(self.path, settings)
+            if saved is None:
+                os.ftruncate(self._fd, 0)
+                append_jsonl(self.path, [{_PARTIAL_KEY: 1, "settings": settings}])
+                saved = ({}, {})
+            self.completions, self.routing = saved
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def append(self, task: str, completions: Mapping[int, Completion], routing: Optional[Dict[str, Any]]) -> None:
+        """One line per chunk: it is either complete on disk or dropped as a torn line on the next start."""
+        append_jsonl(self.path, [{"task": task, "completions": [[i, c.text, c.finish_reason] for i, c in completions.items()],
+                                  "routing": routing}])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _merge_routing(parts: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
+    """One routing summary from per-chunk ones (token-weighted means), merged in index order, so an
+    interrupted-and-resumed run gives the same numbers as an uninterrupted one."""
+    if len(parts) == 1:
+        return parts[0][1]
+    totals: Dict[str, Dict[str, Any]] = {}
+    for _, part in sorted(parts, key=lambda p: p[0]):
+        for key, entry in part.items():
+            acc = totals.setdefault(key, {"tokens": 0, "sums": {}, "weights": {}})
+            t = int(entry.get("tokens", 0))
+            acc["tokens"] += t
+            for stat in ("usage", "mean_gate", "mean_prob"):
+                if stat in entry:
+                    sums = acc["sums"].setdefault(stat, {})
+                    acc["weights"][stat] = acc["weights"].get(stat, 0) + t
+                    for name, v in entry[stat].items():
+                        sums[name] = sums.get(name, 0.0) + float(v) * t
+    out: Dict[str, Any] = {}
+    for key, acc in totals.items():
+        entry: Dict[str, Any] = {"tokens": acc["tokens"]}
+        for stat, sums in acc["sums"].items():
+            w = acc["weights"][stat]
+            entry[stat] = {name: (s / w if w else 0.0) for name, s in sums.items()}
+        out[key] = entry
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,12 +562,16 @@ class EvalResult:
 
     ``tasks``: ``{task: {"n", "correct", "accuracy"}}`` in :data:`TASKS` order (tasks present only).
     ``routing``: ``{task: RoutingStats.summary()}`` when routing statistics were collected.
+    ``sandbox``: how code examples ran (limits and :class:`selfmoe.sandbox.Containment`), when any did.
+    ``resumed``: completions reused from ``partial_path`` instead of generated.
     """
 
     tasks: Dict[str, Dict[str, Any]]
     predictions: List[Dict[str, Any]]
     sampling: Dict[str, Any]
     routing: Optional[Dict[str, Any]] = None
+    sandbox: Optional[Dict[str, Any]] = None
+    resumed: int = 0
 
     @property
     def n(self) -> int:
@@ -407,6 +600,8 @@ class EvalResult:
         }
         if self.routing is not None:
             out["routing"] = self.routing
+        if self.sandbox is not None:
+            out["sandbox"] = self.sandbox
         return out
 
     def table(self) -> str:
@@ -424,7 +619,10 @@ class EvalResult:
 def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Mapping[str, Any]]], *,
              sampling: Optional[SamplingConfig] = None, max_new_tokens: int = 256, batch_size: int = 8,
              progress: bool = False, generator: Optional[TextGenerator] = None, routing_stats: bool = False,
-             code_timeout: float = 10.0, code_workers: int = 2) -> EvalResult:
+             code_timeout: Optional[float] = None, code_workers: int = 2,
+             allow_code_execution: Optional[bool] = None, sandbox: Optional[SandboxConfig] = None,
+             partial_path: Optional[PathLike] = None, restart: bool = False,
+             run_info: Optional[Mapping[str, Any]] = None, chunk_size: Optional[int] = None) -> EvalResult:
     """Generate a response per example (one task at a time) and score it.
 
     Args:
@@ -436,18 +634,52 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
             :class:`selfmoe.generate.Completion` objects (tests, vLLM); default an ``HFGenerator``.
         routing_stats: collect :meth:`MiXSE.routing_stats` per task (``model`` must be a MiXSE). Counts
             every token the model reads: prompt tokens and generated ones.
-        code_timeout: seconds per code example; ``code_workers``: programs run at once.
+        allow_code_execution: run the programs of ``code`` examples. None: only if the environment has
+            ``SELFMOE_ALLOW_CODE_EVAL=1``. Not allowed with code examples present: raises
+            :class:`CodeExecutionNotAllowed` before generating anything.
+        code_timeout: seconds per code example (default ``sandbox.timeout``, else 10); ``sandbox``: the
+            other limits (:class:`selfmoe.sandbox.SandboxConfig`); ``code_workers``: programs at once.
+        partial_path: a JSONL file where completions are saved as they are generated; an existing one
+            made with the same records, sampling, ``routing_stats`` and ``run_info`` is resumed (only the
+            missing completions are generated). It is left in place: delete it once the results are
+            written (the CLI does). ``restart``: discard an existing one instead.
+        run_info: JSON values that identify the run beyond the records and sampling (the CLI passes the
+            model, adapter, MiXSE and routing flags): a partial file from another run is refused.
+        chunk_size: prompts per generate call and per saved line (default ``4 * batch_size``).
     """
     examples = [validate_eval_record(r, line=i) for i, r in enumerate(records)]
     if not examples:
         raise ValueError("no examples to evaluate")
-    if code_timeout <= 0:
-        raise ValueError(f"code_timeout must be > 0, got {code_timeout}")
+    box = sandbox if sandbox is not None else SandboxConfig()
+    if not isinstance(box, SandboxConfig):
+        raise ValueError(f"sandbox must be a selfmoe.sandbox.SandboxConfig, got {type(box).__name__}")
+    if code_timeout is not None:
+        if not isinstance(code_timeout, (int, float)) or code_timeout <= 0:
+            raise ValueError(f"code_timeout must be > 0, got {code_timeout}")
+        box = box.replace(timeout=float(code_timeout))
     if code_workers < 1:
         raise ValueError(f"code_workers must be >= 1, got {code_workers}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunk = 4 * batch_size if chunk_size is None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     config = sampling if sampling is not None else default_sampling(max_new_tokens)
     if routing_stats and not hasattr(model, "routing_stats"):
         raise ValueError(f"routing statistics need a MiXSE model, got {type(model).__name__}")
+    n_code = sum(1 for e in examples if e.task == "code")
+    box_info: Optional[Dict[str, Any]] = None
+    if n_code:
+        if not code_execution_allowed(allow_code_execution):
+            raise CodeExecutionNotAllowed(_refusal(n_code))
+        contained = check_sandbox(box)  # before generating: a sandbox that cannot run fails now
+        if not contained.full:
+            warnings.warn(f"code examples run with partial containment on this machine: {contained.describe()} "
+                          "(see selfmoe.sandbox)", RuntimeWarning, stacklevel=2)
+        box_info = {"containment": dataclasses.asdict(contained), "limits": dataclasses.asdict(box)}
+        box_info["containment"]["notes"] = list(contained.notes)
+    settings = _settings(examples, config, run_info, routing_stats)
+    writer = _PartialWriter(partial_path, settings, restart) if partial_path is not None else None
     if generator is None:
         from .generate import HFGenerator
 
@@ -455,50 +687,71 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
 
     by_task: Dict[str, List[int]] = {t: [i for i, e in enumerate(examples) if e.task == t] for t in TASKS}
     by_task = {t: idx for t, idx in by_task.items() if idx}
-    completions: List[Optional[Completion]] = [None] * len(examples)
-    routing: Optional[Dict[str, Any]] = {} if routing_stats else None
-    for task, idx in by_task.items():
-        prompts = [examples[i].prompt for i in idx]
-        if routing_stats:
-            with model.routing_stats() as stats:
-                outs = generator.generate(prompts, config, desc=f"eval {task}")
-            routing[task] = stats.summary()
-        else:
-            outs = generator.generate(prompts, config, desc=f"eval {task}")
-        if len(outs) != len(prompts):
-            raise RuntimeError(f"the generator returned {len(outs)} completions for {len(prompts)} prompts")
-        for i, c in zip(idx, outs):
-            completions[i] = c if isinstance(c, Completion) else Completion(str(c), "stop")
+    done: Dict[int, Completion] = dict(writer.completions) if writer else {}
+    parts: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {t: list(writer.routing.get(t, [])) if writer else []
+                                                         for t in by_task}
+    try:
+        for task, idx in by_task.items():
+            chunks = [idx[k:k + chunk] for k in range(0, len(idx), chunk)]
+            for n, part in enumerate(chunks):
+                todo = [i for i in part if i not in done]
+                if not todo:
+                    continue
+                prompts = [examples[i].prompt for i in todo]
+                desc = f"eval {task}" + (f" {n + 1}/{len(chunks)}" if len(chunks) > 1 else "")
+                summary = None
+                if routing_stats:
+                    with model.routing_stats() as stats:
+                        outs = generator.generate(prompts, config, desc=desc)
+                    summary = stats.summary()
+                else:
+                    outs = generator.generate(prompts, config, desc=desc)
+                if len(outs) != len(prompts):
+                    raise RuntimeError(f"the generator returned {len(outs)} completions for {len(prompts)} prompts")
+                new = {i: c if isinstance(c, Completion) else Completion(str(c), "stop") for i, c in zip(todo, outs)}
+                done.update(new)
+                if summary is not None:
+                    parts[task].append((todo[0], summary))
+                if writer is not None:
+                    writer.append(task, new, summary)
+    finally:
+        if writer is not None:
+            writer.close()
+    routing = {task: _merge_routing(parts[task]) for task in by_task} if routing_stats else None
 
     predictions: List[Dict[str, Any]] = []
     code_jobs: Dict[int, Any] = {}
-    sentinel = "SELFMOE-EVAL-PASSED-" + secrets.token_hex(12)
     with concurrent.futures.ThreadPoolExecutor(max_workers=code_workers) as pool:
-        for i, (ex, c) in enumerate(zip(examples, completions)):
-            assert c is not None
-            text = c.text.strip("\n") if ex.task == "code" else c.text.strip()
-            row: Dict[str, Any] = {"index": i, "source": ex.source, "task": ex.task}
-            if ex.id is not None:
-                row["id"] = ex.id
-            row.update(instruction=ex.instruction, input=ex.input, answer=ex.raw_answer, response=text,
-                       finish_reason=c.finish_reason)
-            if ex.task == "code":
-                row["answer"] = None
-                row["prediction"] = extract_code(text, ex.entry_point)
-                program = build_program(ex.instruction, text, ex.tests, ex.entry_point, sentinel)
-                code_jobs[i] = pool.submit(run_program, program, sentinel, timeout=code_timeout)
-            else:
-                row.update(score(ex, text))
-            predictions.append(row)
-        for i, fut in code_jobs.items():
-            res = fut.result()
-            predictions[i].update(correct=res.passed, status=res.status, error=res.detail or None)
+        try:
+            for i, ex in enumerate(examples):
+                c = done[i]
+                text = c.text.strip("\n") if ex.task == "code" else c.text.strip()
+                row: Dict[str, Any] = {"index": i, "source": ex.source, "task": ex.task}
+                if ex.id is not None:
+                    row["id"] = ex.id
+                row.update(instruction=ex.instruction, input=ex.input, answer=ex.raw_answer, response=text,
+                           finish_reason=c.finish_reason)
+                if ex.task == "code":
+                    row["answer"] = None
+                    row["prediction"] = extract_code(text, ex.entry_point)
+                    program = build_program(ex.instruction, text, ex.tests, ex.entry_point)
+                    code_jobs[i] = pool.submit(run_program, program, sandbox=box)
+                else:
+                    row.update(score(ex, text))
+                predictions.append(row)
+            for i, fut in code_jobs.items():
+                res = fut.result()
+                predictions[i].update(correct=res.passed, status=res.status, error=res.detail or None)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: no new programs; running ones end within the timeout
+            raise
 
     tasks: Dict[str, Dict[str, Any]] = {}
     for task, idx in by_task.items():
         ok = sum(1 for i in idx if predictions[i]["correct"])
         tasks[task] = {"n": len(idx), "correct": ok, "accuracy": ok / len(idx)}
-    return EvalResult(tasks=tasks, predictions=predictions, sampling=dataclasses.asdict(config), routing=routing)
+    return EvalResult(tasks=tasks, predictions=predictions, sampling=dataclasses.asdict(config), routing=routing,
+                      sandbox=box_info, resumed=len(writer.completions) if writer else 0)
 
 
 def write_results(result: EvalResult, output_dir: PathLike, *, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, pathlib.Path]:

@@ -31,7 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MC_Q = "Which planet is known as the red planet? (A) Venus (B) Mars (C) Jupiter (D) Saturn"
-SENT = "SENTINEL-test-1234"
 ADD_PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0"
 
@@ -122,7 +121,7 @@ def test_numeric_score():
 
 
 def run_code(response, *, prompt=ADD_PROMPT, tests=ADD_TESTS, timeout=5.0):
-    return run_program(build_program(prompt, response, tests, "add", SENT), SENT, timeout=timeout)
+    return run_program(build_program(prompt, response, tests, "add"), timeout=timeout)
 
 
 def test_code_passes_full_function_fenced_and_body_only():
@@ -261,7 +260,7 @@ SCRIPT = {
 
 def test_evaluate_end_to_end_with_a_scripted_generator(tmp_path):
     gen = ScriptedGenerator(SCRIPT)
-    result = evaluate(None, None, RECORDS, generator=gen, max_new_tokens=17, code_timeout=5)
+    result = evaluate(None, None, RECORDS, generator=gen, max_new_tokens=17, code_timeout=5, allow_code_execution=True)
     assert result.tasks == {
         "multiple_choice": {"n": 3, "correct": 2, "accuracy": 2 / 3},
         "exact_match": {"n": 2, "correct": 1, "accuracy": 0.5},
@@ -322,7 +321,7 @@ def test_cli_eval_writes_predictions_and_summary(lm_path, tmp_path, capsys):
     out = tmp_path / "eval"
     code, stdout, err = run_cli(capsys, "eval", "--model", lm_path, "--data", mc, "--data", f"numeric={num}",
                                 "--data", code_file, "--output", out, "--max-new-tokens", "4", "--batch-size", "2",
-                                "--no-progress", "--code-timeout", "5")
+                                "--no-progress", "--code-timeout", "5", "--allow-code-execution")
     assert code == 0, err
     assert stdout.splitlines()[0].split() == ["task", "n", "correct", "accuracy"]
     assert "multiple_choice" in stdout and "numeric" in stdout and "overall" in stdout
@@ -390,3 +389,175 @@ def test_cli_eval_help_has_examples(capsys):
         main(["eval", "--help"])
     out = capsys.readouterr().out
     assert info.value.code == 0 and "examples:" in out and "\n  selfmoe eval --" in out and "multiple_choice" in out
+
+
+# ------------------------------------------------------------------------------------ code opt-in
+
+
+CODE_RECORDS = [r for r in RECORDS if r["task"] == "code"]
+
+
+def test_code_records_are_refused_without_opt_in_before_generation(monkeypatch):
+    from selfmoe.evaluate import CodeExecutionNotAllowed
+
+    monkeypatch.delenv("SELFMOE_ALLOW_CODE_EVAL", raising=False)
+    gen = ScriptedGenerator(SCRIPT)
+    with pytest.raises(CodeExecutionNotAllowed, match="allow_code_execution=True") as info:
+        evaluate(None, None, RECORDS, generator=gen)
+    assert isinstance(info.value, PermissionError) and "SELFMOE_ALLOW_CODE_EVAL=1" in str(info.value)
+    assert gen.calls == []  # refused before anything was generated
+    # no code records: nothing to allow
+    assert evaluate(None, None, RECORDS[:3], generator=gen).n == 3
+    # the environment variable allows it; an explicit False wins over it
+    monkeypatch.setenv("SELFMOE_ALLOW_CODE_EVAL", "1")
+    result = evaluate(None, None, CODE_RECORDS, generator=ScriptedGenerator(SCRIPT), code_timeout=5)
+    assert [p["status"] for p in result.predictions] == ["passed", "failed"]
+    assert result.summary()["sandbox"]["limits"]["timeout"] == 5
+    with pytest.raises(CodeExecutionNotAllowed):
+        evaluate(None, None, CODE_RECORDS, generator=ScriptedGenerator(SCRIPT), allow_code_execution=False)
+
+
+def test_a_forged_pass_fails_end_to_end():
+    # The wrong function reads the program's own source (and anything else) and prints it before
+    # os._exit(0): nothing it can read makes it pass.
+    forged = ("```python\nimport os, sys\ndef add(a, b):\n    return a - b\n"
+              "print(open(__file__).read(), sys.argv, dict(os.environ), flush=True)\nos._exit(0)\n```")
+    result = evaluate(None, None, CODE_RECORDS[:1], generator=ScriptedGenerator({"def add(a, b)": forged}),
+                      allow_code_execution=True, code_timeout=5)
+    assert result.predictions[0]["status"] == "failed" and result.predictions[0]["correct"] is False
+
+
+def test_cli_eval_refuses_code_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("SELFMOE_ALLOW_CODE_EVAL", raising=False)
+    data = write_lines(tmp_path / "code.jsonl", [json.dumps(r) for r in CODE_RECORDS])
+    code, _, err = run_cli(capsys, "eval", "--model", tmp_path / "no-such-model", "--data", data,
+                           "--output", tmp_path / "out")
+    assert code == 2 and "Traceback" not in err
+    assert "2 code example(s)" in err and "--allow-code-execution" in err and "SELFMOE_ALLOW_CODE_EVAL=1" in err
+    assert "--model" not in err  # refused before the model was looked at
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_cli_eval_checks_the_output_dir_before_loading_the_model(tmp_path, capsys):
+    data = write_lines(tmp_path / "num.jsonl", [json.dumps(RECORDS[5])])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(capsys, "eval", "--model", tmp_path / "no-such-model", "--data", data,
+                           "--output", blocker / "out")
+    assert code == 2 and f"--output {blocker / 'out'}: cannot write there" in err and "--model" not in err
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+class CountingGenerator(ScriptedGenerator):
+    """A ScriptedGenerator that raises KeyboardInterrupt once ``stop_after`` prompts were answered."""
+
+    def __init__(self, script, stop_after=None):
+        super().__init__(script)
+        self.stop_after = stop_after
+        self.prompts = []
+
+    def generate(self, prompts, config, *, desc=None):
+        if self.stop_after is not None and len(self.prompts) + len(prompts) > self.stop_after:
+            raise KeyboardInterrupt
+        self.prompts.extend(prompts)
+        return super().generate(prompts, config, desc=desc)
+
+
+def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
+    partial = tmp_path / "out" / "predictions.partial.jsonl"
+    kwargs = dict(max_new_tokens=17, code_timeout=5, allow_code_execution=True, chunk_size=2,
+                  run_info={"model": "m"})
+    reference = evaluate(None, None, RECORDS, generator=CountingGenerator(SCRIPT), **kwargs)
+
+    first = CountingGenerator(SCRIPT, stop_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(None, None, RECORDS, generator=first, partial_path=partial, **kwargs)
+    saved = [json.loads(x) for x in partial.read_text().splitlines()]
+    # header + chunks of at most 2 per task: multiple choice 2 + 1, exact match 2; numeric interrupted
+    assert saved[0]["selfmoe_eval_partial"] == 1 and [len(r["completions"]) for r in saved[1:]] == [2, 1, 2]
+    assert len(first.prompts) == 5
+
+    from selfmoe.evaluate import check_partial
+
+    assert check_partial(partial, RECORDS, max_new_tokens=17, run_info={"model": "m"}) == 5
+    second = CountingGenerator(SCRIPT)
+    resumed = evaluate(None, None, RECORDS, generator=second, partial_path=partial, **kwargs)
+    assert len(second.prompts) == len(RECORDS) - 5 and not set(second.prompts) & set(first.prompts)
+    assert resumed.resumed == 5
+    assert resumed.predictions == reference.predictions and resumed.summary() == reference.summary()
+
+    # a third run with the same settings generates nothing at all
+    third = CountingGenerator(SCRIPT)
+    assert evaluate(None, None, RECORDS, generator=third, partial_path=partial, **kwargs).predictions == reference.predictions
+    assert third.prompts == []
+
+
+def test_a_partial_file_from_other_settings_is_refused_unless_restart(tmp_path):
+    from selfmoe.evaluate import PartialMismatchError, check_partial
+
+    partial = tmp_path / "p.jsonl"
+    records = RECORDS[:9]
+    evaluate(None, None, records, generator=ScriptedGenerator(SCRIPT), partial_path=partial, max_new_tokens=17)
+    with pytest.raises(PartialMismatchError, match=r"sampling\.max_new_tokens \(17, now 18\).*restart=True"):
+        evaluate(None, None, records, generator=ScriptedGenerator(SCRIPT), partial_path=partial, max_new_tokens=18)
+    with pytest.raises(PartialMismatchError, match=r"records"):
+        check_partial(partial, records[::-1], max_new_tokens=17)
+    with pytest.raises(PartialMismatchError, match=r"run\.model \(null, now \"m\"\)"):
+        check_partial(partial, records, max_new_tokens=17, run_info={"model": "m"})
+    gen = CountingGenerator(SCRIPT)
+    result = evaluate(None, None, records, generator=gen, partial_path=partial, max_new_tokens=18, restart=True)
+    assert len(gen.prompts) == 9 and result.resumed == 0
+    assert check_partial(partial, records, max_new_tokens=18) == 9
+    # a torn last line (a crash mid-write) is dropped, and its examples are generated again
+    with open(partial, "a") as f:
+        f.write('{"task": "numeric", "compl')
+    gen = CountingGenerator(SCRIPT)
+    evaluate(None, None, records, generator=gen, partial_path=partial, max_new_tokens=18)
+    assert gen.prompts == []
+
+
+def test_routing_summaries_of_chunks_merge_to_token_weighted_means():
+    from selfmoe.evaluate import _merge_routing
+
+    a = {"l0": {"tokens": 3, "usage": {"x": 1.0, "y": 0.0}, "mean_gate": {"x": 0.9, "y": 0.0}}}
+    b = {"l0": {"tokens": 1, "usage": {"x": 0.0, "y": 1.0}, "mean_gate": {"x": 0.0, "y": 0.5}}}
+    merged = _merge_routing([(5, b), (0, a)])
+    assert merged["l0"]["tokens"] == 4
+    assert merged["l0"]["usage"] == pytest.approx({"x": 0.75, "y": 0.25})
+    assert merged["l0"]["mean_gate"] == pytest.approx({"x": 0.675, "y": 0.125})
+    assert _merge_routing([(0, a)]) == a
+
+
+def test_cli_eval_resumes_after_an_interrupt(lm_path, tmp_path, capsys, monkeypatch):
+    from selfmoe.generate import HFGenerator
+
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in RECORDS[:9]])
+    args = ["eval", "--model", lm_path, "--data", data, "--max-new-tokens", "3", "--batch-size", "1", "--no-progress"]
+    code, _, err = run_cli(capsys, *args, "--output", tmp_path / "ref")
+    assert code == 0, err
+    reference = (tmp_path / "ref" / "predictions.jsonl").read_text()
+    assert not (tmp_path / "ref" / "predictions.partial.jsonl").exists()
+
+    real = HFGenerator.generate
+    calls = []
+
+    def flaky(self, prompts, config, *, desc=None):
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, prompts, config, desc=desc)
+
+    monkeypatch.setattr(HFGenerator, "generate", flaky)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *args, "--output", out)
+    assert code == 130 and "rerun the same command to continue" in err
+    assert (out / "predictions.partial.jsonl").is_file() and not (out / "predictions.jsonl").exists()
+    monkeypatch.setattr(HFGenerator, "generate", real)
+    code, _, err = run_cli(capsys, *args, "--output", out, "--max-new-tokens", "4")
+    assert code == 2 and "sampling.max_new_tokens (3, now 4)" in err and "--restart" in err
+    code, _, err = run_cli(capsys, *args, "--output", out)
+    assert code == 0 and "resuming: 3 of 9 completions" in err, err
+    assert (out / "predictions.jsonl").read_text() == reference
+    assert not (out / "predictions.partial.jsonl").exists()
