@@ -80,8 +80,10 @@ import json
 import os
 import resource
 import signal
+import stat
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
@@ -106,15 +108,27 @@ def _selfmoe_runner(os, sys):
     _signal.signal(_signal.SIGXFSZ, _signal.SIG_DFL)  # past the file size limit the program ends
     with open(3, "rb") as pipe:
         token = pipe.read(256)
-    with open("program.py", "rb") as f:
-        code = compile(f.read(), "program.py", "exec", dont_inherit=True)
     namespace = sys.modules["__main__"].__dict__
     for name in [k for k in namespace if k not in ("__name__", "__builtins__", "__doc__", "__spec__",
                                                    "__loader__", "__package__")]:
         del namespace[name]
     namespace["__file__"] = "program.py"
     sys.argv[:] = ["program.py"]
-    exec(code, namespace)
+    try:
+        with open("program.py", "rb") as f:
+            code = compile(f.read(), "program.py", "exec", dont_inherit=True)
+        exec(code, namespace)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the traceback without this runner's frame, exit status 1
+        import traceback
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(1)
     sys.stdout.flush()
     sys.stderr.flush()
     os.write(4, token)
@@ -255,7 +269,7 @@ def _libc() -> Any:
 
 
 _ID_COUNT = 1024
-_ids_lock: Any = None
+_ids_lock = threading.Lock()
 _ids_in_use: set = set()
 
 
@@ -292,14 +306,13 @@ def _acquire_ids() -> Tuple[int, int, int]:
     """A uid/gid pair no process uses, locked for this run: ``(uid, gid, lock_fd)``."""
     import fcntl
     import tempfile
-    import threading
 
-    global _ids_lock
-    if _ids_lock is None:
-        _ids_lock = threading.Lock()
     ubase, gbase = _id_base("/proc/self/uid_map"), _id_base("/proc/self/gid_map")
     lock_dir = os.path.join(tempfile.gettempdir(), "selfmoe-sandbox-ids")
     os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    st = os.lstat(lock_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise SandboxError(f"{lock_dir}: must be a directory owned by uid {os.geteuid()} that others cannot write")
     try:
         with open("/etc/passwd") as f:
             known = {int(p[2]) for p in (line.split(":") for line in f) if len(p) > 2 and p[2].isdigit()}
@@ -311,7 +324,7 @@ def _acquire_ids() -> Tuple[int, int, int]:
             uid, gid = ubase + k, gbase + k
             if uid in _ids_in_use or uid in busy:
                 continue
-            fd = os.open(os.path.join(lock_dir, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(os.path.join(lock_dir, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -461,6 +474,10 @@ def run_python(source: str, config: Optional[SandboxConfig] = None) -> SandboxRe
     if report.get("exec_error"):
         raise SandboxError(f"the sandbox could not start Python ({sys.executable}) for the program: "
                            f"{report['exec_error']}")
+    if report.get("leftover"):
+        import warnings
+
+        warnings.warn("selfmoe sandbox: some processes of a program could not be killed", RuntimeWarning, stacklevel=2)
     c = report.get("containment") or {}
     containment = Containment(network=bool(c.get("network")), uid=c.get("uid"), pid_namespace=bool(c.get("pid_ns")),
                               private_tmp=bool(c.get("private_tmp")), user_namespace=bool(c.get("userns")),
@@ -724,8 +741,8 @@ def _supervise(req: Dict[str, Any]) -> Dict[str, Any]:
         nproc = req["nproc"] + (1 if userns and flags & CLONE_NEWPID else 0)
     else:  # RLIMIT_NPROC counts every process of the caller's uid
         nproc = _count_tasks(os.getuid()) + req["nproc"]
-        if not root:
-            notes.append("process limit shared with the caller's other processes")
+        notes.append("no process limit: root ignores RLIMIT_NPROC" if root
+                     else "process limit shared with the caller's other processes")
     pid_ns = unshared and bool(flags & CLONE_NEWPID)
 
     token_r, token_w = os.pipe()
