@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -36,6 +37,7 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "AdapterFormatError",
     "LoRAAdapter",
+    "check_same_base",
     "load_lora_adapter",
     "save_lora_adapter",
 ]
@@ -77,11 +79,65 @@ class AdapterFormatError(ValueError):
 
 def _pattern_key(patterns: Iterable[str], module: str) -> Optional[str]:
     """First pattern matching ``module`` the way PEFT matches rank/alpha patterns: a regex that must
-    match a dot-separated suffix of the module path (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``)."""
+    match a dot-separated suffix of the module path (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``).
+
+    Each suffix is full-matched on its own instead of through PEFT's ``(.*\.)?(key)$`` wrapper, whose
+    nested quantifier is a backtracking hazard; the patterns themselves passed :func:`_check_regex`."""
+    parts = module.split(".")
+    suffixes = [".".join(parts[i:]) for i in range(len(parts))]
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if any(re.fullmatch(key, s) for s in suffixes):
             return key
     return None
+
+
+# Regexes from adapter_config.json are untrusted: a pattern like "(a+)+b" makes Python's backtracking
+# engine run for hours on a short module name. Allowed: at most _MAX_REPEATS quantifiers, none nested
+# in another and none around an alternation (the shapes that backtrack exponentially), no
+# back-references, at most _MAX_PATTERN_CHARS characters. Module-name patterns never need more.
+_MAX_PATTERN_CHARS = 512
+_MAX_REPEATS = 4
+
+
+def _regex_hazard(pattern: str) -> Optional[str]:
+    """Why ``pattern`` could backtrack catastrophically (see above), or None when it is bounded."""
+    try:
+        from re import _parser as sre_parse  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.9/3.10
+        import sre_parse  # type: ignore[no-redef]
+    if len(pattern) > _MAX_PATTERN_CHARS:
+        return f"longer than {_MAX_PATTERN_CHARS} characters"
+    repeats = 0
+
+    def walk(items: Any, in_repeat: bool) -> Optional[str]:
+        nonlocal repeats
+        for op, arg in items:
+            name = str(op)
+            if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+                repeats += 1
+                if in_repeat:
+                    return "a quantifier inside a quantified group"
+                why = walk(arg[2], True)
+            elif name == "SUBPATTERN":
+                why = walk(arg[-1], in_repeat)
+            elif name == "BRANCH":
+                if in_repeat:
+                    return "an alternation inside a quantified group"
+                why = next((w for w in (walk(b, in_repeat) for b in arg[1]) if w), None)
+            elif name in ("GROUPREF", "GROUPREF_EXISTS"):
+                return "a back-reference"
+            elif name in ("ASSERT", "ASSERT_NOT", "ATOMIC_GROUP"):
+                why = walk(arg[-1], in_repeat)
+            else:
+                why = None
+            if why:
+                return why
+        return None
+
+    why = walk(sre_parse.parse(pattern), False)
+    if why is None and repeats > _MAX_REPEATS:
+        why = f"more than {_MAX_REPEATS} quantifiers"
+    return why
 
 
 def _matches_target(module: str, target_modules: Union[str, Sequence[str], None]) -> bool:
@@ -243,11 +299,26 @@ def _check_config(config: Mapping[str, Any], where: str) -> None:
         if not isinstance(patterns, dict):
             raise AdapterFormatError(f"{where}: {name} must be an object pattern -> value, got {patterns!r}")
         for key, value in patterns.items():
-            _compile(rf"(.*\.)?({key})$", where, f"{name} key {key!r}")
+            _compile(key, where, f"{name} key {key!r}")
             if not value_ok(value):
                 raise AdapterFormatError(f"{where}: {name}[{key!r}] has invalid value {value!r}")
     if not isinstance(config.get("use_rslora", False), bool):
         raise AdapterFormatError(f"{where}: use_rslora must be true/false, got {config['use_rslora']!r}")
+
+
+def check_same_base(adapters: Mapping[str, "LoRAAdapter"], *, strict: bool = False) -> None:
+    """Warn (``strict=False``) or raise :class:`AdapterFormatError` (``strict=True``) when the adapters
+    declare different ``base_model_name_or_path`` values: experts trained on different bases do not
+    belong in one MiXSE or one merge. Adapters that declare none are not compared."""
+    declared = {name: ad.config.get("base_model_name_or_path") for name, ad in adapters.items()}
+    declared = {name: base for name, base in declared.items() if base}
+    if len(set(declared.values())) <= 1:
+        return
+    listing = ", ".join(f"{name}: {base!r}" for name, base in declared.items())
+    if strict:
+        raise AdapterFormatError(f"experts declare different base models ({listing}); refused (strict)")
+    warnings.warn(f"experts declare different base models ({listing}); pass strict=True (CLI: --strict) to refuse",
+                  UserWarning, stacklevel=3)
 
 
 def _compile(pattern: str, where: str, what: str) -> None:
@@ -255,6 +326,12 @@ def _compile(pattern: str, where: str, what: str) -> None:
         re.compile(pattern)
     except re.error as exc:
         raise AdapterFormatError(f"{where}: {what} is not a valid regular expression ({exc})") from exc
+    why = _regex_hazard(pattern)
+    if why:
+        raise AdapterFormatError(
+            f"{where}: {what} is refused: {why} (untrusted patterns are limited so that matching cannot hang; "
+            "name modules by suffix, e.g. 'q_proj' or 'layers\\.0\\.self_attn\\.q_proj')"
+        )
 
 
 def _split_keys(tensors: Mapping[str, torch.Tensor], where: str) -> LoRAWeights:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .io_utils import atomic_write_text
+from .names import check_safe_name
 
 PathLike = Union[str, "os.PathLike[str]"]
 Record = Dict[str, Any]
@@ -116,6 +117,8 @@ def validate_record(obj: Any, *, domain: Optional[str] = None, require_domain: b
         raise DataFormatError(f"{where}missing required key 'domain' (keys: {sorted(rec)})")
     else:
         rec.pop("domain", None)
+    if "domain" in rec:  # domains become file names (specialize writes <domain>.jsonl)
+        check_safe_name(rec["domain"], "'domain'", where=where, error=DataFormatError)
     return rec
 
 
@@ -128,8 +131,13 @@ def iter_json_lines(path: PathLike) -> Iterator[Tuple[int, Any]]:
     p = pathlib.Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{os.fspath(path)}: no such file" + (" (it is a directory)" if p.is_dir() else ""))
-    with open(p, "r", encoding="utf-8", newline="\n") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(p, "rb") as f:  # bytes, decoded line by line: a bad byte is reported with its line number
+        for lineno, raw_bytes in enumerate(f, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(f"{_where(path, lineno)}not UTF-8 text (byte {exc.start + 1} of the line: "
+                                      f"{raw_bytes[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from None
             if not raw.strip():
                 continue
             try:

@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Literal, Mapping, Optional, Sequence, T
 import torch
 from torch import nn
 
-from .adapters import LoRAAdapter
+from .adapters import LoRAAdapter, check_same_base
 
 __all__ = [
     "DEFAULT_DENSITY",
@@ -290,6 +290,7 @@ def merge_adapters(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     dtype: Optional[torch.dtype] = None,
+    strict: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Merge LoRA experts module by module on their full deltas ``scaling_e(m) * B_e @ A_e``.
 
@@ -298,10 +299,13 @@ def merge_adapters(
         method, weights, density, drop_rate, seed, generator: as in :func:`merge_deltas`. DARE draws its
             masks module by module in sorted module order, experts in list order, so a seed reproduces.
         dtype: compute/result dtype; default float32 (float64 if any adapter is float64).
+        strict: refuse experts that declare different base models (default: a warning); see
+            :func:`selfmoe.adapters.check_same_base`.
 
     Returns ``{module: merged delta [out, in]}``, ready for :func:`merge_into_base` or :func:`merged_to_lora`.
     Raises ``ValueError`` naming the module when experts disagree on its shape.
     """
+    check_same_base({f"expert {i}": ad for i, ad in enumerate(adapters)}, strict=strict)
     return dict(iter_merged_deltas(
         adapters, method, weights, density=density, drop_rate=drop_rate, seed=seed, generator=generator, dtype=dtype
     ))

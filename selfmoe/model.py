@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import math
 import os
 import pathlib
 import re
@@ -43,7 +44,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .adapters import LoRAAdapter, load_lora_adapter, save_lora_adapter
+from .names import check_safe_name
+from .adapters import LoRAAdapter, check_same_base, load_lora_adapter, save_lora_adapter
 from .io_utils import atomic_directory, atomic_write_json
 from .layer import MoLoRALinear
 from .routers import (
@@ -95,22 +97,47 @@ class MiXSEConfig:
         names = self.expert_names
         if not isinstance(names, list) or not names:
             raise ValueError(f"expert_names must be a non-empty list, got {names!r}")
-        for n in names:
-            if not isinstance(n, str) or not n:
-                raise ValueError(f"expert names must be non-empty strings, got {n!r}")
+        for n in names:  # names may become directory names (save_expert, the CLI's experts/<name>)
+            check_safe_name(n, "expert name")
         if len(set(names)) != len(names):
             raise ValueError(f"expert names must be unique, got {names}")
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+            raise ValueError(f"top_k must be an integer, got {self.top_k!r}")
         check_top_k(self.top_k, len(names))
+        for flag in ("renormalize", "trainable_experts"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+        if not isinstance(self.aux_loss, dict):
+            raise ValueError(f"aux_loss must be an object {{name: coefficient}}, got {self.aux_loss!r}")
         self.aux_loss = check_aux_loss(self.aux_loss)
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"base_model_name_or_path must be a string or null, got {self.base_model_name_or_path!r}")
+        if not isinstance(self.expert_configs, dict) or not all(isinstance(v, dict) for v in self.expert_configs.values()):
+            raise ValueError(f"expert_configs must be an object {{expert name: {{...}}}}, got {self.expert_configs!r}")
+        if not isinstance(self.modules, dict):
+            raise ValueError(f"modules must be an object {{module path: {{ranks, lora_alphas, scalings}}}}, "
+                             f"got {type(self.modules).__name__}")
         E = len(names)
         for path, info in self.modules.items():
+            if not isinstance(info, dict):
+                raise ValueError(f"module {path!r}: expected an object, got {info!r}")
             for key in ("ranks", "lora_alphas", "scalings"):
-                if len(info.get(key, ())) != E:
-                    raise ValueError(f"module {path!r}: {key} must have {E} entries (one per expert), got {info.get(key)!r}")
+                values = info.get(key)
+                if not isinstance(values, list) or len(values) != E:
+                    raise ValueError(f"module {path!r}: {key} must be a list of {E} entries (one per expert), got {values!r}")
+            if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in info["ranks"]) or max(info["ranks"]) < 1:
+                raise ValueError(f"module {path!r}: ranks must be integers >= 0, at least one > 0, got {info['ranks']!r}")
+            for key in ("lora_alphas", "scalings"):
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in info[key]):
+                    raise ValueError(f"module {path!r}: {key} must be finite numbers, got {info[key]!r}")
+            for key in ("in_features", "out_features"):
+                v = info.get(key)
+                if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                    raise ValueError(f"module {path!r}: {key} must be a positive integer, got {v!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -228,6 +255,13 @@ def _input_arg(args: tuple, kwargs: dict, name: str, position: int):
     return args[position] if len(args) > position else None
 
 
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: pathlib.Path) -> None:
+    """Refuse a file holding NaN/inf: a NaN in one expert reaches every token on the dense-rank path."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or infinite values")
+
+
 def _cache_argument(module: nn.Module) -> str:
     """The name under which ``module.forward`` takes its KV cache: ``cache`` from transformers 5.24 on,
     ``past_key_values`` before."""
@@ -309,21 +343,31 @@ class MiXSE(nn.Module):
         self._attached = True
         self._in_scaling_pass = False
         self._xlora_caches: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self.router = None
+        self._slots: List[GateSlot] = []
         # Flags as the user had them; MoLoRALinear already froze its base layer, but it remembers the originals.
         self._orig_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for path, layer in layers.items():
             for n, flag in layer._base_requires_grad.items():
                 self._orig_requires_grad[f"{path}.{n}"] = flag
 
+        try:
+            self._mutate(base_model, config, layers, layer_index, inner_model, decoder_layers, layers_prefix)
+        except BaseException:
+            self.unload()  # puts back every linear already swapped, removes hooks, restores requires_grad
+            raise
+
+    def _mutate(self, base_model: nn.Module, config: MiXSEConfig, layers: Dict[str, MoLoRALinear],
+                layer_index: Dict[str, int], inner_model: nn.Module, decoder_layers: nn.ModuleList,
+                layers_prefix: str) -> None:
+        """The part of ``__init__`` that changes ``base_model`` (undone by :meth:`unload` if it fails)."""
+        E = len(config.expert_names)
         device = _model_device(base_model)
         if config.router in ("shared", "xlora"):
             self.router: Optional[TopKRouter] = TopKRouter(
                 _hidden_size(base_model), E, config.top_k, renormalize=config.renormalize, mode=config.routing, device=device
             )
             self.router.state = self._state
-        else:
-            self.router = None
-
         for path, layer in layers.items():
             base_model.set_submodule(path, layer)
             layer.route_key = path
@@ -344,7 +388,6 @@ class MiXSE(nn.Module):
         self._hooks.append(inner_model.register_forward_pre_hook(self._inner_pre_hook, with_kwargs=True))
         self._hooks.append(inner_model.register_forward_hook(self._inner_post_hook))
         self._decoder_layers = [decoder_layers]  # in a list: not registered twice
-        self._slots: List[GateSlot] = []
         if config.router == "shared":
             by_layer: Dict[int, List[MoLoRALinear]] = {}
             for path, idx in layer_index.items():
@@ -380,6 +423,7 @@ class MiXSE(nn.Module):
         routing: str = "learned",
         aux_loss: Optional[Dict[str, float]] = None,
         expert_dtype: Optional[torch.dtype] = None,
+        strict: bool = False,
     ) -> "MiXSE":
         """Attach one PEFT LoRA adapter per expert to ``base_model`` (in place) behind a router.
 
@@ -396,6 +440,8 @@ class MiXSE(nn.Module):
             aux_loss: optional ``{"load_balancing"|"z_loss"|"mutual_information": coefficient}``; the
                 weighted sum is returned as ``output.aux_loss`` for the training loop to add.
             expert_dtype: dtype of the stacked experts (default: each base linear's dtype).
+            strict: refuse experts that declare different ``base_model_name_or_path`` values (default:
+                a warning).
 
         Raises ``ValueError``/``FileNotFoundError``/``AdapterFormatError`` naming the expert, file,
         module and shapes; the base model is left untouched when anything fails.
@@ -415,6 +461,7 @@ class MiXSE(nn.Module):
                 loaded[name], sources[name] = src, None
             else:
                 loaded[name], sources[name] = load_lora_adapter(src), os.fspath(src)
+        check_same_base(loaded, strict=strict)
         layers_prefix, _ = _find_decoder_layers(base_model)
         linears = _linear_modules(base_model)
         allowed = set(_match_targets(linears, target_modules, layers_prefix)) if target_modules is not None else None
@@ -553,17 +600,19 @@ class MiXSE(nn.Module):
 
         experts = read(EXPERTS_NAME)
         router_sd = read(ROUTER_NAME)
+        for name, tensors in ((EXPERTS_NAME, experts), (ROUTER_NAME, router_sd)):
+            _check_finite(tensors, root / name)
+
+        # ---- check everything against the base model before touching it -------------------------------
         linears = _linear_modules(base_model)
         E = len(config.expert_names)
         expected_keys = set()
-        layers: Dict[str, MoLoRALinear] = {}
         for path, info in config.modules.items():
             where = f"{root / EXPERTS_NAME}: module {path!r}"
             if path not in linears:
                 raise ValueError(f"{where} is not an nn.Linear of {type(base_model).__name__}")
             base = linears[path]
-            ranks = [int(r) for r in info["ranks"]]
-            r_max = max(ranks)
+            r_max = max(info["ranks"])
             kA, kB = f"{path}.lora_A", f"{path}.lora_B"
             expected_keys.update((kA, kB))
             if kA not in experts or kB not in experts:
@@ -574,33 +623,42 @@ class MiXSE(nn.Module):
                     f"{where}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit: expected "
                     f"[{E}, {r_max}, {base.in_features}] / [{E}, {base.out_features}, {r_max}] for the base linear"
                 )
-            layer = MoLoRALinear(
-                base, E, r=ranks, lora_alpha=info["lora_alphas"], top_k=config.top_k,
-                router="linear" if config.router == "per_layer" else None, renormalize=config.renormalize,
-                routing=config.routing, expert_dtype=expert_dtype or A.dtype, init_lora_weights=False,
-                scalings=info["scalings"],
-            )
-            with torch.no_grad():
-                layer.lora_A.copy_(A)
-                layer.lora_B.copy_(B)
-            layers[path] = layer
         unexpected = sorted(set(experts) - expected_keys)
         if unexpected:
-            # Undo the frozen flags MoLoRALinear set on the base linears before failing.
-            for layer in layers.values():
-                layer.unwrap()
             raise ValueError(f"{root / EXPERTS_NAME}: unexpected tensors {unexpected[:5]} (not in {CONFIG_NAME})")
+        in_features = {path: linears[path].in_features for path in config.modules}
+        router_sds = cls._split_router_state(router_sd, config, in_features, root / ROUTER_NAME)
+
+        # ---- build and attach; undone if anything fails from here on ------------------------------------
+        layers: Dict[str, MoLoRALinear] = {}
         try:
-            router_sds = cls._split_router_state(router_sd, config, layers, root / ROUTER_NAME)
-        except ValueError:
+            for path, info in config.modules.items():
+                A, B = experts[f"{path}.lora_A"], experts[f"{path}.lora_B"]
+                layer = MoLoRALinear(
+                    linears[path], E, r=list(info["ranks"]), lora_alpha=info["lora_alphas"], top_k=config.top_k,
+                    router="linear" if config.router == "per_layer" else None, renormalize=config.renormalize,
+                    routing=config.routing, expert_dtype=expert_dtype or A.dtype, init_lora_weights=False,
+                    scalings=info["scalings"],
+                )
+                layers[path] = layer
+                with torch.no_grad():
+                    layer.lora_A.copy_(A)
+                    layer.lora_B.copy_(B)
+        except BaseException:
             for layer in layers.values():
                 layer.unwrap()
             raise
         model = cls._attach(base_model, config, layers)
-        with torch.no_grad():
-            for owner, sd in router_sds.items():
-                target = model.router if owner == "" else model._lora_modules[owner].router
-                target.load_state_dict({k: v for k, v in sd.items()}, strict=True)
+        try:
+            with torch.no_grad():
+                for owner, sd in router_sds.items():
+                    target = model.router if owner == "" else model._lora_modules[owner].router
+                    target.load_state_dict(dict(sd), strict=True)
+        except BaseException as exc:
+            model.unload()
+            if isinstance(exc, RuntimeError):  # load_state_dict: keys or shapes the router does not have
+                raise ValueError(f"{root / ROUTER_NAME}: {exc}") from exc
+            raise
         return model
 
     @classmethod
@@ -615,13 +673,14 @@ class MiXSE(nn.Module):
 
     @staticmethod
     def _split_router_state(
-        sd: Dict[str, torch.Tensor], config: MiXSEConfig, layers: Dict[str, MoLoRALinear], where: pathlib.Path
+        sd: Dict[str, torch.Tensor], config: MiXSEConfig, in_features: Dict[str, int], where: pathlib.Path
     ) -> Dict[str, Dict[str, torch.Tensor]]:
-        """``{"" (shared/xlora) or module path: router state dict}``, checked for names and shapes."""
+        """``{"" (shared/xlora) or module path: router state dict}``, checked for names and shapes
+        (``in_features``: each wrapped module's input width, for per-layer routers)."""
         E = len(config.expert_names)
         out: Dict[str, Dict[str, torch.Tensor]] = {}
         if config.router == "per_layer":
-            owners = {p: (layers[p].in_features) for p in layers}
+            owners: Dict[str, Optional[int]] = dict(in_features)
         else:
             owners = {"": None}
         for owner, d_in in owners.items():
@@ -969,8 +1028,7 @@ class MiXSE(nn.Module):
         """
         self._check_attached()
         cfg = self.mixse_config
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"expert name must be a non-empty string, got {name!r}")
+        check_safe_name(name, "expert name")
         if name in cfg.expert_names:
             raise ValueError(f"an expert named {name!r} already exists: {self.expert_names}")
         source = None

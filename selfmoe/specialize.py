@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .names import check_safe_name
 from .data import DataFormatError, append_jsonl, repair_jsonl_tail, validate_record
 from .filters import FilterConfig, NearDuplicateIndex, check_text, empty_stats, normalize_tokens
 from .generate import HFGenerator, SamplingConfig, TextGenerator
@@ -337,6 +338,8 @@ def specialize(model: Any, tokenizer: Any, seeds_by_domain: Mapping[str, Sequenc
     """
     cfg = dataclasses.replace(config or SpecializeConfig(), **overrides)
     names = list(domains) if domains is not None else list(seeds_by_domain)
+    for d in names:  # each becomes out_dir/<domain>.jsonl: never a path of its own
+        check_safe_name(d, "domain")
     missing = [d for d in names if d not in seeds_by_domain]
     if missing:
         raise ValueError(f"no seeds for domain(s) {missing}; seeds are given for {sorted(seeds_by_domain)}")

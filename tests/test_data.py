@@ -327,3 +327,30 @@ def test_builtin_coding_seed_solutions_pass_their_own_tests():
         broken = {name: lambda *args, **kwargs: None}
         with pytest.raises(AssertionError):
             exec(asserts, broken)
+
+
+@pytest.mark.parametrize("domain", ["../../x", "/etc/passwd", ".hidden", "a/b", "a\\b", "..", "x" * 129, "math\n"])
+def test_unsafe_domains_are_refused_with_file_and_line(tmp_path, domain):
+    from selfmoe.data import DataFormatError, read_jsonl
+
+    path = tmp_path / "seeds.jsonl"
+    path.write_text(json.dumps({"instruction": "q", "output": "a", "domain": "math"}) + "\n"
+                    + json.dumps({"instruction": "q", "output": "a", "domain": domain}) + "\n")
+    with pytest.raises(DataFormatError, match=r"seeds.jsonl:2: 'domain' .* is not a safe name"):
+        read_jsonl(path)
+
+
+def test_safe_domains_pass():
+    from selfmoe.data import validate_record
+
+    for domain in ("math", "Coding_2", "bbh-boolean.v2", "x" * 128):
+        assert validate_record({"instruction": "q", "output": "a", "domain": domain})["domain"] == domain
+
+
+def test_a_non_utf8_line_is_reported_with_its_number(tmp_path):
+    from selfmoe.data import DataFormatError, read_jsonl
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"instruction": "q", "output": "a", "domain": "m"}\n{"instruction": "caf\xe9"}\n')
+    with pytest.raises(DataFormatError, match=r"d.jsonl:2: not UTF-8"):
+        read_jsonl(path)

@@ -635,3 +635,168 @@ def test_shared_hook_reads_hidden_states_positional_or_keyword(adapter):
         b = layer(hidden_states=h, attention_mask=None, position_ids=pos, position_embeddings=rope)
     assert torch.equal(a, b)
     assert stats.summary()["model.layers.0"]["tokens"] == 20
+
+
+# ------------------------------------------------------------------------------------------------------
+# untrusted files: non-finite values, wrong types, failures part-way, names, other bases
+
+
+def assert_untouched_with_inner_hooks(base, params, flags):
+    assert_untouched(base, params, flags)
+    assert not base.model._forward_pre_hooks and not base.model._forward_hooks
+
+
+def saved_copy(src, dst, edit_config=None, edit_tensors=None):
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    if edit_config is not None:
+        cfg = json.loads((dst / "mixse_config.json").read_text())
+        edit_config(cfg)
+        (dst / "mixse_config.json").write_text(json.dumps(cfg))  # json writes NaN as NaN, as a hostile file may
+    if edit_tensors is not None:
+        name, key, value = edit_tensors
+        tensors = load_file(str(dst / name))
+        key = key if key in tensors else next(k for k in tensors if k.endswith(key))
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = value
+        save_file(tensors, str(dst / name))
+    return dst
+
+
+@pytest.mark.parametrize("router", ["shared", "per_layer"])
+def test_from_pretrained_refuses_non_finite_values_and_leaves_the_base_untouched(adapter, tmp_path, router):
+    model = MiXSE.from_adapters(make_base(), {"a": adapter("llama", "a"), "b": adapter("llama", "b")}, router=router)
+    model.save_pretrained(tmp_path / "ok")
+    base = make_base()
+    state = base_state(base)
+    cases = {
+        "nan-expert": (None, ("experts.safetensors", "lora_B", float("nan")), r"experts.safetensors: tensor .*lora_B.* NaN"),
+        "inf-expert": (None, ("experts.safetensors", "lora_A", float("inf")), r"experts.safetensors: tensor .* NaN or infinite"),
+        "nan-router": (None, ("router.safetensors", "linear.weight", float("nan")), r"router.safetensors: tensor .* NaN"),
+        "nan-scaling": (lambda c: next(iter(c["modules"].values())).__setitem__("scalings", [float("nan")] * 2), None,
+                        r"mixse_config.json: module .*: scalings must be finite numbers"),
+        "modules-list": (lambda c: c.__setitem__("modules", list(c["modules"])), None,
+                         r"mixse_config.json: modules must be an object"),
+        "rank-string": (lambda c: next(iter(c["modules"].values())).__setitem__("ranks", ["4", "8"]), None,
+                        r"mixse_config.json: module .*: ranks must be integers"),
+        "top-k-float": (lambda c: c.__setitem__("top_k", 1.5), None, r"mixse_config.json: top_k must be an integer"),
+        "renormalize-string": (lambda c: c.__setitem__("renormalize", "no"), None,
+                               r"mixse_config.json: renormalize must be true or false"),
+        "expert-name-path": (lambda c: c.__setitem__("expert_names", ["../../a", "b"]), None,
+                             r"mixse_config.json: expert name '../../a' is not a safe name"),
+    }
+    for name, (edit_config, edit_tensors, message) in cases.items():
+        bad = saved_copy(tmp_path / "ok", tmp_path / name, edit_config, edit_tensors)
+        with pytest.raises(ValueError, match=message):
+            MiXSE.from_pretrained(bad, base)
+        assert_untouched_with_inner_hooks(base, *state)
+
+
+def test_a_load_failing_after_the_base_was_modified_restores_it(adapter, tmp_path, monkeypatch):
+    model = MiXSE.from_adapters(make_base(), {"a": adapter("llama", "a"), "b": adapter("llama", "b")})
+    model.save_pretrained(tmp_path / "ok")
+    base = make_base()
+    base.model.layers[1].mlp.requires_grad_(True)
+    base.model.embed_tokens.requires_grad_(False)  # flags as a user may have set them: restored as they were
+    state = base_state(base)
+    ids = ids_for()
+    with torch.no_grad():
+        before = base(ids).logits
+
+    # 1. the router state fails to load after every linear was swapped and hooks were registered
+    from selfmoe.routers import TopKRouter
+
+    def broken_load(self, *args, **kwargs):
+        raise RuntimeError("Error(s) in loading state_dict for TopKRouter: size mismatch")
+    monkeypatch.setattr(TopKRouter, "load_state_dict", broken_load)
+    with pytest.raises(ValueError, match=r"router.safetensors: Error\(s\) in loading state_dict"):
+        MiXSE.from_pretrained(tmp_path / "ok", base)
+    assert_untouched_with_inner_hooks(base, *state)
+    monkeypatch.undo()
+
+    # 2. attaching fails half-way (after some linears were swapped, before the hooks)
+    calls = {"n": 0}
+    original = MiXSE._make_shared_hook
+
+    def failing_hook(self, key, slot):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise MemoryError("simulated failure while attaching")
+        return original(self, key, slot)
+    monkeypatch.setattr(MiXSE, "_make_shared_hook", failing_hook)
+    with pytest.raises(MemoryError):
+        MiXSE.from_pretrained(tmp_path / "ok", base)
+    assert calls["n"] == 2
+    assert_untouched_with_inner_hooks(base, *state)
+    monkeypatch.undo()
+
+    with torch.no_grad():
+        assert torch.equal(base(ids).logits, before)
+    MiXSE.from_pretrained(tmp_path / "ok", base)  # and the base still takes a MiXSE afterwards
+
+
+@pytest.mark.parametrize("bad", ["../../x", "/abs/path", ".hidden", "a/b", "", "x" * 129])
+def test_unsafe_expert_names_are_refused(adapter, bad):
+    base = make_base()
+    with pytest.raises(ValueError, match="not a safe name"):
+        MiXSE.from_adapters(base, {bad: adapter("llama", "a")})
+    with pytest.raises(ValueError, match="not a safe name"):
+        MiXSE.from_scratch(make_base(), 2, expert_names=["ok", bad])
+    model = MiXSE.from_adapters(make_base(), {"a": adapter("llama", "a")})
+    with pytest.raises(ValueError, match="not a safe name"):
+        model.add_expert(bad, adapter("llama", "b"))
+
+
+def test_experts_of_different_bases_warn_or_are_refused_with_strict(adapter, tmp_path):
+    from selfmoe.merging import merge_adapters
+
+    other = tmp_path / "other-base"
+    shutil.copytree(adapter("llama", "b"), other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/another-model"
+    (other / "adapter_config.json").write_text(json.dumps(cfg))
+    first = json.loads((adapter("llama", "a") / "adapter_config.json").read_text())
+    if not first.get("base_model_name_or_path"):  # PEFT records the base's name_or_path; make sure both declare one
+        first_dir = tmp_path / "a"
+        shutil.copytree(adapter("llama", "a"), first_dir)
+        first["base_model_name_or_path"] = "someone/the-model"
+        (first_dir / "adapter_config.json").write_text(json.dumps(first))
+    else:
+        first_dir = adapter("llama", "a")
+    with pytest.warns(UserWarning, match="experts declare different base models.*another-model"):
+        MiXSE.from_adapters(make_base(), {"a": first_dir, "b": other})
+    base = make_base()
+    state = base_state(base)
+    with pytest.raises(AdapterFormatError, match="different base models.*refused"):
+        MiXSE.from_adapters(base, {"a": first_dir, "b": other}, strict=True)
+    assert_untouched_with_inner_hooks(base, *state)
+    both = [load_lora_adapter(first_dir), load_lora_adapter(other)]
+    with pytest.warns(UserWarning, match="different base models"):
+        merge_adapters(both, "linear")
+    with pytest.raises(AdapterFormatError, match="different base models"):
+        merge_adapters(both, "linear", strict=True)
+
+
+def test_pathological_rank_pattern_is_refused_quickly(adapter, tmp_path):
+    import time
+
+    for pattern in ["(a+)+$", "(.*_proj){20}", "(q|qq)*_proj", r"(q)\1_proj"]:
+        bad = tmp_path / f"bad-{abs(hash(pattern))}"
+        shutil.copytree(adapter("llama", "c"), bad)
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        cfg["rank_pattern"] = {pattern: 3, **cfg["rank_pattern"]}
+        (bad / "adapter_config.json").write_text(json.dumps(cfg))
+        t0 = time.perf_counter()
+        with pytest.raises(AdapterFormatError, match="rank_pattern key .* is refused"):
+            load_lora_adapter(bad)
+        assert time.perf_counter() - t0 < 1.0
+    # the patterns PEFT documents (module-name suffixes, escaped paths, simple wildcards) still work
+    good = tmp_path / "good"
+    shutil.copytree(adapter("llama", "c"), good)
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {r"model\.layers\.0\.self_attn\.v_proj": 3, "layers.1.*v_proj": 3}
+    (good / "adapter_config.json").write_text(json.dumps(cfg))
+    ad = load_lora_adapter(good)
+    assert ad.rank_for("model.layers.0.self_attn.v_proj") == 3 and ad.rank_for("model.layers.1.self_attn.v_proj") == 3
+    assert ad.rank_for("model.layers.0.self_attn.q_proj") == 2

@@ -471,3 +471,12 @@ def test_tiny_model_run_is_reproducible_and_resumable(lm, tmp_path):
     assert text.startswith(head) and s["kept"] == 4 and s["runs"] == 2
     recs = lines_of(tmp_path / "c.jsonl")
     assert len({tuple(normalize_tokens(r["instruction"])) for r in recs}) == 4
+
+
+def test_specialize_refuses_unsafe_domain_names_before_writing(tmp_path):
+    from selfmoe.specialize import specialize
+
+    seeds = {"../escape": [{"instruction": f"q{i}", "output": "a", "domain": "math"} for i in range(6)]}
+    with pytest.raises(ValueError, match="domain '../escape' is not a safe name"):
+        specialize(None, None, seeds, tmp_path / "out", num_pairs=1)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape.jsonl").exists()
