@@ -26,7 +26,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "CLIError", "load_model"]
 
+from .names import is_safe_name
+
 PROG = "selfmoe"
+EXIT_INTERNAL_ERROR = 3  # 0 ok, 1 NaN/inf loss, 2 bad input, 130 interrupted: see MAIN_EPILOG
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -82,6 +85,9 @@ def _named_paths(items: Sequence[str], flag: str) -> Dict[str, str]:
             path, name = item, pathlib.Path(item.rstrip("/\\")).name
         if not name or not path:
             raise CLIError(f"{flag} {item!r}: expected NAME=DIR or DIR")
+        if not is_safe_name(name):
+            raise CLIError(f"{flag} {item!r}: the name {name!r} must be letters, digits, '_', '-' or '.' (not first); "
+                           "give one with NAME=DIR")
         if name in out:
             raise CLIError(f"{flag}: the name {name!r} is given twice ({out[name]} and {path})")
         out[name] = path
@@ -135,6 +141,24 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         if "%(default)" not in text and action.default not in (None, False, [], argparse.SUPPRESS) and action.option_strings:
             text += " (default: %(default)s)"
         return text
+
+
+def check_device(text: str) -> None:
+    """Raise :class:`CLIError` naming ``--device`` unless ``text`` is a torch device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise CLIError(f"--device {text}: not a device (cpu, cuda, cuda:1, mps ...): {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {text}: CUDA is not available here (torch {torch.__version__}, "
+                           f"{'no GPU found' if torch.version.cuda else 'a CPU-only build'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CLIError(f"--device {text}: MPS is not available here; use --device cpu")
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, required: bool = True, help: str = "base model: a local directory or a hub name") -> None:
@@ -426,6 +450,8 @@ def _add_train_router(sub: Any) -> None:
     g.add_argument("--top-k", dest="top_k", type=int, default=None, help="experts per token" + _config_default("top_k"))
     g.add_argument("--aux-loss", action="append", default=[], metavar="NAME=COEF",
                    help="auxiliary router loss: load_balancing, z_loss, mutual_information (repeat)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse experts that declare different base models (default: a warning)")
     _add_train_args(p)
     p.set_defaults(func=_cmd_train_router)
 
@@ -437,6 +463,10 @@ def _cmd_train_router(args: argparse.Namespace) -> int:
     for name, path in experts.items():
         if not pathlib.Path(path).is_dir():
             raise CLIError(f"--expert {name}={path}: directory not found")
+    if args.strict:  # before the model loads; without --strict, MiXSE.from_adapters warns
+        from .adapters import check_same_base, load_lora_adapter
+
+        check_same_base({name: load_lora_adapter(path) for name, path in experts.items()}, strict=True)
     records = load_records(args.data)
     extra: Dict[str, Any] = {"router": args.router, "top_k": args.top_k}
     if args.aux_loss:
@@ -478,6 +508,8 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--into-base", action="store_true", help="write the base model with the merge added (needs --model)")
     _add_model_args(p, required=False, help="base model for --into-base")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse experts that declare different base models (default: a warning)")
     p.set_defaults(func=_cmd_merge)
 
 
@@ -495,7 +527,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CLIError(f"--output {out}: exists and is not empty; pass --overwrite to replace it")
-    deltas = merge_adapters(adapters, args.method, weights, density=args.density, drop_rate=args.drop_rate, seed=args.seed)
+    deltas = merge_adapters(adapters, args.method, weights, density=args.density, drop_rate=args.drop_rate, seed=args.seed,
+                            strict=args.strict)
     if args.into_base:
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
         merge_into_base(model, deltas)
@@ -804,7 +837,8 @@ the pipeline on a local model (each step is resumable; see `selfmoe <command> --
   selfmoe generate     --model ./base --mixse mixse/ --prompt "What is 17 * 23?"
   selfmoe eval         --model ./base --mixse mixse/ --data gsm8k.jsonl --output eval/
 
-exit codes: 0 ok, 1 NaN/inf loss, 2 bad input, 130 interrupted (checkpoint written; rerun with --resume)
+exit codes: 0 ok, 1 NaN/inf loss, 2 bad input, 130 interrupted (checkpoint written; rerun with --resume),
+3 internal error (a bug: please report it with the output of --debug)
 """
 
 
@@ -849,6 +883,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if command == "bench":  # everything after "bench" belongs to the benchmark script
             return _cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
+        if getattr(args, "device", None) is not None:  # before any data or model is read
+            check_device(args.device)
         return args.func(args)
     except KeyboardInterrupt:
         _say(f"{PROG} {command}: interrupted")
@@ -858,6 +894,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         _say(f"{PROG} {command}: error: {exc}")
         return 2
+    except Exception as exc:  # a bug, not bad input: say so in one line; --debug shows the traceback
+        if debug:
+            raise
+        _say(f"{PROG} {command}: internal error: {type(exc).__name__}: {exc} (please report it; rerun with "
+             f"`{PROG} --debug {command} ...` for the traceback)")
+        return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover
