@@ -648,6 +648,7 @@ def _exec_program(req: Dict[str, Any], workdir: str, uid: Optional[int], gid: Op
     import fcntl
 
     errfd = err_w
+    parent = os.getppid()
     try:
         os.setsid()
         for s in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGCHLD):
@@ -675,6 +676,8 @@ def _exec_program(req: Dict[str, Any], workdir: str, uid: Optional[int], gid: Op
             os.setresuid(uid, uid, uid)
         _check(libc, libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
+        if os.getppid() != parent:  # the parent died before PDEATHSIG was armed
+            os._exit(127)
         os.chdir(workdir)
         os.umask(0o077)
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir}
@@ -833,6 +836,7 @@ def _read_status(fd: int) -> Optional[int]:
 
 def _supervisor_main() -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM})
+    os.umask(0o022)  # not the evaluator's: directories made for the sandbox uid must be enterable
     raw = sys.stdin.buffer.read()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
