@@ -7,10 +7,16 @@ atomic), fsync it, then swap it in with renames.
 
 Temporary names start with ``.`` and contain ``.tmp-`` / ``.old-`` plus a random id, so they never
 collide with real outputs and are easy to spot if a hard crash (power loss, SIGKILL) leaves one behind.
+
+Every byte goes to disk through one writer (:func:`write_bytes`, :func:`atomic_write_bytes` and
+:func:`atomic_write_text` share it), and a failed write raises :class:`WriteError`: an ``OSError`` whose
+message names the file (``could not write <path>: No space left on device``), not a bare
+``[Errno 28]``.
 """
 from __future__ import annotations
 
 import contextlib
+import errno as _errno
 import json
 import os
 import pathlib
@@ -21,7 +27,25 @@ from typing import Any, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["atomic_directory", "atomic_write_json", "atomic_write_text", "fsync_path", "write_json"]
+__all__ = ["WriteError", "atomic_directory", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_path",
+           "write_bytes", "write_json"]
+
+
+class WriteError(OSError):
+    """Writing a file failed (disk full, permissions, I/O error): ``errno``/``strerror`` of the cause,
+    ``filename`` the file meant to be written; ``str()`` is ``could not write <path>: <reason>``."""
+
+    def __str__(self) -> str:
+        return f"could not write {self.filename}: {self.strerror}"
+
+    @classmethod
+    def wrap(cls, exc: BaseException, path: PathLike) -> "WriteError":
+        """A :class:`WriteError` for ``path`` with the errno and reason of ``exc`` (an ``OSError`` or not)."""
+        if isinstance(exc, WriteError) and exc.filename == os.fspath(path):
+            return exc
+        code = getattr(exc, "errno", None)
+        reason = getattr(exc, "strerror", None) or (os.strerror(code) if code else None) or str(exc) or type(exc).__name__
+        return cls(code if code is not None else _errno.EIO, reason, os.fspath(path))
 
 
 def _sibling(target: pathlib.Path, tag: str) -> pathlib.Path:
@@ -123,32 +147,64 @@ def atomic_directory(path: PathLike, overwrite: bool = True) -> Iterator[pathlib
         raise
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """The one low-level writer: all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_bytes(path: PathLike, data: bytes) -> None:
+    """Create or replace ``path`` with ``data`` and fsync it (not atomic: for files inside a directory
+    that :func:`atomic_directory` swaps in). Raises :class:`WriteError` naming ``path``."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise WriteError.wrap(exc, path) from exc
+
+
 def write_json(path: PathLike, obj: Any) -> None:
     """Write ``obj`` as strict JSON (no NaN/Infinity, which other readers reject), sorted and indented."""
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the complete new one: a
+    temporary file in the same directory, fsynced, then ``os.replace``d over ``path`` (whose directory
+    entry is fsynced too). Missing parent directories are created. Any ``OSError`` (a full disk
+    included) becomes a :class:`WriteError` naming ``path``, and ``path`` is left as it was."""
+    target = _resolve_target(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _sibling(target, "tmp")
+        # O_EXCL with mode 0o666: umask applies as for a normal open(), unlike mkstemp's fixed 0600.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as exc:
+        raise WriteError.wrap(exc, path) from exc
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+        fsync_path(target.parent, directory=True)
+    except BaseException as exc:
+        _remove(tmp)
+        if isinstance(exc, OSError):
+            raise WriteError.wrap(exc, path) from exc
+        raise
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` so that readers see either the old file or
-    the complete new one: a temporary file in the same directory, fsynced, then ``os.replace``d over
-    ``path`` (whose directory entry is fsynced too). Missing parent directories are created."""
-    target = _resolve_target(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(target, "tmp")
-    # O_EXCL with mode 0o666: umask applies as for a normal open(), unlike mkstemp's fixed 0600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-        fsync_path(target.parent, directory=True)
-    except BaseException:
-        _remove(tmp)
-        raise
+    """:func:`atomic_write_bytes` for text: UTF-8, ``\\n`` line ends written as they are."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> None:
