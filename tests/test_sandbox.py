@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from selfmoe.sandbox import SandboxConfig, SandboxError, check_sandbox, run_python
+from selfmoe.sandbox import SandboxConfig, check_sandbox, run_python
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 
