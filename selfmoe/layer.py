@@ -23,7 +23,7 @@ from .routers import ROUTING_MODES, GateSlot, TopKRouter, check_top_k
 
 __all__ = ["MoLoRALinear"]
 
-ExpertWeights = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (A [r, d_in], B [d_out, r]) or None (absent)
+ExpertFactors = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (A [r, d_in], B [d_out, r]) or None (absent)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -109,7 +109,6 @@ class MoLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
-        self.top_k = top_k
         self.ranks: List[int] = list(ranks)
         self.lora_alphas: List[float] = alphas
 
@@ -145,7 +144,7 @@ class MoLoRALinear(nn.Module):
     def from_linear(
         cls,
         base_layer: nn.Linear,
-        experts: Sequence[ExpertWeights],
+        experts: Sequence[ExpertFactors],
         lora_alpha: Union[float, Sequence[float]] = 16,
         top_k: int = 1,
         router: Optional[str] = "linear",
@@ -254,6 +253,11 @@ class MoLoRALinear(nn.Module):
     def bias(self) -> Optional[torch.Tensor]:
         return self.base_layer.bias
 
+    @property
+    def top_k(self) -> Optional[int]:
+        """Experts per token of the module's own router; None when its gates come from outside."""
+        return self.router.top_k if self.router is not None else None
+
     def extra_repr(self) -> str:
         ranks = self.ranks[0] if len(set(self.ranks)) == 1 else self.ranks
         scaling = self._uniform_scaling if self._uniform_scaling is not None else [round(v, 6) for v in self.expert_scaling.tolist()]
@@ -299,7 +303,7 @@ class MoLoRALinear(nn.Module):
             if slot is not None:
                 if slot.bypass:
                     return self.base_layer(x)
-                expert_ids, expert_weights = slot.get(self._name())
+                expert_weights, expert_ids = slot.get(self._name())
             elif self.router is not None:
                 expert_weights, expert_ids, _ = self.router(x, key=self.route_key)
             else:
@@ -419,7 +423,7 @@ class MoLoRALinear(nn.Module):
             self.router.add_expert(router_init_logit)
         return E
 
-    def expert_weights(self, expert: int) -> ExpertWeights:
+    def expert_factors(self, expert: int) -> ExpertFactors:
         """PEFT-shaped ``(A [r_e, d_in], B [d_out, r_e])`` of one expert (unpadded), or None if absent here."""
         self._check_expert_index(expert)
         r = self.ranks[expert]

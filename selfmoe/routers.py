@@ -85,20 +85,22 @@ class GateSlot:
         self.weights: Optional[torch.Tensor] = None
         self.bypass = False
 
-    def set(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        self.ids, self.weights = ids, weights
+    def set(self, weights: torch.Tensor, ids: torch.Tensor) -> None:
+        """Store one router call's gates, in the order the router returns them: ``(weights, ids)``."""
+        self.weights, self.ids = weights, ids
 
     def clear(self) -> None:
         self.ids = self.weights = None
 
     def get(self, requester: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(weights, ids)`` of the current forward; ``requester`` is named in the error when empty."""
         if self.ids is None or self.weights is None:
             raise RuntimeError(
                 f"{requester}: no gates in slot {self.name!r}. Its router runs in a forward pre-hook of "
                 f"{self.name!r}: call the module through that parent (or the whole model), or pass "
                 "expert_ids= and expert_weights= explicitly."
             )
-        return self.ids, self.weights
+        return self.weights, self.ids
 
 
 # ----------------------------------------------------------------------------------------------------

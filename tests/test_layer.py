@@ -109,8 +109,8 @@ def test_per_expert_ranks_and_alphas_zero_padded():
     y = layer(x, expert_ids=ids, expert_weights=w)
     ref = base(x) + w[:, :1] * 2.0 * (x @ A0.T @ B0.T) + w[:, 1:2] * 2.5 * (x @ A1.T @ B1.T)
     assert rel_err(y, ref) < 1e-12
-    assert layer.expert_weights(2) is None
-    got_A, got_B = layer.expert_weights(1)
+    assert layer.expert_factors(2) is None
+    got_A, got_B = layer.expert_factors(1)
     assert torch.equal(got_A, A1) and torch.equal(got_B, B1)
 
 

@@ -268,7 +268,7 @@ def test_gradient_checkpointing_gives_the_same_router_grads(adapter):
         model(ids, labels=ids, use_cache=False).loss.backward()
         grads.append(model.router.linear.weight.grad.clone())
         # gates (and their graph) are dropped after the forward unless checkpointing replays the layers
-        assert all((s.ids is not None) == gc for s in model._slots)
+        assert all((s.ids is not None) == gc for s in model._placement.slots)
     assert grads[0].abs().sum() > 0
     assert rel_err(grads[1], grads[0]) < 1e-5
 
@@ -330,7 +330,7 @@ def test_save_is_atomic(adapter, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("selfmoe.model.atomic_write_json", boom)  # fails after the safetensors are written
+    monkeypatch.setattr("selfmoe.mixse_files.atomic_write_json", boom)  # fails after the safetensors are written
     with pytest.raises(RuntimeError, match="disk full"):
         model.save_pretrained(out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -715,19 +715,21 @@ def test_a_load_failing_after_the_base_was_modified_restores_it(adapter, tmp_pat
     assert_untouched_with_inner_hooks(base, *state)
     monkeypatch.undo()
 
-    # 2. attaching fails half-way (after some linears were swapped, before the hooks)
-    calls = {"n": 0}
-    original = MiXSE._make_shared_hook
+    # 2. attaching fails half-way (after some linears were swapped and some hooks registered)
+    from selfmoe.placements import SharedPlacement
 
-    def failing_hook(self, key, slot):
+    calls = {"n": 0}
+    original = SharedPlacement._slot
+
+    def failing_slot(self, model, index):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 9:  # the first layer's 7 linears are in, with their hook
             raise MemoryError("simulated failure while attaching")
-        return original(self, key, slot)
-    monkeypatch.setattr(MiXSE, "_make_shared_hook", failing_hook)
+        return original(self, model, index)
+    monkeypatch.setattr(SharedPlacement, "_slot", failing_slot)
     with pytest.raises(MemoryError):
         MiXSE.from_pretrained(tmp_path / "ok", base)
-    assert calls["n"] == 2
+    assert calls["n"] == 9
     assert_untouched_with_inner_hooks(base, *state)
     monkeypatch.undo()
 
