@@ -20,14 +20,25 @@ An output directory is one **run**::
     train_config.json      TrainConfig + what identifies the run (kind, data fingerprint, experts, base)
     log.jsonl              one JSON object per logging step (loss, lr, grad_norm, tokens/s) and events
     checkpoint/            the latest checkpoint, replaced atomically: trainable weights, optimizer,
-                           scheduler, RNG states, trainer_state.json (step, epoch, position), config
+                           scheduler, RNG states, trainer_state.json (step, epoch, position), config,
+                           and manifest.json (written last: every file's size and sha256)
     adapter_config.json, adapter_model.safetensors            (expert; PEFT format), or
     mixse_config.json, experts.safetensors, router.safetensors (router; MiXSE format)
 
 The final files appear once training has finished (their ``.json`` config last, so a directory with a
 config is complete). ``resume=True`` continues from ``checkpoint/`` and gives bit-identical weights to an
 uninterrupted run on the same device (the RNG states and the position in the epoch are restored, the
-already-seen micro-batches skipped). A directory holding another run is refused unless
+already-seen micro-batches skipped).
+
+Crash safety: a step's log line is written before its checkpoint, and resuming cuts the log back to the
+checkpoint's step, so the log holds every step exactly once. A checkpoint is complete when its manifest
+is there and every file has the recorded size and checksum; a hard kill while one is being replaced can
+leave it in a ``.checkpoint.tmp-*`` / ``.checkpoint.old-*`` sibling, and resuming takes the newest
+complete one of them all (then removes the others). A checkpoint that is corrupt, truncated or does not
+fit the run (a ``trainer_state.json`` whose step the optimizer never took, say) raises
+:class:`CheckpointError` naming the file, unless an older complete checkpoint is there to fall back on.
+A failed write (a full disk) raises :class:`~selfmoe.io_utils.WriteError` (an ``OSError``) naming the
+file; the previous checkpoint stays as it was. A directory holding another run is refused unless
 ``overwrite=True``; the same run without ``resume=True`` is refused too (nothing is overwritten by
 accident). Ctrl-C stops at the end of the current micro-batch (twice: at once), writes a checkpoint of
 the last completed step and raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``). A NaN/inf
@@ -44,11 +55,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import pathlib
 import random
+import re
 import shutil
 import signal
 import sys
@@ -66,7 +79,7 @@ from torch import nn
 
 from .adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRAAdapter, load_lora_adapter, save_lora_adapter
 from .data import IGNORE_INDEX, LengthGroupedBatchSampler, SFTCollator, SFTDataset, append_jsonl, read_jsonl
-from .io_utils import atomic_directory, atomic_write_json, atomic_write_text, fsync_path
+from .io_utils import WriteError, atomic_directory, atomic_write_json, atomic_write_text, fsync_path, write_bytes
 from .model import CONFIG_NAME as MIXSE_CONFIG_NAME
 from .model import EXPERTS_NAME, ROUTER_NAME, MiXSE, _find_decoder_layers, _linear_modules, _match_targets
 from .routers import ROUTER_KINDS, check_aux_loss, check_top_k
@@ -82,6 +95,7 @@ __all__ = [
     "TrainResult",
     "TrainingInterrupted",
     "NonFiniteLossError",
+    "CheckpointError",
     "LoRALinear",
     "add_lora",
     "attach_lora_adapter",
@@ -108,10 +122,14 @@ TRAINABLE_NAME = "trainable.safetensors"
 OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.pt"
 RNG_NAME = "rng_state.pt"
+MANIFEST_NAME = "manifest.json"  # written last: a checkpoint directory without it is incomplete
+CHECKPOINT_FILES = (TRAINER_STATE_NAME, TRAINABLE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_NAME, RUN_CONFIG_NAME)
+_CHECKPOINT_TEMPS = (f".{CHECKPOINT_DIR}.tmp-", f".{CHECKPOINT_DIR}.old-")  # io_utils.atomic_directory's siblings
 # Every file a run may create, so --overwrite removes exactly these and never a user's other files.
 FINAL_NAMES = (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, MIXSE_CONFIG_NAME, EXPERTS_NAME, ROUTER_NAME)
 RUN_NAMES = (RUN_CONFIG_NAME, LOG_NAME, CHECKPOINT_DIR) + FINAL_NAMES
-_TEMP_PREFIXES = (f".{CHECKPOINT_DIR}.", ".final.tmp-", f".{RUN_CONFIG_NAME}.", f".{LOG_NAME}.")
+# ("..final.tmp-": what atomic_directory puts next to the staging directory while export writes into it)
+_TEMP_PREFIXES = (f".{CHECKPOINT_DIR}.", ".final.tmp-", "..final.tmp-", f".{RUN_CONFIG_NAME}.", f".{LOG_NAME}.")
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "no", "bf16")
@@ -285,6 +303,17 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated, corrupt or does not fit the run being resumed.
+
+    The message starts with the file (``<path>: <what is wrong>``); ``path`` is that file.
+    """
+
+    def __init__(self, message: str, path: PathLike) -> None:
+        super().__init__(message)
+        self.path = pathlib.Path(os.fspath(path))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -786,8 +815,9 @@ def _clear_run(out: pathlib.Path) -> None:
                 child.unlink()
 
 
-def _prepare_output_dir(out: pathlib.Path, record: Dict[str, Any], *, resume: bool, overwrite: bool) -> Optional[pathlib.Path]:
-    """Check ``out`` against the run about to start; return the checkpoint to resume from (or None).
+def _prepare_output_dir(out: pathlib.Path, record: Dict[str, Any], *, resume: bool, overwrite: bool) -> List[pathlib.Path]:
+    """Check ``out`` against the run about to start; return the checkpoints to resume from, newest first
+    (see :func:`_checkpoint_candidates`; empty: start from scratch).
 
     Raises ``FileExistsError`` (another run, or this run without ``resume``/``overwrite``),
     ``NotADirectoryError``, ``ValueError`` (both flags).
@@ -813,7 +843,7 @@ def _prepare_output_dir(out: pathlib.Path, record: Dict[str, Any], *, resume: bo
                 "choose another output directory, or pass overwrite to replace a run's files there")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(saved_path, record)
-        return None
+        return []
     diffs = _differences(saved, record)
     if diffs:
         raise FileExistsError(
@@ -822,8 +852,7 @@ def _prepare_output_dir(out: pathlib.Path, record: Dict[str, Any], *, resume: bo
     if not resume:
         raise FileExistsError(f"{out} already holds this training run; pass resume to continue it or overwrite to start over")
     atomic_write_json(saved_path, record)  # bookkeeping fields may have changed
-    ckpt = out / CHECKPOINT_DIR
-    return ckpt if (ckpt / TRAINER_STATE_NAME).is_file() else None
+    return _checkpoint_candidates(out)
 
 
 def _truncate_log(path: pathlib.Path, step: int) -> None:
@@ -836,14 +865,27 @@ def _truncate_log(path: pathlib.Path, step: int) -> None:
             obj = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line from a crash
-        if int(obj.get("step", 0)) <= step:
+        line_step = obj.get("step", 0) if isinstance(obj, dict) else None
+        if isinstance(line_step, int) and line_step <= step:
             keep.append(line + "\n")
     atomic_write_text(path, "".join(keep))
 
 
+def _os_error_code(exc: BaseException) -> Optional[int]:
+    """The errno of an OSError, or of a library error that only quotes it (safetensors: "... (os error 28)")."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return code
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(m.group(1)) if m else None
+
+
 def _publish(out: pathlib.Path, export: Callable[[pathlib.Path], None]) -> None:
     """Write the final model with ``export`` into a staging directory, then move its files into ``out``,
-    ``.json`` configs last: a directory that shows a config holds the complete model."""
+    ``.json`` configs last: a directory that shows a config holds the complete model.
+
+    A failed write (a full disk) raises :class:`~selfmoe.io_utils.WriteError` naming the final file when
+    the failure says which one (``out`` otherwise); nothing in ``out`` has been replaced by then."""
     staging = out / f".final.tmp-{uuid.uuid4().hex[:12]}"
     try:
         export(staging)
@@ -851,6 +893,13 @@ def _publish(out: pathlib.Path, export: Callable[[pathlib.Path], None]) -> None:
         for name in names:
             os.replace(staging / name, out / name)
         fsync_path(out, directory=True)
+    except Exception as exc:
+        code = _os_error_code(exc)
+        if code is None:
+            raise
+        filename = getattr(exc, "filename", None)
+        target = out / os.path.basename(os.fspath(filename)) if filename else out
+        raise WriteError(code, os.strerror(code), str(target)) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -863,42 +912,293 @@ def _trainable(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _remove_path(path: pathlib.Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # the real work is done; a leftover only wastes space
+        warnings.warn(f"could not remove {path}: {exc}", RuntimeWarning, stacklevel=3)
+
+
+def _remove_checkpoint_leftovers(out: pathlib.Path, prefixes: Tuple[str, ...] = _CHECKPOINT_TEMPS) -> None:
+    """Remove the temporary and replaced checkpoints (each a full copy) that killed saves left behind."""
+    if not out.is_dir():
+        return
+    for child in out.iterdir():
+        if child.name.startswith(prefixes):
+            _remove_path(child)
+
+
 def _save_checkpoint(out: pathlib.Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                      state: TrainState, rng: List[Dict[str, Any]], record: Mapping[str, Any]) -> pathlib.Path:
-    from safetensors.torch import save_file
+    """Write ``out/checkpoint`` atomically (every file serialised first, the manifest written last), then
+    remove older checkpoint copies that killed saves left. A failed write raises
+    :class:`~selfmoe.io_utils.WriteError` naming the file; the previous checkpoint is left as it was."""
+    from safetensors.torch import save as safetensors_bytes
 
     tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in _trainable(model)}
+    files = {
+        TRAINABLE_NAME: safetensors_bytes(tensors, metadata={"format": "pt", "step": str(state.step)}),
+        OPTIMIZER_NAME: _torch_bytes(optimizer.state_dict()),
+        SCHEDULER_NAME: _torch_bytes(scheduler.state_dict()),
+        RNG_NAME: _torch_bytes(rng),
+        TRAINER_STATE_NAME: _json_bytes(state.to_dict()),
+        RUN_CONFIG_NAME: _json_bytes(dict(record)),
+    }
+    manifest = {"format": 1, "step": state.step,
+                "files": {n: {"bytes": len(b), "sha256": hashlib.sha256(b).hexdigest()} for n, b in files.items()}}
     path = out / CHECKPOINT_DIR
-    with atomic_directory(path) as tmp:
-        save_file(tensors, str(tmp / TRAINABLE_NAME), metadata={"format": "pt", "step": str(state.step)})
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_NAME)
-        torch.save(rng, tmp / RNG_NAME)
-        atomic_write_json(tmp / TRAINER_STATE_NAME, state.to_dict())
-        atomic_write_json(tmp / RUN_CONFIG_NAME, dict(record))
+    try:
+        with atomic_directory(path) as tmp:
+            for name, data in files.items():
+                write_bytes(tmp / name, data)
+            write_bytes(tmp / MANIFEST_NAME, _json_bytes(manifest))  # last: marks the directory complete
+    except OSError as exc:
+        # Name the checkpoint file, not the temporary directory it was being written in.
+        filename = getattr(exc, "filename", None)
+        inside = filename is not None and os.path.basename(os.fspath(filename)) in files.keys() | {MANIFEST_NAME}
+        raise WriteError.wrap(exc, path / os.path.basename(os.fspath(filename)) if inside else path) from exc
+    _remove_checkpoint_leftovers(out)
     return path
 
 
-def _load_checkpoint(path: pathlib.Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                     rank: int) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
-    """Load weights, optimizer and scheduler in place; return the trainer state and this rank's RNG state."""
-    from safetensors.torch import load_file
+def _manifest_step(path: pathlib.Path, require_manifest: bool) -> Optional[int]:
+    """The step of a checkpoint directory that looks complete (manifest there, every file of the recorded
+    size), or None. Without a manifest (a checkpoint from an older selfmoe) ``trainer_state.json``'s step,
+    unless ``require_manifest``. Checksums are verified when loading."""
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_bytes())
+    except FileNotFoundError:
+        if require_manifest:
+            return None
+        try:
+            step = json.loads((path / TRAINER_STATE_NAME).read_bytes()).get("step")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
+    except (OSError, ValueError):
+        return None
+    try:
+        step, files = manifest["step"], manifest["files"]
+        if not isinstance(step, int) or isinstance(step, bool) or not set(CHECKPOINT_FILES) <= set(files):
+            return None
+        for name in CHECKPOINT_FILES:
+            if (path / name).stat().st_size != files[name]["bytes"]:
+                return None
+    except (OSError, KeyError, TypeError, AttributeError):
+        return None
+    return step
 
-    state = TrainState.from_dict(json.loads((path / TRAINER_STATE_NAME).read_text(encoding="utf-8")))
-    tensors = load_file(str(path / TRAINABLE_NAME), device="cpu")
+
+def _checkpoint_candidates(out: pathlib.Path) -> List[pathlib.Path]:
+    """The checkpoint directories a resume may start from, newest first.
+
+    ``checkpoint/`` whenever it exists (only a complete checkpoint is ever renamed to it, so a damaged one
+    is reported rather than skipped), and the ``.checkpoint.tmp-*`` / ``.checkpoint.old-*`` directories a
+    killed save left, when they look complete (see :func:`_manifest_step`): a kill between the two
+    renames of a save leaves no ``checkpoint/`` at all, only these.
+    """
+    if not out.is_dir():
+        return []
+    found: List[Tuple[int, int, pathlib.Path]] = []
+    main = out / CHECKPOINT_DIR
+    if main.is_dir():
+        step = _manifest_step(main, require_manifest=False)
+        # Damaged (a file short, say): tried first, so that its error is reported when an older one is used.
+        found.append((step if step is not None else sys.maxsize, 1, main))
+    for child in sorted(out.iterdir()):
+        if child.name.startswith(_CHECKPOINT_TEMPS) and child.is_dir() and not child.is_symlink():
+            step = _manifest_step(child, require_manifest=True)
+            if step is not None:
+                found.append((step, 0, child))
+    found.sort(key=lambda t: (t[0], t[1]), reverse=True)  # newest; on a tie checkpoint/ itself
+    return [p for _, _, p in found]
+
+
+def _settle_checkpoints(out: pathlib.Path, chosen: Optional[pathlib.Path]) -> Optional[pathlib.Path]:
+    """After a resume loaded ``chosen``: make it ``out/checkpoint`` and remove every other checkpoint copy
+    and temporary file a killed run left. A kill in here leaves ``chosen`` where the next resume finds it."""
+    main = out / CHECKPOINT_DIR
+    if chosen is not None and chosen != main:
+        if main.exists():
+            os.rename(main, out / f".{CHECKPOINT_DIR}.old-{uuid.uuid4().hex[:12]}")
+        os.rename(chosen, main)
+        fsync_path(out, directory=True)
+    _remove_checkpoint_leftovers(out, _TEMP_PREFIXES)
+    return main if chosen is not None else None
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _read_checkpoint_files(path: pathlib.Path) -> Tuple[Dict[str, bytes], Optional[Dict[str, Any]]]:
+    """Every checkpoint file's bytes, checked against the manifest (size and sha256) when there is one."""
+    mpath = path / MANIFEST_NAME
+    manifest: Optional[Dict[str, Any]] = None
+    if mpath.exists():
+        try:
+            manifest = json.loads(mpath.read_bytes())
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+                raise ValueError("no 'files' table")
+        except ValueError as exc:
+            raise CheckpointError(f"{mpath}: unreadable checkpoint manifest ({_first_line(exc)})", mpath) from None
+    out: Dict[str, bytes] = {}
+    for name in CHECKPOINT_FILES:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing; the checkpoint is incomplete", f)
+        data = f.read_bytes()
+        if manifest is not None:
+            entry = manifest["files"].get(name)
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"{f}: not listed in {mpath}", f)
+            if len(data) != entry.get("bytes"):
+                raise CheckpointError(f"{f}: has {len(data)} bytes, {MANIFEST_NAME} records {entry.get('bytes')} "
+                                      "(the file is truncated or was modified)", f)
+            if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+                raise CheckpointError(f"{f}: its sha256 differs from the one {MANIFEST_NAME} records "
+                                      "(the file is corrupted or was modified)", f)
+        out[name] = data
+    return out, manifest
+
+
+def _parse(path: pathlib.Path, what: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # safetensors, pickle, zip and JSON readers all raise their own types
+        raise CheckpointError(f"{path}: unreadable {what} ({_first_line(exc)})", path) from None
+
+
+def _safetensors_metadata(data: bytes) -> Dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_trainer_state(raw: Any, sp: pathlib.Path, plan: "_Plan", world_size: int) -> TrainState:
+    """``trainer_state.json`` as a :class:`TrainState`, refused unless it is a position this run can be at."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{sp}: not a JSON object", sp)
+    for key, low in (("step", 0), ("epoch", 0), ("step_in_epoch", 0), ("total_steps", 0), ("tokens", 0),
+                     ("world_size", 1)):
+        v = raw.get(key)
+        if not (_is_int(v) and v >= low):
+            raise CheckpointError(f"{sp}: {key} must be an int >= {low}, got {v!r}", sp)
+    for key in ("loss", "lr", "grad_norm"):
+        v = raw.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+            raise CheckpointError(f"{sp}: {key} must be a finite number or null, got {v!r}", sp)
+    state = TrainState.from_dict(raw)
+    if state.step > plan.total_steps:
+        raise CheckpointError(f"{sp}: step {state.step} is beyond this run's last step {plan.total_steps}", sp)
+    if state.world_size == world_size:  # the plan depends on the number of processes
+        spe = plan.steps_per_epoch
+        if state.total_steps != plan.total_steps:
+            raise CheckpointError(f"{sp}: total_steps {state.total_steps} does not match this run's {plan.total_steps}", sp)
+        if state.step_in_epoch > spe or state.epoch * spe + state.step_in_epoch != state.step:
+            raise CheckpointError(f"{sp}: step {state.step} does not match epoch {state.epoch} and step_in_epoch "
+                                  f"{state.step_in_epoch} ({spe} steps per epoch)", sp)
+    return state
+
+
+def _load_checkpoint(path: pathlib.Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                     rank: int, plan: "_Plan", world_size: int,
+                     record: Optional[Mapping[str, Any]] = None) -> Tuple[TrainState, Optional[Dict[str, Any]]]:
+    """Load weights, optimizer and scheduler in place; return the trainer state and this rank's RNG state.
+
+    Every file is read and checked before anything is changed: complete (manifest sizes and checksums),
+    readable, and consistent with each other and the run (step within the plan and matching epoch and
+    position, the optimizer's and scheduler's step counts, the weights' step, the run record). Raises
+    :class:`CheckpointError` naming the file.
+    """
+    from safetensors.torch import load as safetensors_load
+
+    data, manifest = _read_checkpoint_files(path)
+    sp, wp, op, cp, rp = (path / n for n in (TRAINER_STATE_NAME, TRAINABLE_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, RNG_NAME))
+    raw_state = _parse(sp, "trainer state", lambda: json.loads(data[TRAINER_STATE_NAME]))
+    saved_record = _parse(path / RUN_CONFIG_NAME, "run config", lambda: json.loads(data[RUN_CONFIG_NAME]))
+    tensors = _parse(wp, "safetensors file", lambda: safetensors_load(data[TRAINABLE_NAME]))
+    meta = _parse(wp, "safetensors header", lambda: _safetensors_metadata(data[TRAINABLE_NAME]))
+    load_pt = lambda name: torch.load(io.BytesIO(data[name]), map_location="cpu", weights_only=True)  # noqa: E731
+    opt_sd = _parse(op, "optimizer state", lambda: load_pt(OPTIMIZER_NAME))
+    sched_sd = _parse(cp, "scheduler state", lambda: load_pt(SCHEDULER_NAME))
+    rngs = _parse(rp, "RNG state", lambda: load_pt(RNG_NAME))
+
+    state = _check_trainer_state(raw_state, sp, plan, world_size)
+    step = state.step
+    if record is not None:
+        if not isinstance(saved_record, dict):
+            raise CheckpointError(f"{path / RUN_CONFIG_NAME}: not a JSON object", path / RUN_CONFIG_NAME)
+        diffs = _differences(saved_record, record)
+        if diffs:
+            raise CheckpointError(f"{path / RUN_CONFIG_NAME}: the checkpoint belongs to a different run ("
+                                  + "; ".join(diffs[:3]) + ")", path / RUN_CONFIG_NAME)
     params = dict(_trainable(model))
     if set(tensors) != set(params):
         extra, missing = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
-        raise ValueError(f"{path / TRAINABLE_NAME}: trainable parameters do not match the model "
-                         f"(unexpected {extra[:3]}, missing {missing[:3]})")
+        raise CheckpointError(f"{wp}: trainable parameters do not match the model "
+                              f"(unexpected {extra[:3]}, missing {missing[:3]})", wp)
+    for n, p in params.items():
+        if tuple(tensors[n].shape) != tuple(p.shape):
+            raise CheckpointError(f"{wp}: {n} has shape {list(tensors[n].shape)}, the model {list(p.shape)}", wp)
+    if not (isinstance(opt_sd, dict) and isinstance(opt_sd.get("state"), dict) and isinstance(opt_sd.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt_sd["param_groups"])):
+        raise CheckpointError(f"{op}: not an optimizer state", op)
+    n_saved = sum(len(g["params"]) for g in opt_sd["param_groups"])
+    if n_saved != len(params):
+        raise CheckpointError(f"{op}: holds {n_saved} parameters, the model trains {len(params)}", op)
+    try:
+        taken = max((int(float(v["step"])) for v in opt_sd["state"].values()), default=0)
+    except (TypeError, KeyError, ValueError, RuntimeError):
+        raise CheckpointError(f"{op}: malformed per-parameter state (no step count)", op) from None
+    if taken != step:
+        raise CheckpointError(f"{op}: the optimizer has taken {taken} steps, {TRAINER_STATE_NAME} says step {step}", op)
+    last = sched_sd.get("last_epoch") if isinstance(sched_sd, dict) else None
+    if not _is_int(last):
+        raise CheckpointError(f"{cp}: not a learning-rate scheduler state", cp)
+    if last != step:
+        raise CheckpointError(f"{cp}: the scheduler has taken {last} steps, {TRAINER_STATE_NAME} says step {step}", cp)
+    if not (isinstance(rngs, list) and rngs and all(isinstance(r, dict) and {"python", "numpy", "torch"} <= set(r)
+                                                    for r in rngs)):
+        raise CheckpointError(f"{rp}: not a list of RNG states", rp)
+    if "step" in meta and meta["step"] != str(step):
+        raise CheckpointError(f"{wp}: weights of step {meta['step']}, {TRAINER_STATE_NAME} says step {step}", wp)
+    if manifest is not None and manifest.get("step") != step:
+        raise CheckpointError(f"{path / MANIFEST_NAME}: step {manifest.get('step')!r}, {TRAINER_STATE_NAME} says {step}",
+                              path / MANIFEST_NAME)
+
+    try:
+        optimizer.load_state_dict(opt_sd)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{op}: does not fit the optimizer ({_first_line(exc)})", op) from None
+    try:
+        scheduler.load_state_dict(sched_sd)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{cp}: does not fit the scheduler ({_first_line(exc)})", cp) from None
     with torch.no_grad():
         for n, p in params.items():
-            if tuple(tensors[n].shape) != tuple(p.shape):
-                raise ValueError(f"{path / TRAINABLE_NAME}: {n} has shape {list(tensors[n].shape)}, the model {list(p.shape)}")
             p.copy_(tensors[n])
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_NAME, map_location="cpu", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / SCHEDULER_NAME, map_location="cpu", weights_only=True))
-    rngs = torch.load(path / RNG_NAME, map_location="cpu", weights_only=True)
     rng = rngs[rank] if rank < len(rngs) else None
     return state, rng
 
@@ -1007,21 +1307,44 @@ class _Loop:
 
     # -- set-up -------------------------------------------------------------------------------------
 
-    def restore(self, ckpt: Optional[pathlib.Path]) -> Optional[int]:
-        """Load ``ckpt`` (or keep the fresh state); take the RNG snapshot the next step starts from."""
+    def restore(self, candidates: Sequence[pathlib.Path]) -> Optional[int]:
+        """Load the first usable of ``candidates`` (newest first; none: keep the fresh state); take the RNG
+        snapshot the next step starts from. Unusable newer checkpoints are skipped with a warning; when
+        none is usable the error of ``checkpoint/`` itself (else of the newest) is raised."""
         resumed = None
-        if ckpt is not None:
-            state, rng = _load_checkpoint(ckpt, model=self.raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                          rank=self.rt.rank)
+        errors: List[CheckpointError] = []
+        for ckpt in candidates:
+            try:
+                state, rng = _load_checkpoint(ckpt, model=self.raw_model, optimizer=self.optimizer,
+                                              scheduler=self.scheduler, rank=self.rt.rank, plan=self.plan,
+                                              world_size=self.rt.world_size, record=self.record)
+                if rng is not None:
+                    try:
+                        _restore_rng(rng)
+                    except Exception as exc:  # a malformed state of the right outer shape
+                        raise CheckpointError(f"{ckpt / RNG_NAME}: unusable RNG state ({_first_line(exc)})",
+                                              ckpt / RNG_NAME) from None
+            except CheckpointError as exc:
+                errors.append(exc)
+                continue
+            if errors:
+                warnings.warn(f"resuming from {ckpt} (step {state.step}); skipped unusable newer checkpoint data: "
+                              + "; ".join(str(e) for e in errors), RuntimeWarning)
             if state.world_size != self.rt.world_size:
                 warnings.warn(f"resuming a run saved with {state.world_size} process(es) on {self.rt.world_size}: "
                               "the result will not be bit-identical", RuntimeWarning)
             state.total_steps, state.world_size = self.plan.total_steps, self.rt.world_size
             self.state = state
-            if rng is not None:
-                _restore_rng(rng)
             self.checkpoint = ckpt
             resumed = state.step
+            break
+        else:
+            if errors:
+                main = [e for e in errors if e.path.parent == self.out / CHECKPOINT_DIR]
+                first = (main or errors)[0]
+                others = len(errors) - 1
+                raise CheckpointError(f"{first}; cannot resume" + (f" (the {others} other checkpoint(s) found are unusable too)"
+                                      if others else "") + "; pass overwrite to start the run over", first.path)
         self.rng = _capture_rng()
         return resumed
 
@@ -1113,10 +1436,12 @@ class _Loop:
         w["steps"] += 1
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}", refresh=False)
         bar.update(1)
-        if st.step % cfg.save_steps == 0 or st.step == self.plan.total_steps:
-            self._save()
+        # The log line first: a kill between the two leaves it after the checkpoint's step, where resuming
+        # cuts it off and the replayed step writes it again (the other order would lose it).
         if st.step % cfg.logging_steps == 0 or st.step == self.plan.total_steps:
             self._log_window()
+        if st.step % cfg.save_steps == 0 or st.step == self.plan.total_steps:
+            self._save()
         for cb in self.callbacks:
             cb(st, self.rt.unwrap(self.model))
         self.guard.check()
@@ -1142,7 +1467,11 @@ class _Loop:
 
     def _log(self, entry: Dict[str, Any]) -> None:
         if self.rt.is_main:
-            append_jsonl(self.out / LOG_NAME, [entry])
+            path = self.out / LOG_NAME
+            try:
+                append_jsonl(path, [entry])
+            except OSError as exc:
+                raise WriteError.wrap(exc, path) from exc
 
     def _log_window(self) -> None:
         w, st = self._window, self.state
@@ -1201,18 +1530,26 @@ def fit(model: nn.Module, tokenizer: Any, dataset: SFTDataset, output_dir: PathL
         accelerate: ``None`` = use accelerate when launched by ``accelerate launch``/``torchrun``;
             ``True``/``False`` to force. ``device``: single-process device (default: CUDA if present).
 
-    Raises :class:`TrainingInterrupted`, :class:`NonFiniteLossError`, ``FileExistsError`` (run dir).
+    Raises :class:`TrainingInterrupted`, :class:`NonFiniteLossError`, ``FileExistsError`` (run dir),
+    :class:`CheckpointError` (no usable checkpoint to resume from), :class:`~selfmoe.io_utils.WriteError`
+    (a write failed, e.g. a full disk).
     """
     config.validate()
     runtime = _make_runtime(config, accelerate, device)
     out = pathlib.Path(os.fspath(output_dir))
     record = _run_record(config, run_info)
-    ckpt = _prepare_output_dir(out, record, resume=resume, overwrite=overwrite) if runtime.is_main else None
+    ckpts = _prepare_output_dir(out, record, resume=resume, overwrite=overwrite) if runtime.is_main else []
     runtime.wait()
-    if not runtime.is_main and resume and (out / CHECKPOINT_DIR / TRAINER_STATE_NAME).is_file():
-        ckpt = out / CHECKPOINT_DIR
+    if not runtime.is_main and resume:
+        ckpts = _checkpoint_candidates(out)
     loop = _Loop(model, tokenizer, dataset, out, config, record, runtime, callbacks)
-    resumed = loop.restore(ckpt)
+    resumed = loop.restore(ckpts)
+    if resume:
+        runtime.wait()  # every process has read its checkpoint before it is moved
+        if runtime.is_main:
+            _settle_checkpoints(out, loop.checkpoint)
+        if loop.checkpoint is not None:
+            loop.checkpoint = out / CHECKPOINT_DIR
     if resumed is not None:
         if runtime.is_main:
             _truncate_log(out / LOG_NAME, resumed)
