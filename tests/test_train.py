@@ -368,7 +368,7 @@ def test_router_training_lowers_loss_and_keeps_base_and_experts_bit_identical(lm
     for e, name in enumerate(loaded.expert_names):  # saved experts are exactly the adapters
         ad = load_lora_adapter(experts[name])
         for path, layer in loaded.lora_modules.items():
-            A, B = layer.expert_weights(e)
+            A, B = layer.expert_factors(e)
             assert torch.equal(A, ad.weights[path][0]) and torch.equal(B, ad.weights[path][1])
     loss1 = evaluate_loss(loaded, tok, recs)
     assert loss1 < loss0 - 0.05, (loss0, loss1)
