@@ -78,7 +78,7 @@ class AdapterFormatError(ValueError):
 
 
 def _pattern_key(patterns: Iterable[str], module: str) -> Optional[str]:
-    """First pattern matching ``module`` the way PEFT matches rank/alpha patterns: a regex that must
+    r"""First pattern matching ``module`` the way PEFT matches rank/alpha patterns: a regex that must
     match a dot-separated suffix of the module path (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``).
 
     Each suffix is full-matched on its own instead of through PEFT's ``(.*\.)?(key)$`` wrapper, whose
