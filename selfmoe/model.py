@@ -37,7 +37,7 @@ from .io_utils import PathLike
 from .layer import MoLoRALinear
 from .mixse_config import CONFIG_NAME, EXPERTS_NAME, ROUTER_NAME, MiXSEConfig
 from .placements import input_arg, make_placement
-from .routers import ROUTING_MODES, RoutingState, TopKRouter, check_top_k, compute_aux_loss
+from .routers import ROUTING_MODES, RouterState, TopKRouter, check_top_k, compute_aux_loss
 from .stats import RoutingStats
 from .targets import find_decoder_layers, layer_index_of, linear_modules, model_device
 
@@ -86,7 +86,7 @@ class MiXSE(nn.Module):
         self.base_model = base_model
         self._config = config
         self._placement = placement
-        self._state = RoutingState()
+        self._state = RouterState()
         self._state.aux_coefficients = dict(config.aux_loss)
         self._layers_prefix = layers_prefix
         self._decoder_layers = [decoder_layers]  # in a list: not registered twice

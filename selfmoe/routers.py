@@ -34,8 +34,8 @@ __all__ = [
     "ROUTER_KINDS",
     "ROUTING_MODES",
     "AUX_LOSSES",
-    "Routing",
-    "RoutingState",
+    "RouterOutput",
+    "RouterState",
     "GateSlot",
     "TopKRouter",
     "check_top_k",
@@ -56,7 +56,7 @@ def check_top_k(top_k: object, num_experts: int, where: str = "top_k") -> int:
     return top_k
 
 
-class Routing(NamedTuple):
+class RouterOutput(NamedTuple):
     """One router call: ``weights [..., k]`` float32, ``ids [..., k]`` int64, ``logits [..., E]`` float32
     (``None`` for random routing)."""
 
@@ -195,7 +195,7 @@ def compute_aux_loss(records: Sequence[Tuple[torch.Tensor, torch.Tensor, Optiona
     return total
 
 
-class RoutingState:
+class RouterState:
     """Per-model switches shared by all routers of one :class:`~selfmoe.MiXSE`; everything is off
     (``None`` / empty) unless asked for, so a router call pays two attribute checks.
 
@@ -230,13 +230,13 @@ class RoutingState:
             return None
         return am[:, am.shape[1] - lead[1]:].bool()
 
-    def record(self, key: str, routing: Routing, lead: torch.Size) -> None:
+    def record(self, key: str, gates: RouterOutput, lead: torch.Size) -> None:
         mask = self.token_mask(lead)
         if self.stats is not None:
-            probs = torch.softmax(routing.logits.float(), dim=-1) if routing.logits is not None else None
-            self.stats.update(key, routing.ids, routing.weights, probs, mask)
-        if self.aux_coefficients and routing.logits is not None:
-            self.aux_records.append((routing.logits, routing.ids, mask))
+            probs = torch.softmax(gates.logits.float(), dim=-1) if gates.logits is not None else None
+            self.stats.update(key, gates.ids, gates.weights, probs, mask)
+        if self.aux_coefficients and gates.logits is not None:
+            self.aux_records.append((gates.logits, gates.ids, mask))
 
 
 class TopKRouter(nn.Module):
@@ -253,7 +253,7 @@ class TopKRouter(nn.Module):
         dtype: parameter dtype; float32 by default (the hidden state is cast to it: routing decisions in
             bf16 flip on rounding noise).
 
-    ``forward(h [..., in_features], key=None) -> Routing(weights [..., k], ids [..., k], logits [..., E])``.
+    ``forward(h [..., in_features], key=None) -> RouterOutput(weights [..., k], ids [..., k], logits [..., E])``.
     """
 
     def __init__(
@@ -283,7 +283,7 @@ class TopKRouter(nn.Module):
         if bias:
             nn.init.zeros_(self.linear.bias)
         # Set by MiXSE; None for a standalone router (no stats, no aux records).
-        self.state: Optional[RoutingState] = None
+        self.state: Optional[RouterState] = None
 
     @property
     def num_experts(self) -> int:
@@ -302,7 +302,7 @@ class TopKRouter(nn.Module):
         # .to is a no-op in the usual case; it also lets a model split over devices share one router.
         return F.linear(hidden.to(device=w.device, dtype=w.dtype), w, self.linear.bias)
 
-    def forward(self, hidden: torch.Tensor, key: Optional[str] = None) -> Routing:
+    def forward(self, hidden: torch.Tensor, key: Optional[str] = None) -> RouterOutput:
         if hidden.shape[-1] != self.in_features:
             raise ValueError(
                 f"router expects hidden states [..., {self.in_features}], got {list(hidden.shape)}"
@@ -311,15 +311,15 @@ class TopKRouter(nn.Module):
         if self.mode == "random":
             logits = torch.randn(*hidden.shape[:-1], self.num_experts, device=self.linear.weight.device, dtype=torch.float32)
             weights, ids = route_topk(logits, self.top_k, self.renormalize)
-            routing = Routing(weights, ids, None)
+            gates = RouterOutput(weights, ids, None)
         else:
             logits = self.logits(hidden)
             weights, ids = route_topk(logits, self.top_k, self.renormalize)
-            routing = Routing(weights, ids, logits)
+            gates = RouterOutput(weights, ids, logits)
         state = self.state
         if state is not None and key is not None and state.active:
-            state.record(key, routing, hidden.shape[:-1])
-        return routing
+            state.record(key, gates, hidden.shape[:-1])
+        return gates
 
     @torch.no_grad()
     def add_expert(self, init_logit: Optional[float] = None) -> None:

@@ -9,7 +9,7 @@ import torch
 from selfmoe import RoutingStats, TopKRouter
 from selfmoe.routers import (
     GateSlot,
-    RoutingState,
+    RouterState,
     check_aux_loss,
     compute_aux_loss,
     load_balancing_loss,
@@ -141,7 +141,7 @@ def test_aux_loss_config_and_combination():
 
 def test_state_records_stats_with_padding_mask():
     r = _router(E=3, k=2)
-    state = RoutingState()
+    state = RouterState()
     r.state = state
     stats = RoutingStats(["a", "b", "c"])
     state.stats = stats
