@@ -1,40 +1,19 @@
 """Evaluation on the paper's kinds of benchmark: multiple choice (MMLU), exact match (BBH), numeric
-answers (GSM8K) and code with tests (HumanEval, pass@1).
+answers (GSM8K) and code with tests (HumanEval, pass@1). :func:`evaluate` generates a response per
+example and scores it; :func:`write_results` writes the predictions and the summary.
 
-Data: JSONL, one example per line, each with a ``task`` kind (or one given for the whole file)::
+This module runs an evaluation; the parts it runs live in their own modules and are re-exported here,
+so ``selfmoe.evaluate`` is the one import a user needs:
 
-    {"task": "multiple_choice", "instruction": "Which planet ...? (A) Venus (B) Mars (C) ...", "answer": "B"}
-    {"task": "exact_match", "instruction": "...", "answer": "True"}
-    {"task": "numeric", "instruction": "Tom has 3 apples ...", "answer": "8"}
-    {"task": "code", "instruction": "def add(a, b):\\n    \\"\\"\\"Sum.\\"\\"\\"\\n", "tests": "assert add(1, 2) == 3",
-     "entry_point": "add"}
+- :mod:`selfmoe.eval_records`: the JSONL record format and its checks (:func:`load_eval_records`);
+- :mod:`selfmoe.eval_scoring`: the scoring rule of each kind of example (:func:`score`,
+  :func:`extract_choice`, :func:`extract_final_answer`, :func:`normalize_answer`,
+  :func:`extract_number`, :func:`build_program`, :func:`run_program`);
+- :mod:`selfmoe.eval_partial`: the partial-predictions file that lets an interrupted run resume;
+- :mod:`selfmoe.sandbox`: where the programs of code examples run, and what it does and does not contain.
 
-Optional keys: ``input`` (Alpaca input), ``id`` (copied to the predictions). Few-shot examples, when
-wanted, go into the instruction. Every prompt is the Alpaca template the experts were trained with,
-decoded greedily by default (the paper's evaluation is greedy), cut at the template's stop marks.
-
-Scoring rules (the functions named here are public and tested):
-
-- ``multiple_choice`` (:func:`extract_choice`): the letter of the last "answer is X" / "answer: X" /
-  "answer is (X)" (case-insensitive "answer", upper-case letter not followed by a letter or digit); if
-  there is none, the last "(X)" in the response; if there is none, a response that is just one letter
-  ("B", "B.", "B)"). Only the options' letters count (the "(X)" letters of the instruction; A-Z if it
-  has none). No letter found: wrong. The gold answer may be written "B", "b" or "(B)".
-- ``exact_match`` (:func:`extract_final_answer`, :func:`normalize_answer`): the text after the last
-  "answer is" (to the end of that line, a leading ":" dropped), or else the last non-empty line;
-  both sides are normalised: lower case, whitespace runs collapsed to one space, surrounding quotes,
-  ``**`` and spaces removed, trailing periods removed. Equal strings are correct.
-- ``numeric`` (:func:`extract_number`): the last number in the response ("1,234", "$5", "-3", "2.50",
-  ".5"; a "-" right after a letter, digit or ")" is a range dash, not a sign). The gold answer is read
-  the same way (so GSM8K's "... #### 72" works). Equal within 1e-6 relative tolerance.
-- ``code`` (:func:`build_program`, :func:`run_program`): the code is the first fenced block
-  (```` ```python ````) of the response (an unclosed fence runs to the end), or the whole response.
-  If it defines ``def <entry_point>(`` it runs after the instruction (when the instruction compiles as
-  Python: its imports and helpers stay; the new definition wins); otherwise it is taken as the body
-  that continues the instruction's signature. Then the tests run (a ``def check(candidate)`` in them
-  is called with the entry point). Passed only if the program runs to its end within the limits:
-  a program that crashes, raises, calls ``sys.exit(0)``/``os._exit(0)`` early, loops forever, prints
-  past the output limit or exceeds another limit fails.
+Every prompt is the Alpaca template the experts were trained with, decoded greedily by default (the
+paper's evaluation is greedy), cut at the template's stop marks.
 
 Running code is opt-in: ``evaluate`` raises :class:`CodeExecutionNotAllowed` before generating
 anything when code examples are present, unless ``allow_code_execution=True`` (CLI:
@@ -54,20 +33,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
-import json
-import math
 import os
 import pathlib
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from .data import DataFormatError, PathLike, append_jsonl, format_prompt, iter_json_lines, repair_jsonl_tail, write_jsonl
+from .data import PathLike, repair_jsonl_tail, write_jsonl
+from .eval_partial import PartialMismatchError, PartialWriter, partial_settings, read_partial
+from .eval_records import EvalExample, load_eval_records, validate_eval_record
+from .eval_scoring import (TASKS, CodeResult, build_program, extract_choice, extract_code, extract_final_answer,
+                           extract_number, normalize_answer, run_program, score)
 from .generate import Completion, SamplingConfig, TextGenerator
 from .io_utils import atomic_write_json
-from .sandbox import SandboxConfig, check_sandbox, run_python
+from .sandbox import SandboxConfig, check_sandbox
 
 __all__ = [
     "TASKS", "EvalExample", "EvalResult", "CodeResult", "CodeExecutionNotAllowed", "PartialMismatchError",
@@ -77,285 +56,12 @@ __all__ = [
     "extract_code", "build_program", "run_program",
 ]
 
-TASKS = ("multiple_choice", "exact_match", "numeric", "code")
 #: Set to ``1`` to allow running the model's programs when ``allow_code_execution`` is not given.
 ALLOW_CODE_ENV = "SELFMOE_ALLOW_CODE_EVAL"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Records
-
-
-@dataclass(frozen=True)
-class EvalExample:
-    """One validated example. ``answer``: the normalised gold answer (a letter for multiple choice, the
-    text for exact match, a float for numeric, None for code). ``source``: ``file:line`` or ``record N``."""
-
-    task: str
-    instruction: str
-    input: str = ""
-    answer: Any = None
-    tests: Optional[str] = None
-    entry_point: Optional[str] = None
-    id: Any = None
-    source: str = ""
-    raw_answer: Any = None
-
-    @property
-    def prompt(self) -> str:
-        return format_prompt(self.instruction, self.input)
-
-
-def _where(path: Optional[PathLike], line: Optional[int]) -> str:
-    if path is None:
-        return "record: " if line is None else f"record {line}: "
-    return f"{os.fspath(path)}:{line}: " if line is not None else f"{os.fspath(path)}: "
-
-
-def _nonempty_str(rec: Mapping[str, Any], key: str, where: str) -> str:
-    if key not in rec:
-        raise DataFormatError(f"{where}missing required key {key!r} (keys: {sorted(rec)})")
-    value = rec[key]
-    if not isinstance(value, str):
-        raise DataFormatError(f"{where}{key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataFormatError(f"{where}{key!r} is empty")
-    return value
-
-
-def validate_eval_record(obj: Any, *, task: Optional[str] = None, path: Optional[PathLike] = None,
-                         line: Optional[int] = None) -> EvalExample:
-    """Check one record and return it as an :class:`EvalExample`.
-
-    ``task``: the kind for records without a ``task`` key (a record with a different one is an
-    error). Raises :class:`selfmoe.data.DataFormatError` naming ``path:line`` and the key.
-    """
-    where = _where(path, line)
-    if task is not None and task not in TASKS:
-        raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
-    if isinstance(obj, EvalExample):
-        return obj
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}expected a JSON object, got {type(obj).__name__}")
-    kind = obj.get("task")
-    if kind is None:
-        if task is None:
-            raise DataFormatError(f"{where}missing required key 'task' (one of {list(TASKS)}; or give the kind "
-                                  "for the whole file)")
-        kind = task
-    elif kind not in TASKS:
-        raise DataFormatError(f"{where}'task' must be one of {list(TASKS)}, got {kind!r}")
-    elif task is not None and kind != task:
-        raise DataFormatError(f"{where}record has task {kind!r} but {task!r} was given for this file")
-    instruction = _nonempty_str(obj, "instruction", where)
-    inp = obj.get("input") or ""
-    if not isinstance(inp, str):
-        raise DataFormatError(f"{where}'input' must be a string, got {type(inp).__name__}")
-    source = where[:-2] if where.endswith(": ") else where
-    common = dict(task=kind, instruction=instruction, input=inp, id=obj.get("id"), source=source,
-                  raw_answer=obj.get("answer"))
-    if kind == "code":
-        tests = _nonempty_str(obj, "tests", where)
-        entry = _nonempty_str(obj, "entry_point", where).strip()
-        if not entry.isidentifier():
-            raise DataFormatError(f"{where}'entry_point' must be a Python identifier, got {entry!r}")
-        return EvalExample(tests=tests, entry_point=entry, **common)
-    if "answer" not in obj:
-        raise DataFormatError(f"{where}missing required key 'answer' (keys: {sorted(obj)})")
-    answer = obj["answer"]
-    if kind == "numeric":
-        if isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
-            raise DataFormatError(f"{where}'answer' must be a number or a string holding one, got {answer!r}")
-        value = float(answer) if not isinstance(answer, str) else extract_number(answer)
-        if value is None or not math.isfinite(value):
-            raise DataFormatError(f"{where}'answer' {answer!r} holds no finite number")
-        return EvalExample(answer=value, **common)
-    if not isinstance(answer, str) or not answer.strip():
-        raise DataFormatError(f"{where}'answer' must be a non-empty string, got {answer!r}")
-    if kind == "multiple_choice":
-        letter = answer.strip().strip("()").strip().upper()
-        if len(letter) != 1 or not "A" <= letter <= "Z":
-            raise DataFormatError(f"{where}'answer' must be one option letter such as \"B\" or \"(B)\", got {answer!r}")
-        return EvalExample(answer=letter, **common)
-    return EvalExample(answer=answer, **common)
-
-
-def load_eval_records(path: PathLike, *, task: Optional[str] = None) -> List[EvalExample]:
-    """The examples of one JSONL file (see :func:`validate_eval_record`); errors name ``file:line``.
-    Blank lines are skipped; an empty file is an error (an evaluation of nothing is a mistake)."""
-    out = [validate_eval_record(obj, task=task, path=path, line=lineno) for lineno, obj in iter_json_lines(path)]
-    if not out:
-        raise DataFormatError(f"{os.fspath(path)}: no records")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Scorers
-
-_ANSWER_LETTER = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:=]?\s*(?:(?i:option)\s+)?\(?([A-Z])\)?(?![A-Za-z0-9])")
-_PAREN_LETTER = re.compile(r"\(([A-Z])\)")
-
-
-def _option_letters(instruction: str) -> str:
-    letters = sorted(set(_PAREN_LETTER.findall(instruction or "")))
-    return "".join(letters) if letters else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def extract_choice(response: str, instruction: str = "") -> Optional[str]:
-    """The option letter a response picks, or None (see the module docstring for the rule)."""
-    valid = _option_letters(instruction)
-    hits = [m.group(1) for m in _ANSWER_LETTER.finditer(response) if m.group(1) in valid]
-    if hits:
-        return hits[-1]
-    hits = [x for x in _PAREN_LETTER.findall(response) if x in valid]
-    if hits:
-        return hits[-1]
-    bare = response.strip().rstrip(".)").lstrip("(").strip()
-    if len(bare) == 1 and bare in valid:
-        return bare
-    return None
-
-
-_ANSWER_IS = re.compile(r"answer\s+is", re.I)
-
-
-def extract_final_answer(response: str) -> str:
-    """Text after the last "answer is" (to the end of its line), else the last non-empty line ("" if none)."""
-    last = None
-    for m in _ANSWER_IS.finditer(response):
-        last = m
-    if last is not None:
-        rest = response[last.end():].lstrip(" \t:")
-        line = rest.split("\n", 1)[0].strip()
-        if line:
-            return line
-    lines = [ln.strip() for ln in response.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, whitespace collapsed, surrounding quotes/``**``/spaces and trailing periods removed."""
-    t = " ".join(str(text).lower().split())
-    prev = None
-    while t != prev:
-        prev = t
-        t = t.strip().strip("*").strip().rstrip(".").strip()
-        if len(t) >= 2 and t[0] == t[-1] and t[0] in "\"'`":
-            t = t[1:-1]
-    return t
-
-
-_NUMBER = re.compile(r"(?<![\w.)])(-)?\$?(-)?(\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
-
-
-def extract_number(text: str) -> Optional[float]:
-    """The last number in ``text`` as a float, or None (see the module docstring)."""
-    last = None
-    for m in _NUMBER.finditer(text):
-        last = m
-    if last is None:
-        return None
-    value = float(last.group(3).replace(",", ""))
-    return -value if (last.group(1) or last.group(2)) else value
-
-
-def _numbers_equal(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-6 * max(1.0, abs(b))
-
-
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
-
-
-def extract_code(response: str, entry_point: Optional[str] = None) -> str:
-    """The first fenced code block (the first one defining ``entry_point`` if several), else the response."""
-    blocks = [m.group(2) for m in _FENCE.finditer(response)]
-    if not blocks:
-        return response
-    if entry_point:
-        for b in blocks:
-            if _defines(b, entry_point):
-                return b
-    return blocks[0]
-
-
-def _defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.M) is not None
-
-
-def _compiles(code: str) -> bool:
-    try:
-        compile(code, "<instruction>", "exec")
-    except (SyntaxError, ValueError):
-        return False
-    return True
-
-
-def build_program(instruction: str, response: str, tests: str, entry_point: str) -> str:
-    """The program a code example runs (see the module docstring): solution, tests, ``check`` call.
-    It holds nothing secret: whether it ran to its end is reported by the sandbox's runner."""
-    code = extract_code(response, entry_point)
-    if _defines(code, entry_point):
-        prefix = instruction if _compiles(instruction) else ""
-        solution = (prefix.rstrip() + "\n\n\n" if prefix.strip() else "") + code
-    else:
-        solution = instruction.rstrip("\n") + "\n" + code
-    parts = [solution.rstrip(), "", "", tests.rstrip()]
-    if re.search(r"^def\s+check\s*\(", tests, re.M):
-        parts.append(f"check({entry_point})")
-    return "\n".join(parts) + "\n"
-
-
-@dataclass(frozen=True)
-class CodeResult:
-    passed: bool
-    status: str  # "passed", "failed" (assertion, exception, early exit, a limit) or "timeout"
-    detail: str = ""  # why it failed: the limit hit and/or the tail of stderr
-    limit: Optional[str] = None  # the limit that ended it: "timeout", "cpu", "output" (see selfmoe.sandbox)
-
-
-def run_program(program: str, *, timeout: Optional[float] = None, sandbox: Optional[SandboxConfig] = None) -> CodeResult:
-    """Run ``program`` in :func:`selfmoe.sandbox.run_python`: passed only if it runs to its end (the
-    sandbox's runner reports it; output and exit status alone cannot) within the limits.
-
-    ``timeout``: wall-clock seconds (default ``sandbox.timeout``, else 10). ``sandbox``: the other
-    limits and isolation (default :class:`selfmoe.sandbox.SandboxConfig`). Calling this function is
-    the opt-in: it runs the program. A failing program is a result, never an exception;
-    :class:`selfmoe.sandbox.SandboxError` means the sandbox itself cannot run here.
-    """
-    cfg = sandbox if sandbox is not None else SandboxConfig()
-    if timeout is not None:
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        cfg = cfg.replace(timeout=float(timeout))
-    res = run_python(program, cfg)
-    if res.completed:
-        return CodeResult(True, "passed", "")
-    if res.status == "timeout":
-        return CodeResult(False, "timeout", f"timed out after {cfg.timeout:g} s", limit="timeout")
-    stderr = res.stderr.strip()[-1000:]
-    if res.limit is not None or not stderr:
-        detail = res.reason + (f"\n{stderr[-800:]}" if stderr else "")
-    else:
-        detail = stderr
-    return CodeResult(False, "failed", detail, limit=res.limit)
-
-
-def score(example: EvalExample, response: str) -> Dict[str, Any]:
-    """``{"prediction", "correct"}`` for a non-code example (code needs :func:`run_program`)."""
-    if example.task == "multiple_choice":
-        pred: Any = extract_choice(response, example.instruction)
-        return {"prediction": pred, "correct": pred is not None and pred == example.answer}
-    if example.task == "exact_match":
-        pred = extract_final_answer(response)
-        return {"prediction": pred, "correct": normalize_answer(pred) == normalize_answer(example.answer)}
-    if example.task == "numeric":
-        pred = extract_number(response)
-        return {"prediction": pred, "correct": pred is not None and _numbers_equal(pred, example.answer)}
-    raise ValueError(f"score() handles {list(TASKS[:3])}; {example.task!r} examples are run with run_program()")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Opt-in and resumable progress
+# The opt-in for running the model's programs
 
 
 class CodeExecutionNotAllowed(PermissionError):
@@ -375,178 +81,8 @@ def _refusal(n_code: int) -> str:
             "selfmoe.sandbox: see its documentation for what it contains)")
 
 
-class PartialMismatchError(ValueError):
-    """A partial-predictions file was written by an evaluation with other settings.
-
-    ``path``: the file; ``differences``: what differs (e.g. ``["sampling.max_new_tokens (4, now 8)"]``).
-    """
-
-    def __init__(self, path: PathLike, differences: List[str]) -> None:
-        self.path = pathlib.Path(path)
-        self.differences = differences
-        self.reason = (f"{os.fspath(path)} holds completions of an evaluation with different settings: "
-                       + "; ".join(differences))
-        super().__init__(self.reason + "; rerun with the same settings to continue it, or pass restart=True to "
-                                       "discard it")
-
-
-_PARTIAL_KEY = "selfmoe_eval_partial"
-
-
-def _settings(examples: List[EvalExample], config: SamplingConfig, run_info: Optional[Mapping[str, Any]],
-              routing_stats: bool) -> Dict[str, Any]:
-    """What generation depends on, as plain JSON (compared with a partial file's header)."""
-    prompts = json.dumps([[e.task, e.prompt] for e in examples], ensure_ascii=False)
-    settings = {"records": hashlib.sha256(prompts.encode("utf-8")).hexdigest(), "n_records": len(examples),
-                "sampling": dataclasses.asdict(config), "routing_stats": bool(routing_stats),
-                "run": dict(run_info or {})}
-    try:
-        return json.loads(json.dumps(settings, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"run_info must hold JSON values only: {exc}") from None
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _differences(saved: Any, now: Dict[str, Any]) -> List[str]:
-    if not isinstance(saved, dict):
-        return ["header (unreadable settings)"]
-    out = []
-    for key in now:
-        a, b = saved.get(key), now[key]
-        if a == b:
-            continue
-        if key == "records":
-            if saved.get("n_records") == now["n_records"]:
-                out.append("records (other prompts or order)")
-        elif isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{key}.{k} ({_short(a.get(k))}, now {_short(b.get(k))})" for k in sorted(set(a) | set(b))
-                    if a.get(k) != b.get(k)]
-        else:
-            out.append(f"{key} ({_short(a)}, now {_short(b)})")
-    return out
-
-
-def _read_partial(path: pathlib.Path, settings: Dict[str, Any]
-                  ) -> Optional[Tuple[Dict[int, Completion], Dict[str, List[Tuple[int, Dict[str, Any]]]]]]:
-    """Completions (and per-chunk routing summaries) saved in ``path``; None if it holds nothing yet.
-    Raises :class:`PartialMismatchError` (other settings) or ``DataFormatError`` (not such a file)."""
-    if not path.is_file():
-        return None
-    rows = iter(iter_json_lines(path))
-    first = next(rows, None)
-    if first is None:
-        return None
-    _, head = first
-    if not isinstance(head, dict) or head.get(_PARTIAL_KEY) != 1:
-        raise DataFormatError(f"{path}:1: not a selfmoe eval partial-predictions file (no header); move it "
-                              "away or pass restart=True to overwrite it")
-    diffs = _differences(head.get("settings"), settings)
-    if diffs:
-        raise PartialMismatchError(path, diffs)
-    n = settings["n_records"]
-    completions: Dict[int, Completion] = {}
-    routing: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {}
-    for lineno, row in rows:
-        try:
-            items = row["completions"]
-            got = {int(i): Completion(str(text), str(reason)) for i, text, reason in items}
-            if not got or not all(0 <= i < n for i in got):
-                raise ValueError("index out of range")
-        except (TypeError, KeyError, ValueError) as exc:
-            raise DataFormatError(f"{path}:{lineno}: not a partial-predictions row ({exc}); pass restart=True to "
-                                  "discard the file") from None
-        completions.update(got)
-        if row.get("routing") is not None:
-            routing.setdefault(str(row.get("task")), []).append((min(got), row["routing"]))
-    return completions, routing
-
-
-def check_partial(path: PathLike, records: Iterable[Union[EvalExample, Mapping[str, Any]]], *,
-                  sampling: Optional[SamplingConfig] = None, max_new_tokens: int = 256,
-                  run_info: Optional[Mapping[str, Any]] = None, routing_stats: bool = False) -> int:
-    """How many completions :func:`evaluate` would reuse from ``path`` with these arguments (0 when the
-    file does not exist); changes nothing but a torn last line (as :func:`evaluate` would). Raises :class:`PartialMismatchError` when the file was made
-    with other settings, so a caller can refuse before loading a model."""
-    examples = [validate_eval_record(r, line=i) for i, r in enumerate(records)]
-    config = sampling if sampling is not None else default_sampling(max_new_tokens)
-    p = pathlib.Path(path)
-    if p.is_file():
-        repair_jsonl_tail(p)
-    saved = _read_partial(p, _settings(examples, config, run_info, routing_stats))
-    return 0 if saved is None else len(saved[0])
-
-
-class _PartialWriter:
-    """The partial-predictions file of one evaluation, locked against a second writer."""
-
-    def __init__(self, path: PathLike, settings: Dict[str, Any], restart: bool) -> None:
-        import fcntl
-
-        self.path = pathlib.Path(path)
-        if self.path.exists() and not self.path.is_file():
-            raise IsADirectoryError(f"partial_path {os.fspath(path)}: exists and is not a file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise RuntimeError(f"partial_path {os.fspath(path)}: another evaluation is writing it") from None
-            if restart:
-                os.ftruncate(self._fd, 0)
-            repair_jsonl_tail(self.path)
-            saved = _read_partial(self.path, settings)
-            if saved is None:
-                os.ftruncate(self._fd, 0)
-                append_jsonl(self.path, [{_PARTIAL_KEY: 1, "settings": settings}])
-                saved = ({}, {})
-            self.completions, self.routing = saved
-        except BaseException:
-            os.close(self._fd)
-            raise
-
-    def append(self, task: str, completions: Mapping[int, Completion], routing: Optional[Dict[str, Any]]) -> None:
-        """One line per chunk: it is either complete on disk or dropped as a torn line on the next start."""
-        append_jsonl(self.path, [{"task": task, "completions": [[i, c.text, c.finish_reason] for i, c in completions.items()],
-                                  "routing": routing}])
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def _merge_routing(parts: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
-    """One routing summary from per-chunk ones (token-weighted means), merged in index order, so an
-    interrupted-and-resumed run gives the same numbers as an uninterrupted one."""
-    if len(parts) == 1:
-        return parts[0][1]
-    totals: Dict[str, Dict[str, Any]] = {}
-    for _, part in sorted(parts, key=lambda p: p[0]):
-        for key, entry in part.items():
-            acc = totals.setdefault(key, {"tokens": 0, "sums": {}, "weights": {}})
-            t = int(entry.get("tokens", 0))
-            acc["tokens"] += t
-            for stat in ("usage", "mean_gate", "mean_prob"):
-                if stat in entry:
-                    sums = acc["sums"].setdefault(stat, {})
-                    acc["weights"][stat] = acc["weights"].get(stat, 0) + t
-                    for name, v in entry[stat].items():
-                        sums[name] = sums.get(name, 0.0) + float(v) * t
-    out: Dict[str, Any] = {}
-    for key, acc in totals.items():
-        entry: Dict[str, Any] = {"tokens": acc["tokens"]}
-        for stat, sums in acc["sums"].items():
-            w = acc["weights"][stat]
-            entry[stat] = {name: (s / w if w else 0.0) for name, s in sums.items()}
-        out[key] = entry
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
-# Evaluation
+# Running an evaluation
 
 
 def default_sampling(max_new_tokens: int = 256) -> SamplingConfig:
@@ -667,19 +203,9 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
     config = sampling if sampling is not None else default_sampling(max_new_tokens)
     if routing_stats and not hasattr(model, "routing_stats"):
         raise ValueError(f"routing statistics need a MiXSE model, got {type(model).__name__}")
-    n_code = sum(1 for e in examples if e.task == "code")
-    box_info: Optional[Dict[str, Any]] = None
-    if n_code:
-        if not code_execution_allowed(allow_code_execution):
-            raise CodeExecutionNotAllowed(_refusal(n_code))
-        contained = check_sandbox(box)  # before generating: a sandbox that cannot run fails now
-        if not contained.full:
-            warnings.warn(f"code examples run with partial containment on this machine: {contained.describe()} "
-                          "(see selfmoe.sandbox)", RuntimeWarning, stacklevel=2)
-        box_info = {"containment": dataclasses.asdict(contained), "limits": dataclasses.asdict(box)}
-        box_info["containment"]["notes"] = list(contained.notes)
-    settings = _settings(examples, config, run_info, routing_stats)
-    writer = _PartialWriter(partial_path, settings, restart) if partial_path is not None else None
+    box_info = _code_sandbox(examples, allow_code_execution, box)
+    settings = partial_settings(examples, config, run_info, routing_stats)
+    writer = PartialWriter(partial_path, settings, restart) if partial_path is not None else None
     if generator is None:
         from .generate import HFGenerator
 
@@ -687,45 +213,89 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
 
     by_task: Dict[str, List[int]] = {t: [i for i, e in enumerate(examples) if e.task == t] for t in TASKS}
     by_task = {t: idx for t, idx in by_task.items() if idx}
-    done: Dict[int, Completion] = dict(writer.completions) if writer else {}
-    parts: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {t: list(writer.routing.get(t, [])) if writer else []
-                                                         for t in by_task}
     try:
-        for task, idx in by_task.items():
-            chunks = [idx[k:k + chunk] for k in range(0, len(idx), chunk)]
-            for n, part in enumerate(chunks):
-                todo = [i for i in part if i not in done]
-                if not todo:
-                    continue
-                prompts = [examples[i].prompt for i in todo]
-                desc = f"eval {task}" + (f" {n + 1}/{len(chunks)}" if len(chunks) > 1 else "")
-                summary = None
-                if routing_stats:
-                    with model.routing_stats() as stats:
-                        outs = generator.generate(prompts, config, desc=desc)
-                    summary = stats.summary()
-                else:
-                    outs = generator.generate(prompts, config, desc=desc)
-                if len(outs) != len(prompts):
-                    raise RuntimeError(f"the generator returned {len(outs)} completions for {len(prompts)} prompts")
-                new = {i: c if isinstance(c, Completion) else Completion(str(c), "stop") for i, c in zip(todo, outs)}
-                done.update(new)
-                if summary is not None:
-                    parts[task].append((todo[0], summary))
-                if writer is not None:
-                    writer.append(task, new, summary)
+        done, parts = _generate(examples, by_task, generator, config, chunk, model if routing_stats else None, writer)
     finally:
         if writer is not None:
             writer.close()
     routing = {task: _merge_routing(parts[task]) for task in by_task} if routing_stats else None
+    predictions = _predictions(examples, done, box, code_workers)
 
+    tasks: Dict[str, Dict[str, Any]] = {}
+    for task, idx in by_task.items():
+        ok = sum(1 for i in idx if predictions[i]["correct"])
+        tasks[task] = {"n": len(idx), "correct": ok, "accuracy": ok / len(idx)}
+    return EvalResult(tasks=tasks, predictions=predictions, sampling=dataclasses.asdict(config), routing=routing,
+                      sandbox=box_info, resumed=len(writer.completions) if writer else 0)
+
+
+def _code_sandbox(examples: List[EvalExample], allow: Optional[bool], box: SandboxConfig) -> Optional[Dict[str, Any]]:
+    """For code examples: refuse unless allowed, and check the sandbox runs here, both before anything
+    is generated (a refusal after an hour of generation would waste the hour). Returns what the summary
+    records about the sandbox (None without code examples)."""
+    n_code = sum(1 for e in examples if e.task == "code")
+    if not n_code:
+        return None
+    if not code_execution_allowed(allow):
+        raise CodeExecutionNotAllowed(_refusal(n_code))
+    contained = check_sandbox(box)
+    if not contained.full:
+        warnings.warn(f"code examples run with partial containment on this machine: {contained.describe()} "
+                      "(see selfmoe.sandbox)", RuntimeWarning, stacklevel=3)  # 3: evaluate()'s caller
+    box_info = {"containment": dataclasses.asdict(contained), "limits": dataclasses.asdict(box)}
+    box_info["containment"]["notes"] = list(contained.notes)
+    return box_info
+
+
+def _generate(examples: List[EvalExample], by_task: Dict[str, List[int]], generator: Any, config: SamplingConfig,
+              chunk: int, stats_model: Any, writer: Optional[PartialWriter]
+              ) -> Tuple[Dict[int, Completion], Dict[str, List[Tuple[int, Dict[str, Any]]]]]:
+    """A completion per example, generated chunk by chunk (``chunk`` prompts of one task per call) and
+    saved by ``writer`` after each; completions the writer already holds are reused. ``stats_model``:
+    the MiXSE whose routing statistics are collected per chunk (None: none). Returns the completions by
+    example index, and per task the chunks' routing summaries keyed by their first index."""
+    done: Dict[int, Completion] = dict(writer.completions) if writer else {}
+    parts: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {t: list(writer.routing.get(t, [])) if writer else []
+                                                         for t in by_task}
+    for task, idx in by_task.items():
+        # Chunks are cut from the task's full index list, not from what is left to do, so a resumed run
+        # makes the same calls (and the same routing summaries) as an uninterrupted one.
+        chunks = [idx[k:k + chunk] for k in range(0, len(idx), chunk)]
+        for n, part in enumerate(chunks):
+            todo = [i for i in part if i not in done]
+            if not todo:
+                continue
+            prompts = [examples[i].prompt for i in todo]
+            desc = f"eval {task}" + (f" {n + 1}/{len(chunks)}" if len(chunks) > 1 else "")
+            summary = None
+            if stats_model is not None:
+                with stats_model.routing_stats() as stats:
+                    outs = generator.generate(prompts, config, desc=desc)
+                summary = stats.summary()
+            else:
+                outs = generator.generate(prompts, config, desc=desc)
+            if len(outs) != len(prompts):
+                raise RuntimeError(f"the generator returned {len(outs)} completions for {len(prompts)} prompts")
+            new = {i: c if isinstance(c, Completion) else Completion(str(c), "stop") for i, c in zip(todo, outs)}
+            done.update(new)
+            if summary is not None:
+                parts[task].append((todo[0], summary))
+            if writer is not None:
+                writer.append(task, new, summary)
+    return done, parts
+
+
+def _predictions(examples: List[EvalExample], done: Dict[int, Completion], box: SandboxConfig,
+                 code_workers: int) -> List[Dict[str, Any]]:
+    """One scored prediction row per example (input order). Code examples' programs run in the sandbox,
+    ``code_workers`` at a time, while the other examples are scored."""
     predictions: List[Dict[str, Any]] = []
     code_jobs: Dict[int, Any] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=code_workers) as pool:
         try:
             for i, ex in enumerate(examples):
                 c = done[i]
-                text = c.text.strip("\n") if ex.task == "code" else c.text.strip()
+                text = c.text.strip("\n") if ex.task == "code" else c.text.strip()  # code: keep the indentation
                 row: Dict[str, Any] = {"index": i, "source": ex.source, "task": ex.task}
                 if ex.id is not None:
                     row["id"] = ex.id
@@ -745,13 +315,50 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: no new programs; running ones end within the timeout
             raise
+    return predictions
 
-    tasks: Dict[str, Dict[str, Any]] = {}
-    for task, idx in by_task.items():
-        ok = sum(1 for i in idx if predictions[i]["correct"])
-        tasks[task] = {"n": len(idx), "correct": ok, "accuracy": ok / len(idx)}
-    return EvalResult(tasks=tasks, predictions=predictions, sampling=dataclasses.asdict(config), routing=routing,
-                      sandbox=box_info, resumed=len(writer.completions) if writer else 0)
+
+def check_partial(path: PathLike, records: Iterable[Union[EvalExample, Mapping[str, Any]]], *,
+                  sampling: Optional[SamplingConfig] = None, max_new_tokens: int = 256,
+                  run_info: Optional[Mapping[str, Any]] = None, routing_stats: bool = False) -> int:
+    """How many completions :func:`evaluate` would reuse from ``path`` with these arguments (0 when the
+    file does not exist); changes nothing but a torn last line (as :func:`evaluate` would). Raises
+    :class:`PartialMismatchError` when the file was made with other settings, so a caller can refuse
+    before loading a model."""
+    examples = [validate_eval_record(r, line=i) for i, r in enumerate(records)]
+    config = sampling if sampling is not None else default_sampling(max_new_tokens)
+    p = pathlib.Path(path)
+    if p.is_file():
+        repair_jsonl_tail(p)
+    saved = read_partial(p, partial_settings(examples, config, run_info, routing_stats))
+    return 0 if saved is None else len(saved[0])
+
+
+def _merge_routing(parts: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
+    """One routing summary from per-chunk ones (token-weighted means), merged in index order, so an
+    interrupted-and-resumed run gives the same numbers as an uninterrupted one."""
+    if len(parts) == 1:
+        return parts[0][1]
+    totals: Dict[str, Dict[str, Any]] = {}
+    for _, part in sorted(parts, key=lambda p: p[0]):
+        for key, entry in part.items():
+            acc = totals.setdefault(key, {"tokens": 0, "sums": {}, "weights": {}})
+            t = int(entry.get("tokens", 0))
+            acc["tokens"] += t
+            for stat in ("usage", "mean_gate", "mean_prob"):
+                if stat in entry:
+                    sums = acc["sums"].setdefault(stat, {})
+                    acc["weights"][stat] = acc["weights"].get(stat, 0) + t
+                    for name, v in entry[stat].items():
+                        sums[name] = sums.get(name, 0.0) + float(v) * t
+    out: Dict[str, Any] = {}
+    for key, acc in totals.items():
+        entry: Dict[str, Any] = {"tokens": acc["tokens"]}
+        for stat, sums in acc["sums"].items():
+            w = acc["weights"][stat]
+            entry[stat] = {name: (s / w if w else 0.0) for name, s in sums.items()}
+        out[key] = entry
+    return out
 
 
 def write_results(result: EvalResult, output_dir: PathLike, *, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, pathlib.Path]:
