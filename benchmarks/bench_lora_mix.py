@@ -145,7 +145,7 @@ selfmoe_decode = _triton_call("decode")
 
 
 def selfmoe_grouped(inp):
-    from selfmoe.kernels.lora_mix_grouped import lora_mix_grouped
+    from selfmoe.kernels.grouped import lora_mix_grouped
 
     return lora_mix_grouped(inp["x"], inp["A"], inp["B"], inp["ids"], inp["w"], SCALING, inp["W"], inp["b"])
 
@@ -197,7 +197,7 @@ def skip_reason(name: str, shape: Shape, device: torch.device, dtype: torch.dtyp
             return "triton is not installed"
     if name == "selfmoe-grouped":
         try:
-            from selfmoe.kernels.lora_mix_grouped import lora_mix_grouped  # noqa: F401
+            from selfmoe.kernels.grouped import lora_mix_grouped  # noqa: F401
         except ImportError as err:
             return f"grouped path not importable ({err})"
     if name == "selfmoe-decode" and shape.T > DECODE_MAX_T:

@@ -1,18 +1,32 @@
 """selfmoe.kernels: the routed multi-LoRA op and routing, with PyTorch references beside every kernel.
 
-Installed from the top-level ``kernels/`` folder as ``selfmoe.kernels`` (see setup.py). The Triton-backed
-functions (``lora_mix_dense``, ``lora_mix_decode``, ``route_topk_triton``) are exported when triton is
-installed; without it the package still imports and everything runs on the torch path.
+Installed from the top-level ``kernels/`` folder as ``selfmoe.kernels`` (see setup.py). Modules:
+
+    op.py            lora_mix (the public op): validation, autocast, backend choice
+    contract.py      the op contract once: LoRAMixInputs, prepare_inputs, run_backend, the autograd Function
+    torch_path.py    torch backend (the CPU path and the fallback): TORCH, lora_mix_torch
+    dense.py         dense-rank and decode Triton backends: DENSE, DECODE, lora_mix_dense, lora_mix_decode
+    grouped.py       grouped Triton backend: GROUPED, lora_mix_grouped
+    *_kernels.py     the @triton.jit kernels of dense.py and grouped.py
+    grouping.py      slot-sort metadata of the grouped path (GroupingMeta, grouping_metadata)
+    topk.py          route_topk (router: softmax + top-k); topk_triton.py its fused kernel
+    dispatch.py      backend and Triton path choice; checks.py input validation; naive.py references
+    tuning.py        autotune policy; utils.py helpers shared by every kernel module
+
+The Triton-backed names (``lora_mix_dense``, ``lora_mix_decode``, ``lora_mix_grouped``,
+``route_topk_triton``, ``GroupingMeta``, ``grouping_metadata``) are exported when triton is installed;
+without it the package still imports and everything runs on the torch path.
 """
+from .contract import LoRAMixInputs, prepare_inputs
 from .dispatch import choose_lora_path
-from .lora_mix import lora_mix, resolve_backend
-from .lora_mix_torch import lora_mix_torch
 from .naive import lora_mix_naive, route_topk_naive
-from .route_topk import route_topk
+from .op import lora_mix, resolve_backend
+from .topk import route_topk
+from .torch_path import lora_mix_torch
 
 __all__ = [
     "lora_mix", "lora_mix_torch", "lora_mix_naive", "route_topk", "route_topk_naive", "resolve_backend",
-    "choose_lora_path",
+    "choose_lora_path", "LoRAMixInputs", "prepare_inputs",
 ]
 
 try:
@@ -20,12 +34,10 @@ try:
 except ImportError:  # CPU-only installs without triton: the torch path is complete on its own
     pass
 else:
-    # Imported eagerly, not through a lazy __getattr__: these functions share their module's name, and
-    # the first import of the submodule (from anywhere) would bind the package attribute to the module.
-    from .lora_mix_dense import lora_mix_decode, lora_mix_dense
-    from .routing import RoutingMeta, routing_metadata
-    from .route_topk_triton import route_topk_triton
+    from .dense import lora_mix_decode, lora_mix_dense
+    from .grouped import lora_mix_grouped
+    from .grouping import GroupingMeta, grouping_metadata
+    from .topk_triton import route_topk_triton
 
-    # lora_mix_grouped stays a module attribute on purpose (selfmoe.kernels.lora_mix_grouped.lora_mix_grouped):
-    # binding the function to the package would shadow the module for `import ... as` (tests patch it).
-    __all__ += ["lora_mix_dense", "lora_mix_decode", "route_topk_triton", "RoutingMeta", "routing_metadata"]
+    __all__ += ["lora_mix_dense", "lora_mix_decode", "lora_mix_grouped", "route_topk_triton", "GroupingMeta",
+                "grouping_metadata"]

@@ -1,15 +1,15 @@
 """Which implementation of ``lora_mix`` runs: ``backend="auto"`` and the choice among the Triton paths.
 
-Backend (``resolve_backend`` in lora_mix.py calls ``auto_backend``): ``"auto"`` takes the Triton kernels
+Backend (``resolve_backend`` in op.py calls ``auto_backend``): ``"auto"`` takes the Triton kernels
 for CUDA tensors in fp32/fp16/bf16 when triton imports, and the torch path otherwise (CPU tensors always
 stay on torch under "auto", interpreter or not: the interpreter is for tests, not speed).
 
 Triton path (``choose_lora_path``), from ``(T, d_in, d_out, E, r, k)``:
 
-- ``"dense"``  dense-rank: shrink kernel + the expand fused into the base GEMM's K loop (lora_mix_dense.py).
-- ``"decode"`` one launch, shrink recomputed per N tile (lora_mix_dense.py), for a handful of tokens.
+- ``"dense"``  dense-rank: shrink kernel + the expand fused into the base GEMM's K loop (dense.py).
+- ``"decode"`` one launch, shrink recomputed per N tile (dense.py), for a handful of tokens.
 - ``"grouped"`` tokens sorted by expert, per-expert GEMMs on only the k selected experts
-  (lora_mix_grouped.py); falls back to ``"dense"`` while that module is not importable.
+  (grouped.py); falls back to ``"dense"`` while that module is not importable.
 
 **The thresholds are provisional, from a cost model; to be replaced by measured thresholds.** No GPU
 was available when this was written, so nothing below has been measured. The model prices each kernel
@@ -17,23 +17,23 @@ as a roofline ``max(FLOPs / peak, HBM bytes / bandwidth)`` (plus L2 bytes for de
 per launch, and sums the kernels of a path, since separate launches do not overlap. Constants are
 rough H100-SXM figures (``PEAK_FLOPS``, ``HBM_BW``, ``L2_BW``, ``LAUNCH_S`` below)::
 
-    R = E*r, b = bytes per element, S = T*k slots, Eu = min(E, S) experts touched
-    dense   shrink  max(2TRK / F, (TK + RK + 2TR) b / BW)
-            fused   max((2TKN + 2TRN) / F, (TK + KN + TN + TR + NR) b / BW)                 2 launches
-    decode  one     max((2TKN + 2*T16*R16*K*N/64 + 2*T16*R16*N) / F, (TK + KN + TN + RK + NR) b / BW,
-                        (N/64) R K b / L2)   (T16, R16: tl.dot pads M and the rank tile to >= 16)   1 launch
+    ER = E*r rank columns, b = bytes per element, S = T*k slots, Eu = min(E, S) experts touched
+    dense   shrink  max(2T ER K / F, (TK + ER K + 2T ER) b / BW)
+            fused   max((2TKN + 2T ER N) / F, (TK + KN + TN + T ER + N ER) b / BW)          2 launches
+    decode  one     max((2TKN + 2*T16*ER16*K*N/64 + 2*T16*ER16*N) / F, (TK + KN + TN + ER K + N ER) b / BW,
+                        (N/64) ER K b / L2)  (T16, ER16: tl.dot pads M and the rank tile to >= 16)  1 launch
     grouped base    max(2TKN / F, (TK + KN + TN) b / BW)                                   (cuBLAS)
             shrink  max(2SrK / F, (SK + Eu r K + Sr) b / BW)   (x rows gathered once per slot)
             expand  k=1: max(2SrN / F, (Sr + Eu r N + 2TN) b / BW)   (adds into y in its epilogue)
                     k>1: max(2SrN / F, (Sr + Eu r N + SN) b / BW) + (SN + 2TN) b / BW
                          (per-slot [S, N] buffer, then a combine pass adds the k slots into y)
-            launches: base + 2 routing metadata + shrink + split-K reduce + expand (+ combine if k>1)
+            launches: base + 2 grouping metadata + shrink + split-K reduce + expand (+ combine if k>1)
 
-(The grouped terms follow kernels/lora_mix_grouped.py as written: base by cuBLAS, not fused.)
+(The grouped terms follow kernels/grouped.py as written: base by cuBLAS, not fused.)
 
 What it predicts (bf16, d_in = d_out = 4096): prefill T=8192 picks dense for the paper's E=4, r=8 and
-for E=8, r=16 (the dense path's extra ``2TR(K+N)`` FLOPs cost less than the grouped path's x gather,
-y read-modify-write, slot combine and extra launches) and grouped for E=64, r=16 (R=1024: the dense
+for E=8, r=16 (the dense path's extra ``2T ER (K+N)`` FLOPs cost less than the grouped path's x gather,
+y read-modify-write, slot combine and extra launches) and grouped for E=64, r=16 (ER=1024: the dense
 path does E/k = 32x the LoRA FLOPs it needs). The crossover at that size is near ``E*r`` = 1000 for
 k=2 (the combine pass is a fixed cost of the grouped path) and 420 for k=1. At T <= 64 with ``E*r``
 <= 128 and a base weight, decode wins by one launch and no H round-trip. fp32 uses the FMA (not
@@ -41,16 +41,18 @@ tensor-core) peak, which makes the dense path's wasted FLOPs dearer and moves th
 
 Override: ``SELFMOE_LORA_PATH=dense|grouped|decode|torch`` forces a path (``auto`` or unset: the model).
 ``torch`` makes ``backend="auto"`` take the torch path on CUDA too; an explicit ``backend="triton"``
-wins over it. Forcing ``grouped`` while lora_mix_grouped is missing raises instead of falling back.
+wins over it. Forcing ``grouped`` while grouped.py is not importable raises instead of falling back.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, Optional
 
 import torch
+
+from .utils import interpreting
 
 PATHS = ("dense", "grouped", "decode", "torch")
 ENV_PATH = "SELFMOE_LORA_PATH"
@@ -87,10 +89,10 @@ def triton_available() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def grouped_available() -> bool:
-    """Whether the grouped Triton path (kernels/lora_mix_grouped.py) can be imported (cached per process:
-    a failing import would otherwise search sys.path on every call; ``grouped_available.cache_clear()``)."""
+    """Whether the grouped Triton path (kernels/grouped.py) can be imported (cached per process: a failing
+    import would otherwise search sys.path on every call; ``grouped_available.cache_clear()``)."""
     try:
-        from .lora_mix_grouped import lora_mix_grouped  # noqa: F401
+        from .grouped import GROUPED  # noqa: F401
     except ImportError:
         return False
     return True
@@ -116,7 +118,7 @@ def route_topk_backend(backend: str, logits: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if (logits.is_cuda and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
                             and triton_available()) else "torch"
-    if backend == "triton" and not logits.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if backend == "triton" and not logits.is_cuda and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA logits (logits are on {logits.device}) or TRITON_INTERPRET=1 for the CPU interpreter"
         )
@@ -135,24 +137,24 @@ def estimate_seconds(
     T: int, d_in: int, d_out: int, E: int, r: int, k: int, *, has_base: bool = True, dtype_bytes: int = 2,
 ) -> Dict[str, float]:
     """Modelled seconds per Triton path (forward, base GEMM included when ``has_base``); see the docstring."""
-    K, N, R, b = d_in, d_out, E * r, dtype_bytes
+    K, N, ER, b = d_in, d_out, E * r, dtype_bytes
     peak = PEAK_FLOPS.get(b, PEAK_FLOPS[2])
     base_flops = 2.0 * T * K * N if has_base else 0.0
     base_bytes = (K * N) * b if has_base else 0.0  # W; x and y are counted per kernel below
 
     # dense: shrink, then the fused base + expand kernel.
-    shrink = _roofline(2.0 * T * R * K, (T * K + R * K + 2 * T * R) * b, peak)
-    fused = _roofline(base_flops + 2.0 * T * R * N, base_bytes + (T * K * has_base + T * N + T * R + N * R) * b, peak)
+    shrink = _roofline(2.0 * T * ER * K, (T * K + ER * K + 2 * T * ER) * b, peak)
+    fused = _roofline(base_flops + 2.0 * T * ER * N, base_bytes + (T * K * has_base + T * N + T * ER + N * ER) * b, peak)
     dense = shrink + fused + 2 * LAUNCH_S
 
     # decode: one kernel; every N tile recomputes the shrink (padded tiles) and re-reads A_all from L2.
     n_tiles = math.ceil(N / _DECODE_BLOCK_N)
-    t16, r16 = _pow2_at_least_16(T), _pow2_at_least_16(R)
-    decode_flops = base_flops + 2.0 * t16 * r16 * K * N / _DECODE_BLOCK_N + 2.0 * t16 * r16 * N
-    decode_hbm = base_bytes + (T * K + T * N + R * K + N * R) * b
-    decode = _roofline(decode_flops, decode_hbm, peak, l2_bytes=n_tiles * R * K * b) + LAUNCH_S
+    t16, er16 = _pow2_at_least_16(T), _pow2_at_least_16(ER)
+    decode_flops = base_flops + 2.0 * t16 * er16 * K * N / _DECODE_BLOCK_N + 2.0 * t16 * er16 * N
+    decode_hbm = base_bytes + (T * K + T * N + ER * K + N * ER) * b
+    decode = _roofline(decode_flops, decode_hbm, peak, l2_bytes=n_tiles * ER * K * b) + LAUNCH_S
 
-    # grouped: separate base GEMM, routing metadata, gathered shrink, expand (+ combine of the k slots).
+    # grouped: separate base GEMM, grouping metadata, gathered shrink, expand (+ combine of the k slots).
     S = T * k
     Eu = min(E, S)
     y_rw = (2 if has_base else 1) * T * N  # y read-modify-write after the base GEMM, or a plain write
@@ -201,38 +203,19 @@ def _model_choice(T: int, d_in: int, d_out: int, E: int, r: int, k: int, has_bas
     return min(candidates, key=lambda name: (candidates[name], list(candidates).index(name)))
 
 
-def lora_mix_triton(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    expert_ids: torch.Tensor,
-    expert_weights: torch.Tensor,
-    scaling: Union[float, torch.Tensor],
-    base_weight: Optional[torch.Tensor],
-    base_bias: Optional[torch.Tensor],
-) -> torch.Tensor:
-    """Run the Triton path ``choose_lora_path`` picks, on 2-D inputs (x ``[T, d_in]``, ids/weights ``[T, k]``)."""
-    T, d_in = x.shape
-    E, r, _ = lora_A.shape
-    d_out = lora_B.shape[1]
-    k = expert_ids.shape[1]
-    path = choose_lora_path(T, d_in, d_out, E, r, k, has_base=base_weight is not None,
-                            dtype_bytes=x.element_size())
-    args = (x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias)
+def triton_backend(T: int, d_in: int, d_out: int, E: int, r: int, k: int, *, has_base: bool, dtype_bytes: int):
+    """The Triton backend (contract.Backend) of the path ``choose_lora_path`` picks for these sizes."""
+    path = choose_lora_path(T, d_in, d_out, E, r, k, has_base=has_base, dtype_bytes=dtype_bytes)
     if path == "grouped":
         try:
-            from .lora_mix_grouped import lora_mix_grouped
+            from .grouped import GROUPED
         except ImportError as err:
             raise RuntimeError(
-                f"{ENV_PATH}=grouped but the grouped path (selfmoe.kernels.lora_mix_grouped) is not importable: {err}"
+                f"{ENV_PATH}=grouped but the grouped path (selfmoe.kernels.grouped) is not importable: {err}"
             ) from err
-        return lora_mix_grouped(*args)
-    if path == "torch":
-        # Only reachable through SELFMOE_LORA_PATH=torch with an explicit backend="triton": that
-        # explicit request wins, so run the dense-rank kernels rather than silently leaving Triton.
-        path = "dense"
-    from .lora_mix_dense import lora_mix_decode, lora_mix_dense
+        return GROUPED
+    # "torch" here only comes from SELFMOE_LORA_PATH=torch with an explicit backend="triton": that
+    # explicit request wins, so run the dense-rank kernels rather than silently leaving Triton.
+    from .dense import DECODE, DENSE
 
-    if path == "decode":
-        return lora_mix_decode(*args)
-    return lora_mix_dense(*args)
+    return DECODE if path == "decode" else DENSE

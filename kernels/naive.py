@@ -11,16 +11,9 @@ from typing import Optional, Tuple, Union
 import torch
 
 
-def lora_mix_naive(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    expert_ids: torch.Tensor,
-    expert_weights: torch.Tensor,
-    scaling: Union[float, torch.Tensor] = 1.0,
-    base_weight: Optional[torch.Tensor] = None,
-    base_bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def lora_mix_naive(x, lora_A, lora_B, expert_ids, expert_weights, scaling: Union[float, torch.Tensor] = 1.0,
+                   base_weight: Optional[torch.Tensor] = None,
+                   base_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y = x @ W.T + b + sum_j w[..., j] * s[e_j] * (x @ A[e_j].T) @ B[e_j].T`` with ``e_j = ids[..., j]``.
 
     Shapes: x ``[..., d_in]``, lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, expert_ids and

@@ -14,11 +14,7 @@ from typing import Dict, List, Optional
 
 import triton
 
-_LAUNCH_KEYS = ("num_warps", "num_stages")
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .utils import interpreting
 
 
 def token_bucket(T: int) -> int:

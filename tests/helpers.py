@@ -6,7 +6,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-# Relative-error budgets from DESIGN.md (||out - ref|| / ||ref||, reference in float64).
+# Relative-error budgets of the op contract (docs/design.md, section 'The op contract'):
+# ||out - ref|| / ||ref||, reference in float64.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 

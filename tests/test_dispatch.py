@@ -96,18 +96,22 @@ def test_resolve_backend_on_cpu():
 
 
 def _fake_grouped(monkeypatch, calls):
-    def lora_mix_grouped(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias):
-        calls.append((x.shape, expert_ids.shape, expert_weights.shape))
-        from selfmoe.kernels import lora_mix_torch
-        return lora_mix_torch(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias)
+    from selfmoe.kernels.torch_path import TorchBackend
 
-    mod = types.ModuleType("selfmoe.kernels.lora_mix_grouped")
-    mod.lora_mix_grouped = lora_mix_grouped
-    monkeypatch.setitem(sys.modules, "selfmoe.kernels.lora_mix_grouped", mod)
+    class FakeGrouped(TorchBackend):  # the torch backend, recording the prepared inputs it is handed
+        name = "grouped"
+
+        def forward(self, inp, needs):
+            calls.append((inp.x.shape, inp.ids.shape, inp.gates.shape))
+            return super().forward(inp, needs)
+
+    mod = types.ModuleType("selfmoe.kernels.grouped")
+    mod.GROUPED = FakeGrouped()
+    monkeypatch.setitem(sys.modules, "selfmoe.kernels.grouped", mod)
 
 
 def test_grouped_is_called_with_the_2d_signature(monkeypatch):
-    # The dispatcher's contract with the grouped path: 2-D x [T, d_in], ids/weights [T, k], positional.
+    # The dispatcher's contract with the grouped path: prepared 2-D x [T, d_in], ids/gates [T, k].
     calls = []
     _fake_grouped(monkeypatch, calls)
     monkeypatch.setenv("SELFMOE_LORA_PATH", "grouped")
@@ -129,7 +133,7 @@ def test_model_picks_grouped_when_available(monkeypatch):
 
 
 def test_forced_grouped_without_module_raises(monkeypatch):
-    monkeypatch.setitem(sys.modules, "selfmoe.kernels.lora_mix_grouped", None)  # import fails
+    monkeypatch.setitem(sys.modules, "selfmoe.kernels.grouped", None)  # import fails
     assert not dispatch.grouped_available()
     assert choose_lora_path(8192, D, D, 64, 16, 2) == "dense"  # the model falls back silently
     monkeypatch.setenv("SELFMOE_LORA_PATH", "grouped")
@@ -139,7 +143,7 @@ def test_forced_grouped_without_module_raises(monkeypatch):
 
 
 def test_explicit_triton_beats_env_torch(monkeypatch):
-    ld = pytest.importorskip("selfmoe.kernels.lora_mix_dense")
+    ld = pytest.importorskip("selfmoe.kernels.dense")
     monkeypatch.setenv("SELFMOE_LORA_PATH", "torch")
     before = ld.launch_counts["shrink"]
     case = make_case(70, 16, 12, 4, 3, 2, seed=9)
@@ -150,7 +154,7 @@ def test_explicit_triton_beats_env_torch(monkeypatch):
 def test_real_grouped_module_if_present(monkeypatch):
     """When the grouped path exists, the dispatcher's call into it must give the right answer."""
     if not dispatch.grouped_available():
-        pytest.skip("kernels/lora_mix_grouped.py is not in this tree yet")
+        pytest.skip("kernels/grouped.py is not in this tree yet")
     monkeypatch.setenv("SELFMOE_LORA_PATH", "grouped")
     for dtype in (torch.float32, torch.float16):
         check_against_reference(make_case(33, 40, 24, 8, 4, 2, seed=11), lora_mix, dtype, backend="triton")

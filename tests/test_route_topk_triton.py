@@ -4,7 +4,7 @@ import torch
 
 from selfmoe.kernels import route_topk, route_topk_naive
 
-rt = pytest.importorskip("selfmoe.kernels.route_topk_triton")
+rt = pytest.importorskip("selfmoe.kernels.topk_triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Half logits: the softmax runs in fp32 either way, so the weights differ only by the final rounding.

@@ -1,45 +1,46 @@
-"""Routing metadata for the grouped kernels: every implementation against the naive reference, the
+"""Grouping metadata for the grouped kernels: every implementation against the naive reference, the
 invariants the kernels rely on checked directly, and no host synchronisation."""
 import contextlib
 
 import pytest
 import torch
 
-import selfmoe.kernels.routing as routing
-from selfmoe.kernels.routing import (
-    RoutingMeta,
-    routing_capacity,
-    routing_metadata,
-    routing_metadata_naive,
-    routing_metadata_torch,
-    routing_metadata_triton,
+import selfmoe.kernels.grouping as grouping
+import selfmoe.kernels.utils as utils
+from selfmoe.kernels.grouping import (
+    GroupingMeta,
+    grouping_capacity,
+    grouping_metadata,
+    grouping_metadata_naive,
+    grouping_metadata_torch,
+    grouping_metadata_triton,
 )
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     # every buffer starts as -2: an element no kernel wrote cannot match the reference
-    monkeypatch.setattr(routing, "POISON", True)
+    monkeypatch.setattr(utils, "POISON", True)
 
 
 def _triton_small_blocks(ids, E, BM):
     # 16-slot blocks: many blocks per call, so cross-block prefixes and ranks are exercised
-    return routing_metadata_triton(ids, E, BM, block_s=16)
+    return grouping_metadata_triton(ids, E, BM, block_s=16)
 
 
 def _triton_torch_prefix(ids, E, BM):
     # more blocks than the in-kernel prefix loop takes: the prefix comes from one torch cumsum
-    old = routing._PREFIX_LOOP_MAX_BLOCKS
-    routing._PREFIX_LOOP_MAX_BLOCKS = 2
+    old = grouping._PREFIX_LOOP_MAX_BLOCKS
+    grouping._PREFIX_LOOP_MAX_BLOCKS = 2
     try:
-        return routing_metadata_triton(ids, E, BM, block_s=16)
+        return grouping_metadata_triton(ids, E, BM, block_s=16)
     finally:
-        routing._PREFIX_LOOP_MAX_BLOCKS = old
+        grouping._PREFIX_LOOP_MAX_BLOCKS = old
 
 
 IMPLS = {
-    "torch": routing_metadata_torch,
-    "triton": routing_metadata_triton,
+    "torch": grouping_metadata_torch,
+    "triton": grouping_metadata_triton,
     "triton-small-blocks": _triton_small_blocks,
     "triton-torch-prefix": _triton_torch_prefix,
 }
@@ -73,8 +74,8 @@ CASES = ["E64-sparse-k2", "empty-expert", "all-on-one", "T=1", "E=1", "k=E", "du
          "last-expert-only"]
 
 
-def _assert_equal_meta(got: RoutingMeta, want: RoutingMeta):
-    for name, a, b in zip(RoutingMeta._fields, got, want):
+def _assert_equal_meta(got: GroupingMeta, want: GroupingMeta):
+    for name, a, b in zip(GroupingMeta._fields, got, want):
         if isinstance(b, torch.Tensor):
             assert a.dtype == torch.int32, f"{name}: dtype {a.dtype}"
             assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
@@ -83,12 +84,12 @@ def _assert_equal_meta(got: RoutingMeta, want: RoutingMeta):
             assert a == b, f"{name}: {a} vs {b}"
 
 
-def _check_invariants(meta: RoutingMeta, ids: torch.Tensor):
+def _check_invariants(meta: GroupingMeta, ids: torch.Tensor):
     """What the kernels rely on, checked from first principles (not against the reference)."""
     flat = ids.reshape(-1).long()
     S, E, BM, k = flat.numel(), meta.num_experts, meta.block_m, meta.top_k
     slots = meta.sorted_slots.long()
-    assert meta.capacity == routing_capacity(S, E, BM) and meta.capacity % BM == 0
+    assert meta.capacity == grouping_capacity(S, E, BM) and meta.capacity % BM == 0
     assert meta.num_blocks == meta.capacity // BM
     assert k == ids.shape[1] and meta.num_slots == S
 
@@ -136,7 +137,7 @@ def _check_invariants(meta: RoutingMeta, ids: torch.Tensor):
 @pytest.mark.parametrize("block_m", [16, 64])
 def test_matches_naive_and_invariants(impl, case, block_m):
     ids, E = _ids(case, torch.Generator().manual_seed(CASES.index(case)))
-    want = routing_metadata_naive(ids, E, block_m)
+    want = grouping_metadata_naive(ids, E, block_m)
     _check_invariants(want, ids)  # the reference itself obeys the invariants
     got = IMPLS[impl](ids, E, block_m)
     _assert_equal_meta(got, want)
@@ -148,7 +149,7 @@ def test_int32_and_noncontiguous_ids(impl):
     g = torch.Generator().manual_seed(1)
     ids64 = torch.randint(0, 12, (2, 31), generator=g)
     ids = ids64.t()  # [31, 2] non-contiguous view
-    want = routing_metadata_naive(ids.contiguous(), 12, 16)
+    want = grouping_metadata_naive(ids.contiguous(), 12, 16)
     _assert_equal_meta(IMPLS[impl](ids, 12, 16), want)
     _assert_equal_meta(IMPLS[impl](ids.to(torch.int32), 12, 16), want)
 
@@ -157,17 +158,17 @@ def test_capacity_is_a_true_upper_bound():
     # worst case for padding: every used expert has one slot more than a multiple of BM
     E, BM = 8, 16
     ids = torch.arange(E).repeat_interleave(BM + 1).reshape(-1, 1)
-    meta = routing_metadata_naive(ids, E, BM)
+    meta = grouping_metadata_naive(ids, E, BM)
     assert int(meta.padded_offsets[-1]) == E * 2 * BM <= meta.capacity
     # and when S < E, at most S experts are used, so the bound shrinks with S (decode stays small)
-    assert routing_capacity(2, 64, 16) == 32
+    assert grouping_capacity(2, 64, 16) == 32
 
 
 @contextlib.contextmanager
 def _no_host_sync():
     """Every Python-level way a tensor value reaches the host raises inside the block."""
     def refuse(*args, **kwargs):
-        raise AssertionError("host synchronisation on the routing hot path")
+        raise AssertionError("host synchronisation on the grouping hot path")
 
     names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"]
     saved = {n: getattr(torch.Tensor, n) for n in names}
@@ -184,13 +185,13 @@ def test_mock_catches_a_sync():
     # the guard itself must be able to fail
     with pytest.raises(AssertionError, match="host synchronisation"):
         with _no_host_sync():
-            routing_metadata_naive(torch.zeros(2, 1, dtype=torch.long), 2, 16)
+            grouping_metadata_naive(torch.zeros(2, 1, dtype=torch.long), 2, 16)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "triton-torch-prefix"])
 def test_no_host_sync(impl):
     ids, E = _ids("E64-sparse-k2", torch.Generator().manual_seed(3))
-    want = routing_metadata_naive(ids, E, 16)
+    want = grouping_metadata_naive(ids, E, 16)
     with _no_host_sync():
         got = IMPLS[impl](ids, E, 16)
     _assert_equal_meta(got, want)
@@ -198,17 +199,17 @@ def test_no_host_sync(impl):
 
 def test_dispatch_and_bad_args():
     ids = torch.tensor([[1, 0], [1, 1]])
-    want = routing_metadata_naive(ids, 2, 16)
+    want = grouping_metadata_naive(ids, 2, 16)
     for impl in ("auto", "torch", "triton"):
-        _assert_equal_meta(routing_metadata(ids, 2, 16, impl=impl), want)
+        _assert_equal_meta(grouping_metadata(ids, 2, 16, impl=impl), want)
     with pytest.raises(ValueError, match="impl"):
-        routing_metadata(ids, 2, 16, impl="cuda")
+        grouping_metadata(ids, 2, 16, impl="cuda")
     with pytest.raises(ValueError, match="power of two"):
-        routing_metadata(ids, 2, 24)
+        grouping_metadata(ids, 2, 24)
     with pytest.raises(TypeError, match="int32 or int64"):
-        routing_metadata(ids.float(), 2, 16)
+        grouping_metadata(ids.float(), 2, 16)
     with pytest.raises(ValueError, match=r"\[T, k\]"):
-        routing_metadata(ids.flatten(), 2, 16)
+        grouping_metadata(ids.flatten(), 2, 16)
 
 
 @pytest.mark.gpu
@@ -216,9 +217,9 @@ def test_dispatch_and_bad_args():
 def test_cuda_matches_naive_without_sync(T, k, E):
     g = torch.Generator().manual_seed(T)
     ids = torch.randint(0, E, (T, k), generator=g)
-    want = routing_metadata_naive(ids, E, 64)
+    want = grouping_metadata_naive(ids, E, 64)
     ids_cuda = ids.cuda()
-    for fn in (routing_metadata_triton, routing_metadata_torch):
+    for fn in (grouping_metadata_triton, grouping_metadata_torch):
         fn(ids_cuda, E, 64)  # compile outside the sync guard
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -226,13 +227,13 @@ def test_cuda_matches_naive_without_sync(T, k, E):
             got = fn(ids_cuda, E, 64)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        _assert_equal_meta(RoutingMeta(*[t.cpu() for t in got[:5]], *got[5:]), want)
+        _assert_equal_meta(GroupingMeta(*[t.cpu() for t in got[:5]], *got[5:]), want)
 
 
 def test_invariant_check_can_fail():
     # the first-principles check must reject broken metadata, or the tests above prove nothing
     ids = torch.tensor([[0], [1], [0], [1], [0]])
-    good = routing_metadata_naive(ids, 2, 16)
+    good = grouping_metadata_naive(ids, 2, 16)
     _check_invariants(good, ids)
 
     unstable = good.sorted_slots.clone()
@@ -240,7 +241,7 @@ def test_invariant_check_can_fail():
     mixed = good.sorted_slots.clone()
     mixed[3] = 1  # a slot of expert 1 inside expert 0's tile (and slot 1 twice)
     unwritten = good.sorted_slots.clone()
-    unwritten[-1] = routing.INT_POISON
+    unwritten[-1] = utils.INT_POISON
     for bad in (unstable, mixed, unwritten):
         with pytest.raises(AssertionError):
             _check_invariants(good._replace(sorted_slots=bad), ids)

@@ -2,15 +2,16 @@
 
 On CPU these run under TRITON_INTERPRET=1 (set by conftest) in fp32 and fp16; bf16 and large shapes are
 GPU-only (the interpreter cannot do tl.dot on bf16). Every kernel-written buffer is NaN-poisoned first
-(``lora_mix_dense.POISON``), so an element a kernel forgets to write fails the finiteness checks.
+(``utils.POISON``), so an element a kernel forgets to write fails the finiteness checks.
 """
 import pytest
 import torch
 
 from helpers import TOL, check_against_reference, make_case, rel_err
+import selfmoe.kernels.utils as utils
 from selfmoe.kernels import lora_mix, lora_mix_naive
 
-ld = pytest.importorskip("selfmoe.kernels.lora_mix_dense")
+ld = pytest.importorskip("selfmoe.kernels.dense")
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -19,7 +20,7 @@ DTYPES = [torch.float32, torch.float16]
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(ld, "POISON", True)
+    monkeypatch.setattr(utils, "POISON", True)
     monkeypatch.delenv("SELFMOE_LORA_PATH", raising=False)
 
 
@@ -221,7 +222,7 @@ def test_mixed_dtypes_cast_to_x_and_grads_keep_param_dtype():
 
 def test_outputs_are_poisoned_before_launch():
     # Guards the guard: with POISON on, a buffer no kernel touches really is NaN.
-    buf = ld._out((3, 4), torch.float32, DEVICE)
+    buf = utils.poisoned_empty((3, 4), torch.float32, DEVICE)
     assert torch.isnan(buf).all()
 
 

@@ -11,9 +11,11 @@ from typing import Dict
 import pytest
 import torch
 
-import selfmoe.kernels.lora_mix_grouped as grouped
-import selfmoe.kernels.routing as routing
-from selfmoe.kernels.lora_mix_grouped import lora_mix_grouped
+import selfmoe.kernels.grouped as grouped
+import selfmoe.kernels.grouped_kernels as grouped_kernels
+import selfmoe.kernels.grouping as grouping
+import selfmoe.kernels.utils as utils
+from selfmoe.kernels.grouped import lora_mix_grouped
 from selfmoe.kernels.naive import lora_mix_naive
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -25,7 +27,7 @@ ALL_GRADS = ("x", "lora_A", "lora_B", "expert_weights", "base_weight", "base_bia
 def _poison(monkeypatch):
     # every buffer the launchers allocate starts as NaN (ints as -2): an element no kernel wrote, or a
     # padding row that leaks, turns the output or a gradient into NaN and fails the comparison
-    monkeypatch.setattr(routing, "POISON", True)
+    monkeypatch.setattr(utils, "POISON", True)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -177,9 +179,9 @@ def test_split_k_over_many_k_tiles(monkeypatch):
     check(make_inputs(11, 600, 40, 4, 8, 2, seed=11), torch.float32)
 
 
-def test_torch_routing_feeds_the_kernels(monkeypatch):
-    # the sync-free torch metadata is interchangeable with the Triton one
-    monkeypatch.setattr(grouped, "routing_metadata", lambda ids, E, BM: routing.routing_metadata_torch(ids, E, BM))
+def test_torch_grouping_feeds_the_kernels(monkeypatch):
+    # the sync-free torch grouping metadata is interchangeable with the Triton one
+    monkeypatch.setattr(grouped, "grouping_metadata", lambda ids, E, BM: grouping.grouping_metadata_torch(ids, E, BM))
     check(_shape_inputs("E64-sparse-k2"), torch.float32)
 
 
@@ -267,7 +269,7 @@ def test_poison_is_active_and_would_be_caught(monkeypatch):
     def skip_last(ys, y, num_tokens, top_k):
         out = real(ys[: (num_tokens - 1) * top_k], y[: num_tokens - 1] if y is not None else None,
                    num_tokens - 1, top_k)
-        full = routing.poisoned_empty((num_tokens, ys.shape[1]), ys.dtype, ys.device)
+        full = utils.poisoned_empty((num_tokens, ys.shape[1]), ys.dtype, ys.device)
         full[: num_tokens - 1] = out
         return full
 
@@ -293,7 +295,7 @@ def _no_host_sync():
 
 
 def test_no_host_sync_forward_backward():
-    # on CPU: no Python-level read of a tensor value anywhere in forward and backward (routing
+    # on CPU: no Python-level read of a tensor value anywhere in forward and backward (grouping
     # included); the GPU test below checks the same with torch's sync debug mode
     inp = _shape_inputs("E64-sparse-k2", per_expert=True)
     a = _leaves(inp, torch.float32, ALL_GRADS, DEVICE)
@@ -312,8 +314,8 @@ _AOT_SCRIPT = r"""
 import sys, triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-import selfmoe.kernels.lora_mix_grouped as G
-import selfmoe.kernels.routing as R
+import selfmoe.kernels.grouped_kernels as G
+import selfmoe.kernels.grouping as R
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 SMEM = 227 * 1024
@@ -347,40 +349,40 @@ for dt, prec, nbytes in (("bf16", "tf32", 2), ("fp32", "ieee", 4)):
     # default (first) configs at BLOCK_M 64; other configs are kept or pruned by the smem estimates,
     # which must bound what the compiler really allocates
     t = dict(x_ptr="*" + dt, w_ptr="*" + dt, out_ptr="*fp32", sorted_slots_ptr="*i32", block_expert_ptr="*i32",
-             h_ptr="*fp32", dw_ptr="*" + dt, scale_ptr="*fp32", scale_val=f32, K=i32, R=i32, TOPK=i32, CAP=i32,
+             h_ptr="*fp32", dw_ptr="*" + dt, scale_ptr="*fp32", scale_val=f32, K=i32, r=i32, TOPK=i32, CAP=i32,
              T_BUCKET=i32, stride_xt=i32, stride_xk=i32, stride_we=i32, stride_wr=i32, stride_wk=i32)
     cfg = G._shrink_configs()[0]
     build(G._grouped_shrink_kernel, t, dict(SPLIT=1, DW_EPILOGUE=True, PER_EXPERT_SCALE=True,
           DOT_PRECISION=prec, BLOCK_M=64, BLOCK_R=16), cfg, "shrink " + dt,
           G.shrink_smem_estimate(64, cfg.kwargs["BLOCK_K"], 16, cfg.num_stages, nbytes))
     t = dict(h_ptr="*fp32", w_ptr="*" + dt, out_ptr="*" + dt, h_out_ptr="*fp32", gate_ptr="*" + dt,
-             scale_ptr="*fp32", sorted_slots_ptr="*i32", block_expert_ptr="*i32", scale_val=f32, N=i32, R=i32,
+             scale_ptr="*fp32", sorted_slots_ptr="*i32", block_expert_ptr="*i32", scale_val=f32, N=i32, r=i32,
              CAP=i32, T_BUCKET=i32, stride_we=i32, stride_wn=i32, stride_wr=i32, stride_ot=i32, stride_on=i32)
     build(G._grouped_expand_kernel, t, dict(SPLIT=3, STORE_H=True, ACCUMULATE=True, PER_EXPERT_SCALE=False,
           DOT_PRECISION=prec, BLOCK_M=64, BLOCK_R=16), G._expand_configs()[0], "expand " + dt)
     t = dict(lr_ptr="*fp32", wide_ptr="*" + dt, out_ptr="*fp32", gate_ptr="*" + dt, scale_ptr="*fp32",
-             sorted_slots_ptr="*i32", padded_offsets_ptr="*i32", scale_val=f32, D=i32, R=i32, TOPK=i32,
+             sorted_slots_ptr="*i32", padded_offsets_ptr="*i32", scale_val=f32, D=i32, r=i32, TOPK=i32,
              T_BUCKET=i32, stride_wt=i32, stride_wd=i32, stride_os=i32, stride_oe=i32, stride_or=i32, stride_od=i32)
     cfg = G._outer_configs()[0]
     build(G._grouped_outer_kernel, t, dict(SPLIT=2, PER_EXPERT_SCALE=True, DOT_PRECISION=prec, BLOCK_M=64,
           BLOCK_R=16), cfg, "outer " + dt, G.outer_smem_estimate(64, cfg.kwargs["BLOCK_D"], 16, cfg.num_stages, nbytes))
 build(G._split_reduce_kernel, dict(part_ptr="*fp32", out_ptr="*fp32", sorted_slots_ptr="*i32",
-      block_expert_ptr="*i32", h_ptr="*fp32", dw_ptr="*bf16", scale_ptr="*fp32", scale_val=f32, R=i32,
+      block_expert_ptr="*i32", h_ptr="*fp32", dw_ptr="*bf16", scale_ptr="*fp32", scale_val=f32, r=i32,
       CAP=i32), dict(SPLIT=4, DW_EPILOGUE=True, PER_EXPERT_SCALE=False, BLOCK_M=64, BLOCK_R=16),
       label="split_reduce")
 build(G._combine_slots_kernel, dict(ys_ptr="*bf16", y_ptr="*bf16", N=i32, TOPK=i32),
       dict(HAS_BASE=True, BLOCK_N=1024), label="combine")
 build(G._sum_splits_kernel, dict(part_ptr="*fp32", out_ptr="*bf16", numel=i32), dict(SPLIT=3, BLOCK=1024),
       label="sum_splits")
-build(R._routing_count_kernel, dict(ids_ptr="*i64", blk_counts_ptr="*i32", S=i32), dict(BLOCK_S=256, E_P=64),
-      label="routing count")
+build(R._grouping_count_kernel, dict(ids_ptr="*i64", blk_counts_ptr="*i32", S=i32), dict(BLOCK_S=256, E_P=64),
+      label="grouping count")
 place = dict(ids_ptr="*i64", blk_counts_ptr="*i32", blk_incl_ptr="*i32", sorted_slots_ptr="*i32",
              slot_to_sorted_ptr="*i32", block_expert_ptr="*i32", expert_offsets_ptr="*i32",
              padded_offsets_ptr="*i32", S=i32, E=i32, NB=i32, CAP=i32, NUM_BLOCKS=i32)
-build(R._routing_place_kernel, place, dict(BLOCK_M=64, BLOCK_S=256, E_P=64, PREFIX_IN_KERNEL=False),
-      label="routing place (prefill)")
-build(R._routing_place_kernel, place, dict(BLOCK_M=16, BLOCK_S=32, E_P=64, PREFIX_IN_KERNEL=True),
-      label="routing place (decode)")
+build(R._grouping_place_kernel, place, dict(BLOCK_M=64, BLOCK_S=256, E_P=64, PREFIX_IN_KERNEL=False),
+      label="grouping place (prefill)")
+build(R._grouping_place_kernel, place, dict(BLOCK_M=16, BLOCK_S=32, E_P=64, PREFIX_IN_KERNEL=True),
+      label="grouping place (decode)")
 print("\n".join(bad))
 sys.exit(1 if bad else 0)
 """
@@ -406,23 +408,23 @@ def test_kernels_compile_for_sm90():
 def test_config_pruning_fits_shared_memory(elem, block_r, monkeypatch):
     # H100 limit: the fp32 r=64 BLOCK_K=256 shrink (256 KiB pipelined) must go, the rest must stay
     limit = 227 * 1024
-    monkeypatch.setattr(grouped, "_max_smem", lambda device: limit)
+    monkeypatch.setattr(grouped_kernels, "max_smem", lambda device: limit)
     x = torch.empty(1, 1, dtype={4: torch.float32, 2: torch.float16}[elem])
     kw = dict(BLOCK_M=64, BLOCK_R=block_r)
     for prune, configs, name, est in (
-        (grouped._prune_shrink, grouped._shrink_configs(), "x_ptr",
-         lambda c: grouped.shrink_smem_estimate(64, c.kwargs["BLOCK_K"], block_r, c.num_stages, elem)),
-        (grouped._prune_outer, grouped._outer_configs(), "wide_ptr",
-         lambda c: grouped.outer_smem_estimate(64, c.kwargs["BLOCK_D"], block_r, c.num_stages, elem)),
+        (grouped_kernels._prune_shrink, grouped_kernels._shrink_configs(), "x_ptr",
+         lambda c: grouped_kernels.shrink_smem_estimate(64, c.kwargs["BLOCK_K"], block_r, c.num_stages, elem)),
+        (grouped_kernels._prune_outer, grouped_kernels._outer_configs(), "wide_ptr",
+         lambda c: grouped_kernels.outer_smem_estimate(64, c.kwargs["BLOCK_D"], block_r, c.num_stages, elem)),
     ):
         kept = prune(configs, {name: x}, **kw)
         assert kept and [str(c) for c in kept] == [str(c) for c in configs if est(c) <= limit]
-    kept = [str(c) for c in grouped._prune_shrink(grouped._shrink_configs(), {"x_ptr": x}, **kw)]
-    dropped = [c for c in grouped._shrink_configs() if str(c) not in kept]
+    kept = [str(c) for c in grouped_kernels._prune_shrink(grouped_kernels._shrink_configs(), {"x_ptr": x}, **kw)]
+    dropped = [c for c in grouped_kernels._shrink_configs() if str(c) not in kept]
     assert bool(dropped) == (elem == 4 and block_r == 64)
     # nothing fits: the smallest config is kept so the launch fails loudly rather than the autotuner
-    monkeypatch.setattr(grouped, "_max_smem", lambda device: 1024)
-    assert len(grouped._prune_shrink(grouped._shrink_configs(), {"x_ptr": x}, **kw)) == 1
+    monkeypatch.setattr(grouped_kernels, "max_smem", lambda device: 1024)
+    assert len(grouped_kernels._prune_shrink(grouped_kernels._shrink_configs(), {"x_ptr": x}, **kw)) == 1
 
 
 # ----------------------------------------------------------------------------------------------------

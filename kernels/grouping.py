@@ -1,8 +1,9 @@
-"""Routing metadata for the grouped multi-LoRA kernels: token-slots sorted by expert, padded to tiles.
+"""Grouping metadata for the grouped multi-LoRA kernels: token-slots sorted by expert, padded to tiles.
 
 A token t routed to k experts owns k *slots* ``s = t * k + j`` (``j`` indexes its top-k choice). Grouped
 kernels want the slots of one expert next to each other, in tiles of ``BLOCK_M`` rows that never mix
-experts, so each tile is a plain dense matmul against one expert's weights. Built here::
+experts, so each tile is a plain dense matmul against one expert's weights. (Routing, which picks the
+experts, is ``route_topk`` in topk.py; this module only groups the slots the router chose.) Built here::
 
     expert_ids [T, k] ──flatten──> e(s) for s in [0, S)              S = T * k
     stable sort by expert, each expert's run padded up to a multiple of BLOCK_M:
@@ -24,40 +25,26 @@ there. Nothing calls ``.item()``, ``.tolist()``, ``bool(tensor)`` or ``torch.non
 
 Three implementations, all with the same result:
 
-- ``routing_metadata_triton``: two Triton kernels (count per slot block, then place); 2 launches
+- ``grouping_metadata_triton``: two Triton kernels (count per slot block, then place); 2 launches
   (3 for very large S), which matters in decode where the LoRA math itself is microseconds.
-- ``routing_metadata_torch``: stable ``torch.sort`` + ``searchsorted`` + ``cumsum`` + ``scatter_``;
+- ``grouping_metadata_torch``: stable ``torch.sort`` + ``searchsorted`` + ``cumsum`` + ``scatter_``;
   sync-free as well, about fifteen small launches.
-- ``routing_metadata_naive``: Python lists, the readable reference for tests (syncs; never on a hot path).
+- ``grouping_metadata_naive``: Python lists, the readable reference for tests (syncs; never on a hot path).
 
 Stability: slots of one expert keep their slot order (token-major, then top-k position), so results
 never depend on how a sort broke ties.
 """
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-# Debug switch: fill every buffer allocated through ``poisoned_empty`` with NaN (floats) or -2 (ints)
-# before kernels run, so an element no kernel wrote shows up in the result. Tests flip it with
-# monkeypatch; ``SELFMOE_DEBUG_POISON=1`` turns it on for a whole run. Off on the hot path.
-POISON = os.environ.get("SELFMOE_DEBUG_POISON", "0") == "1"
-INT_POISON = -2  # distinct from the padding sentinel -1
+from .utils import device_guard, interpreting, poisoned_empty
 
-
-def poisoned_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """``torch.empty``, or a NaN / ``INT_POISON``-filled buffer when ``POISON`` is on."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if POISON:
-        out.fill_(float("nan") if out.is_floating_point() else INT_POISON)
-    return out
-
-
-class RoutingMeta(NamedTuple):
+class GroupingMeta(NamedTuple):
     """Slot order for grouped kernels. Tensors are int32 on the ids' device; the ints are shape facts."""
 
     sorted_slots: torch.Tensor  # [capacity]: slot id at each padded sorted position, -1 = padding
@@ -89,13 +76,14 @@ class RoutingMeta(NamedTuple):
         return self.padded_offsets[-1:]
 
 
-def routing_capacity(num_slots: int, num_experts: int, block_m: int) -> int:
+def grouping_capacity(num_slots: int, num_experts: int, block_m: int) -> int:
     """Upper bound on padded rows: ``S + min(E, S) * (BLOCK_M - 1)``, rounded up to a multiple of BLOCK_M."""
     rows = num_slots + min(num_experts, num_slots) * (block_m - 1)
     return triton.cdiv(rows, block_m) * block_m
 
 
-def _check_args(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> None:
+def _check_and_size(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Tuple[int, int, int]:
+    """Check the arguments; return ``(k, S, capacity)``."""
     if expert_ids.dim() != 2:
         raise ValueError(f"expert_ids must have shape [T, k], got {list(expert_ids.shape)}")
     if expert_ids.dtype not in (torch.int32, torch.int64):
@@ -104,6 +92,9 @@ def _check_args(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Non
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if block_m < 1 or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two, got {block_m}")
+    T, k = expert_ids.shape
+    S = T * k
+    return k, S, grouping_capacity(S, num_experts, block_m)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,14 +102,11 @@ def _check_args(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> Non
 # ----------------------------------------------------------------------------------------------------
 
 
-def routing_metadata_naive(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> RoutingMeta:
+def grouping_metadata_naive(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> GroupingMeta:
     """Readable reference: bucket the slots per expert in slot order, pad each bucket with -1."""
-    _check_args(expert_ids, num_experts, block_m)
-    T, k = expert_ids.shape
+    k, S, capacity = _check_and_size(expert_ids, num_experts, block_m)
     flat = expert_ids.reshape(-1).tolist()
-    S = len(flat)
     buckets = [[s for s, e in enumerate(flat) if e == ex] for ex in range(num_experts)]
-    capacity = routing_capacity(S, num_experts, block_m)
     sorted_slots = [-1] * capacity
     slot_to_sorted = [0] * S
     block_expert = [-1] * (capacity // block_m)
@@ -137,7 +125,7 @@ def routing_metadata_naive(expert_ids: torch.Tensor, num_experts: int, block_m: 
     def as_tensor(values):
         return torch.tensor(values, dtype=torch.int32, device=expert_ids.device)
 
-    return RoutingMeta(
+    return GroupingMeta(
         as_tensor(sorted_slots), as_tensor(slot_to_sorted), as_tensor(block_expert),
         as_tensor(expert_offsets), as_tensor(padded_offsets), S, k, num_experts, block_m,
     )
@@ -148,14 +136,11 @@ def routing_metadata_naive(expert_ids: torch.Tensor, num_experts: int, block_m: 
 # ----------------------------------------------------------------------------------------------------
 
 
-def routing_metadata_torch(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> RoutingMeta:
+def grouping_metadata_torch(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> GroupingMeta:
     """Sync-free torch version: stable sort, offsets by ``searchsorted`` (``bincount`` would read the
     max id back to the host on CUDA), padded positions by arithmetic, buffers filled by ``scatter_``."""
-    _check_args(expert_ids, num_experts, block_m)
-    T, k = expert_ids.shape
+    k, S, capacity = _check_and_size(expert_ids, num_experts, block_m)
     device = expert_ids.device
-    S = T * k
-    capacity = routing_capacity(S, num_experts, block_m)
     num_blocks = capacity // block_m
 
     flat = expert_ids.reshape(-1).to(torch.int64)  # [S]
@@ -178,7 +163,7 @@ def routing_metadata_torch(expert_ids: torch.Tensor, num_experts: int, block_m: 
     block_expert = torch.where(starts < padded_offsets[-1], owner, torch.full_like(owner, -1))
 
     i32 = torch.int32
-    return RoutingMeta(
+    return GroupingMeta(
         sorted_slots.to(i32), slot_to_sorted.to(i32), block_expert.to(i32),
         expert_offsets.to(i32), padded_offsets.to(i32), S, k, num_experts, block_m,
     )
@@ -190,7 +175,7 @@ def routing_metadata_torch(expert_ids: torch.Tensor, num_experts: int, block_m: 
 
 
 @triton.jit
-def _routing_count_kernel(
+def _grouping_count_kernel(
     ids_ptr,  # [S] int32/int64 expert of each slot
     blk_counts_ptr,  # [NB, E_P] int32 out: slots per expert in each block of BLOCK_S slots
     S,
@@ -207,9 +192,9 @@ def _routing_count_kernel(
 
 
 @triton.jit
-def _routing_place_kernel(
+def _grouping_place_kernel(
     ids_ptr,  # [S] expert of each slot
-    blk_counts_ptr,  # [NB, E_P] int32 from _routing_count_kernel
+    blk_counts_ptr,  # [NB, E_P] int32 from _grouping_count_kernel
     blk_incl_ptr,  # [NB, E_P] int32 inclusive cumsum over blocks (read only if not PREFIX_IN_KERNEL)
     sorted_slots_ptr,  # [CAP] int32 out
     slot_to_sorted_ptr,  # [S] int32 out
@@ -293,26 +278,23 @@ def _routing_place_kernel(
 _PREFIX_LOOP_MAX_BLOCKS = 32
 
 
-def _routing_block_s(num_slots: int, e_pad: int) -> int:
+def _grouping_block_s(num_slots: int, e_pad: int) -> int:
     # [BLOCK_S, E_P] one-hot tiles: keep them <= 16K elements (registers), and blocks few enough that the
     # prefix stays cheap.
     want = triton.next_power_of_2(max(1, triton.cdiv(num_slots, _PREFIX_LOOP_MAX_BLOCKS)))
     return max(32, min(want, max(32, 16384 // e_pad)))
 
 
-def routing_metadata_triton(
+def grouping_metadata_triton(
     expert_ids: torch.Tensor, num_experts: int, block_m: int, *, block_s: Optional[int] = None
-) -> RoutingMeta:
-    """Routing metadata with two Triton kernels (count, place), sync-free. ``block_s`` overrides the
+) -> GroupingMeta:
+    """Grouping metadata with two Triton kernels (count, place), sync-free. ``block_s`` overrides the
     slot-block size (tests use it to reach the multi-block and torch-prefix paths on small inputs)."""
-    _check_args(expert_ids, num_experts, block_m)
-    T, k = expert_ids.shape
+    k, S, capacity = _check_and_size(expert_ids, num_experts, block_m)
     device = expert_ids.device
-    S = T * k
-    capacity = routing_capacity(S, num_experts, block_m)
     num_blocks = capacity // block_m
     e_pad = max(16, triton.next_power_of_2(num_experts))
-    BS = block_s if block_s is not None else _routing_block_s(S, e_pad)
+    BS = block_s if block_s is not None else _grouping_block_s(S, e_pad)
     nb = max(1, triton.cdiv(S, BS))
 
     ids = expert_ids.reshape(-1)
@@ -326,43 +308,43 @@ def routing_metadata_triton(
     expert_offsets = poisoned_empty((num_experts + 1,), i32, device)
     padded_offsets = poisoned_empty((num_experts + 1,), i32, device)
 
-    _routing_count_kernel[(nb,)](ids, blk_counts, S, BLOCK_S=BS, E_P=e_pad)
     prefix_in_kernel = nb <= _PREFIX_LOOP_MAX_BLOCKS
-    blk_incl = blk_counts if prefix_in_kernel else torch.cumsum(blk_counts, 0, dtype=i32)
-    grid = (max(nb, triton.cdiv(capacity, BS)),)
-    _routing_place_kernel[grid](
-        ids, blk_counts, blk_incl, sorted_slots, slot_to_sorted, block_expert, expert_offsets, padded_offsets,
-        S, num_experts, nb, capacity, num_blocks,
-        BLOCK_M=block_m, BLOCK_S=BS, E_P=e_pad, PREFIX_IN_KERNEL=prefix_in_kernel,
-    )
-    return RoutingMeta(
+    with device_guard(ids):
+        _grouping_count_kernel[(nb,)](ids, blk_counts, S, BLOCK_S=BS, E_P=e_pad)
+        blk_incl = blk_counts if prefix_in_kernel else torch.cumsum(blk_counts, 0, dtype=i32)
+        grid = (max(nb, triton.cdiv(capacity, BS)),)
+        _grouping_place_kernel[grid](
+            ids, blk_counts, blk_incl, sorted_slots, slot_to_sorted, block_expert, expert_offsets, padded_offsets,
+            S, num_experts, nb, capacity, num_blocks,
+            BLOCK_M=block_m, BLOCK_S=BS, E_P=e_pad, PREFIX_IN_KERNEL=prefix_in_kernel,
+        )
+    return GroupingMeta(
         sorted_slots, slot_to_sorted, block_expert, expert_offsets, padded_offsets, S, k, num_experts, block_m,
     )
 
 
-def routing_metadata(
+def grouping_metadata(
     expert_ids: torch.Tensor, num_experts: int, block_m: int, *, impl: str = "auto"
-) -> RoutingMeta:
-    """Build ``RoutingMeta`` for ``expert_ids [T, k]`` (values in ``[0, E)``, not checked here).
+) -> GroupingMeta:
+    """Build ``GroupingMeta`` for ``expert_ids [T, k]`` (values in ``[0, E)``, not checked here).
 
     ``impl``: ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` (any device), or
     ``"auto"`` (triton on CUDA or under the interpreter, torch otherwise). All are free of host syncs.
     """
     if impl == "auto":
-        impl = "triton" if (expert_ids.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1") else "torch"
+        impl = "triton" if (expert_ids.is_cuda or interpreting()) else "torch"
     if impl == "triton":
-        return routing_metadata_triton(expert_ids, num_experts, block_m)
+        return grouping_metadata_triton(expert_ids, num_experts, block_m)
     if impl == "torch":
-        return routing_metadata_torch(expert_ids, num_experts, block_m)
+        return grouping_metadata_torch(expert_ids, num_experts, block_m)
     raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
 
 
 __all__ = [
-    "RoutingMeta",
-    "routing_capacity",
-    "routing_metadata",
-    "routing_metadata_naive",
-    "routing_metadata_torch",
-    "routing_metadata_triton",
-    "poisoned_empty",
+    "GroupingMeta",
+    "grouping_capacity",
+    "grouping_metadata",
+    "grouping_metadata_naive",
+    "grouping_metadata_torch",
+    "grouping_metadata_triton",
 ]

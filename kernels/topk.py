@@ -18,7 +18,7 @@ def route_topk(
         logits: ``[..., E]`` router logits, float.
         k: number of experts per token, ``1 <= k <= E``.
         renormalize: rescale the kept probabilities to sum to 1.
-        backend: ``"torch"``, ``"triton"`` (one fused kernel, kernels/route_topk_triton.py; CUDA, or CPU
+        backend: ``"torch"``, ``"triton"`` (one fused kernel, kernels/topk_triton.py; CUDA, or CPU
             with ``TRITON_INTERPRET=1``) or ``"auto"`` (triton for CUDA fp32/fp16/bf16 logits, else torch).
 
     Returns:
@@ -40,7 +40,7 @@ def route_topk(
         from .dispatch import route_topk_backend
 
         if route_topk_backend(backend, logits) == "triton":
-            from .route_topk_triton import route_topk_triton
+            from .topk_triton import route_topk_triton
 
             return route_topk_triton(logits, k, renormalize)
     probs = torch.softmax(logits.float(), dim=-1)  # [..., E]

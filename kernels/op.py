@@ -1,17 +1,20 @@
-"""``lora_mix``: the routed multi-LoRA linear (contract in DESIGN.md), validated and dispatched to a backend."""
+"""``lora_mix``: the routed multi-LoRA linear (see docs/design.md, section 'The op contract').
+
+Validated (checks.py), run under autocast like ``nn.Linear``, given a backend (``resolve_backend``, then
+dispatch.py for the Triton path) and run through ``contract.run_backend``, which prepares the inputs
+once for whichever backend runs.
+"""
 from __future__ import annotations
 
-import os
+import math
 from typing import Optional, Union
 
 import torch
 
 from .checks import check_lora_mix_inputs
-from .lora_mix_torch import lora_mix_torch
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .contract import Backend, run_backend
+from .torch_path import TORCH
+from .utils import interpreting
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -25,7 +28,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
         return auto_backend(x.is_cuda, x.dtype, x.is_cuda and triton_available())
     # backend == "triton"
-    if not x.is_cuda and not _triton_interpret():
+    if not x.is_cuda and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (x is on {x.device}) or TRITON_INTERPRET=1 for the CPU interpreter"
         )
@@ -43,6 +46,15 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
         return torch.get_autocast_dtype(device_type)
     except (RuntimeError, TypeError, AttributeError):  # a device type autocast does not know
         return None
+
+
+def _triton_backend(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, k: int, has_base: bool) -> Backend:
+    """The Triton path ``choose_lora_path`` picks from (T, d_in, d_out, E, r, k): see dispatch.py."""
+    from .dispatch import triton_backend
+
+    E, r, d_in = lora_A.shape
+    T = math.prod(x.shape[:-1])
+    return triton_backend(T, d_in, lora_B.shape[1], E, r, k, has_base=has_base, dtype_bytes=x.element_size())
 
 
 def lora_mix(
@@ -103,29 +115,8 @@ def lora_mix(
                             base_weight=base_weight, base_bias=base_bias, backend=backend, check_ids=check_ids)
     check_lora_mix_inputs(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias, backend,
                           check_ids)
-    resolved = resolve_backend(backend, x)
-
-    if resolved == "torch":  # flattens inside its autograd.Function: no view nodes per call
-        lead = x.shape[:-1]
-        if expert_ids.shape[:-1] != lead:
-            expert_ids = expert_ids.reshape(*lead, expert_ids.shape[-1])
-        if expert_weights.shape[:-1] != lead:
-            expert_weights = expert_weights.reshape(*lead, expert_weights.shape[-1])
-        return lora_mix_torch(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias)
-
-    lead = x.shape[:-1]
-    T = 1
-    for s in lead:
-        T *= s
-    d_in = x.shape[-1]
-    d_out = lora_B.shape[1]
-    k = expert_ids.shape[-1]
-    x2 = x.reshape(T, d_in)
-    ids2 = expert_ids.reshape(T, k)
-    w2 = expert_weights.reshape(T, k)
-
-    # Dense-rank, decode or grouped kernels, picked from (T, d_in, d_out, E, r, k): see dispatch.py.
-    from .dispatch import lora_mix_triton
-
-    y = lora_mix_triton(x2, lora_A, lora_B, ids2, w2, scaling, base_weight, base_bias)
-    return y.reshape(*lead, d_out)
+    if resolve_backend(backend, x) == "torch":
+        chosen = TORCH
+    else:
+        chosen = _triton_backend(x, lora_A, lora_B, expert_ids.shape[-1], base_weight is not None)
+    return run_backend(chosen, x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias)

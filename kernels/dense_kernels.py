@@ -1,0 +1,391 @@
+"""Dense-rank Triton kernels of the routed multi-LoRA linear (small ``E*r``), forward and backward.
+
+All experts form one ``[E*r, d_in]`` matrix ``A_all`` (``lora_A`` reshaped, no copy) and one
+``[d_out, E*r]`` matrix ``B_all`` (read straight out of ``lora_B [E, d_out, r]`` by computing each rank
+column's expert and rank index, so it is never materialised). Notation: T tokens, K = d_in, N = d_out,
+E experts of rank r, ``ER = E*r`` rank columns, K_TOP = k slots per token. Names follow the grouped
+kernels: ``i_`` program and gathered indices, ``o_`` offsets, ``m_`` masks, ``b_`` blocks of values,
+``p_`` pointers, with ``# [BM, BK]`` shape comments. Launchers, the math of each path and the backward
+plan are in dense.py.
+
+Forward: ``_shrink_gate_fwd_kernel`` (H = x @ A_all.T, Hg = H * G * scaling) then
+``_fused_base_lora_kernel`` (y = [x | Hg] @ [W | B_all].T + b, one K loop over d_in + ER); decode:
+``_decode_fused_fwd_kernel`` (both in one launch). Backward: ``_dhg_bwd_kernel`` (dH and the gate grads),
+``_fused_base_lora_kernel`` again (dx) and ``_matmul_tn_kernel`` (dA, dB, dW).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tuning import select_configs
+
+# --------------------------------------------------------------------------------------------------
+# Config factories (first entry = default; ``select_configs`` applies the pin and interpreter policy)
+# --------------------------------------------------------------------------------------------------
+
+
+def _shrink_configs():
+    # The shrink is [T, K] x [K, <=128]: wide K tiles, modest M; it is bandwidth-bound on x.
+    return select_configs([
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    ])
+
+
+def _fused_configs():
+    # The base GEMM with a longer K loop: standard large-tile GEMM configs.
+    return select_configs([
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ])
+
+
+def _decode_configs():
+    # W streaming: small BLOCK_N gives enough programs to saturate HBM at N ~ 4096; deep pipelines.
+    # Shared memory per stage is BLOCK_K * (BLOCK_M + BLOCK_N + BLOCK_C) elements with BLOCK_M, BLOCK_C
+    # up to 64 and 128: the first (default / pinned) config fits fp32 at the largest tile (192 KB);
+    # the deeper ones are for half inputs at small T (configs that do not fit are skipped by autotune).
+    return select_configs([
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=2, num_stages=5),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    ])
+
+
+def _dhg_configs():
+    return select_configs([
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    ])
+
+
+def _tn_configs():
+    # Weight gradients reduce over T: tall BLOCK_T, output tiles sized for [ER, K] / [N, ER] / [N, K].
+    return select_configs([
+        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_T": 32, "GROUP_P": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=4),
+    ])
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _swizzle_pid(i_pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """Grouped program order: GROUP row tiles share each column tile while it is hot in L2."""
+    n_in_group = GROUP * n_cols
+    i_group = i_pid // n_in_group
+    i_first = i_group * GROUP
+    group_rows = min(n_rows - i_first, GROUP)
+    i_row = i_first + (i_pid % n_in_group) % group_rows
+    i_col = (i_pid % n_in_group) // group_rows
+    return i_row, i_col
+
+
+@triton.jit
+def _gate_scale_cols(
+    ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_ce, m_c, K_TOP,
+    stride_idm, stride_idk, stride_gm, stride_gk,
+    PER_EXPERT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Gate x scaling of each (token, rank column) tile entry, fp32 ``[BLOCK_M, BLOCK_C]``.
+
+    Rebuilt from the top-k ids/gates (k compares per tile) instead of reading a [T, E] gate tensor:
+    cheaper than a scatter launch plus a round-trip, and duplicate ids add up by construction.
+    ``i_ce`` is the expert of each tile column, ``m_c`` its validity.
+    """
+    b_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for j in range(K_TOP):
+        b_id = tl.load(ids_ptr + o_m * stride_idm + j * stride_idk, mask=m_m, other=-1)  # [BM]
+        b_w = tl.load(gate_ptr + o_m * stride_gm + j * stride_gk, mask=m_m, other=0.0).to(tl.float32)  # [BM]
+        b_g += tl.where(b_id[:, None] == i_ce[None, :], b_w[:, None], 0.0)  # [BM, BC]
+    if PER_EXPERT_SCALE:
+        b_s = tl.load(scale_ptr + i_ce, mask=m_c, other=0.0)  # [BC] fp32
+        b_g = b_g * b_s[None, :]
+    else:
+        b_g = b_g * scale_val
+    return b_g
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+@triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C"])
+@triton.jit
+def _shrink_gate_fwd_kernel(
+    x_ptr, a_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
+    T, K, E, r, K_TOP, scale_val, T_BUCKET,
+    stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, R_PAD: tl.constexpr, EPC: tl.constexpr,
+    BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Grid: (cdiv(T, BLOCK_M), cdiv(E, EPC)). A tile holds EPC whole experts, R_PAD (pow2 >= r) columns
+    # each, so the gate of a column is one expert's gate and non-pow2 ranks only cost masked lanes.
+    i_m = tl.program_id(0)
+    i_c = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_m = o_m < T
+    o_tc = tl.arange(0, BLOCK_C)
+    i_ce = i_c * EPC + o_tc // R_PAD  # [BC] expert of each tile column
+    i_cj = o_tc % R_PAD  # [BC] rank index within the expert
+    m_c = (i_ce < E) & (i_cj < r)
+    o_k0 = tl.arange(0, BLOCK_K)
+
+    o_xrow = o_m.to(tl.int64) * stride_xm
+    b_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for i_k in range(0, K, BLOCK_K):
+        o_k = i_k + o_k0
+        b_x = tl.load(x_ptr + o_xrow[:, None] + o_k[None, :] * stride_xk,
+                      mask=m_m[:, None] & (o_k[None, :] < K), other=0.0)  # [BM, BK]
+        b_a = tl.load(a_ptr + i_ce[None, :] * stride_ae + i_cj[None, :] * stride_ar + o_k[:, None] * stride_ak,
+                      mask=m_c[None, :] & (o_k[:, None] < K), other=0.0)  # [BK, BC]
+        b_acc = tl.dot(b_x, b_a, b_acc, input_precision=DOT_PRECISION)
+
+    b_g = _gate_scale_cols(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_ce, m_c, K_TOP,
+                           stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, BLOCK_C)
+    o_col = i_ce * r + i_cj  # [BC] column in the [T, ER] layout
+    p_out = o_m.to(tl.int64)[:, None] * stride_hm + o_col[None, :] * stride_hc
+    m_out = m_m[:, None] & m_c[None, :]
+    if SAVE_H:
+        tl.store(h_ptr + p_out, b_acc.to(h_ptr.dtype.element_ty), mask=m_out)
+    tl.store(hg_ptr + p_out, (b_acc * b_g).to(hg_ptr.dtype.element_ty), mask=m_out)
+
+
+@triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"])
+@triton.jit
+def _fused_base_lora_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr,
+    M, N, K1, K2, r, M_BUCKET,
+    stride_a1m, stride_a1k, stride_b1k, stride_b1n,
+    stride_a2m, stride_a2c, stride_b2e, stride_b2r, stride_b2n,
+    stride_om, stride_on,
+    HAS_SEG1: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[M, N] = a1[M, K1] @ b1[K1, N] + a2[M, K2] @ b2[K2, N] (+ bias[N]): one K loop over K1 + K2.
+
+    b2 is a rank-column operand: row c lives at ``(c // r) * stride_b2e + (c % r) * stride_b2r``, which
+    reads B_all.T straight out of lora_B [E, N, r] (forward) or A_all out of lora_A [E, r, K] (dx).
+    """
+    i_m, i_n = _swizzle_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    o_k0 = tl.arange(0, BLOCK_K)
+    m_m = o_m < M
+    m_n = o_n < N
+    o_row = o_m.to(tl.int64)
+
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_SEG1:
+        # Segment 1: the base GEMM over K1 (= d_in forward, d_out for dx).
+        for i_k in range(0, K1, BLOCK_K):
+            o_k = i_k + o_k0
+            b_a = tl.load(a1_ptr + o_row[:, None] * stride_a1m + o_k[None, :] * stride_a1k,
+                          mask=m_m[:, None] & (o_k[None, :] < K1), other=0.0)  # [BM, BK]
+            b_b = tl.load(b1_ptr + o_k[:, None] * stride_b1k + o_n[None, :] * stride_b1n,
+                          mask=(o_k[:, None] < K1) & m_n[None, :], other=0.0)  # [BK, BN]
+            b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
+    # Segment 2: the LoRA expand over the ER rank columns, same accumulator (the "concatenated K").
+    for i_c in range(0, K2, BLOCK_K):
+        o_c = i_c + o_k0  # [BK] rank columns
+        m_c = o_c < K2
+        b_a = tl.load(a2_ptr + o_row[:, None] * stride_a2m + o_c[None, :] * stride_a2c,
+                      mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BM, BK]
+        p_b2 = (o_c // r)[:, None] * stride_b2e + (o_c % r)[:, None] * stride_b2r + o_n[None, :] * stride_b2n
+        b_b = tl.load(b2_ptr + p_b2, mask=m_c[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+        b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        b_bias = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)  # [BN]
+        b_acc += b_bias[None, :]
+    tl.store(out_ptr + o_row[:, None] * stride_om + o_n[None, :] * stride_on,
+             b_acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.autotune(configs=_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE"])
+@triton.jit
+def _decode_fused_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, y_ptr,
+    T, K, N, E, r, K_TOP, scale_val, T_BUCKET,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ae, stride_ar, stride_ak, stride_be, stride_bn, stride_br,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_ym, stride_yn,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr,
+    SAVE_HG: tl.constexpr, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Grid: (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M)); BLOCK_C covers every expert, so each program owns
+    # the whole shrink for its tokens and nothing round-trips through memory.
+    i_n = tl.program_id(0)
+    i_m = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    o_k0 = tl.arange(0, BLOCK_K)
+    o_tc = tl.arange(0, BLOCK_C)
+    m_m = o_m < T
+    m_n = o_n < N
+    i_ce = o_tc // R_PAD  # [BC]
+    i_cj = o_tc % R_PAD
+    m_c = (i_ce < E) & (i_cj < r)
+    o_row = o_m.to(tl.int64)
+
+    b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    b_h = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for i_k in range(0, K, BLOCK_K):
+        o_k = i_k + o_k0
+        m_k = o_k < K
+        b_x = tl.load(x_ptr + o_row[:, None] * stride_xm + o_k[None, :] * stride_xk,
+                      mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK], shared by both dots
+        if HAS_BASE:
+            b_w = tl.load(w_ptr + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk,
+                          mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+            b_y = tl.dot(b_x, b_w, b_y, input_precision=DOT_PRECISION)
+        b_a = tl.load(a_ptr + i_ce[None, :] * stride_ae + i_cj[None, :] * stride_ar + o_k[:, None] * stride_ak,
+                      mask=m_c[None, :] & m_k[:, None], other=0.0)  # [BK, BC]
+        b_h = tl.dot(b_x, b_a, b_h, input_precision=DOT_PRECISION)
+
+    b_g = _gate_scale_cols(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_ce, m_c, K_TOP,
+                           stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, BLOCK_C)
+    # Round Hg to the input dtype like the two-kernel path (which stores it) so both paths agree.
+    b_hg = (b_h * b_g).to(x_ptr.dtype.element_ty)  # [BM, BC]
+    if SAVE_H or SAVE_HG:
+        # Only the first N tile writes H / Hg for backward (every tile computed the same values).
+        if i_n == 0:
+            p_h = o_row[:, None] * stride_hm + (i_ce * r + i_cj)[None, :] * stride_hc
+            m_h = m_m[:, None] & m_c[None, :]
+            if SAVE_H:
+                tl.store(h_ptr + p_h, b_h.to(h_ptr.dtype.element_ty), mask=m_h)
+            if SAVE_HG:
+                tl.store(hg_ptr + p_h, b_hg, mask=m_h)
+    b_b = tl.load(b_ptr + i_ce[:, None] * stride_be + i_cj[:, None] * stride_br + o_n[None, :] * stride_bn,
+                  mask=m_c[:, None] & m_n[None, :], other=0.0)  # [BC, BN]
+    b_y = tl.dot(b_hg, b_b, b_y, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + o_row[:, None] * stride_ym + o_n[None, :] * stride_yn,
+             b_y.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.autotune(configs=_dhg_configs(), key=["T_BUCKET", "N", "E", "r", "NEED_DW", "STORE_DH"])
+@triton.jit
+def _dhg_bwd_kernel(
+    dy_ptr, b_ptr, h_ptr, ids_ptr, gate_ptr, scale_ptr, dh_ptr, dg_ptr, dw_ptr,
+    T, N, E, r, K_TOP, scale_val, T_BUCKET,
+    stride_dym, stride_dyn, stride_be, stride_bn, stride_br, stride_hm, stride_hc,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_dgm, stride_dge, stride_dwm, stride_dwk,
+    PER_EXPERT_SCALE: tl.constexpr, NEED_DW: tl.constexpr, STORE_DH: tl.constexpr, R_PAD: tl.constexpr,
+    EPC: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Grid: (cdiv(T, BLOCK_M),). A program owns whole token rows and walks the experts in chunks of EPC,
+    # so each token's gate grads are complete inside one program: no atomics, no second pass.
+    i_m = tl.program_id(0)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_m = o_m < T
+    o_row = o_m.to(tl.int64)
+    o_n0 = tl.arange(0, BLOCK_N)
+    o_tc = tl.arange(0, BLOCK_C)
+    o_e0 = tl.arange(0, EPC)
+
+    for i_e0 in range(0, E, EPC):
+        i_ce = i_e0 + o_tc // R_PAD  # [BC]
+        i_cj = o_tc % R_PAD
+        m_c = (i_ce < E) & (i_cj < r)
+        b_dhg = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for i_n in range(0, N, BLOCK_N):
+            o_n = i_n + o_n0
+            m_n = o_n < N
+            b_dy = tl.load(dy_ptr + o_row[:, None] * stride_dym + o_n[None, :] * stride_dyn,
+                           mask=m_m[:, None] & m_n[None, :], other=0.0)  # [BM, BN]
+            b_b = tl.load(b_ptr + i_ce[None, :] * stride_be + i_cj[None, :] * stride_br + o_n[:, None] * stride_bn,
+                          mask=m_c[None, :] & m_n[:, None], other=0.0)  # [BN, BC] = B_all chunk
+            b_dhg = tl.dot(b_dy, b_b, b_dhg, input_precision=DOT_PRECISION)
+
+        o_col = i_ce * r + i_cj
+        m_out = m_m[:, None] & m_c[None, :]
+        if STORE_DH:
+            b_g = _gate_scale_cols(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_ce, m_c, K_TOP,
+                                   stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, BLOCK_C)
+            tl.store(dh_ptr + o_row[:, None] * stride_hm + o_col[None, :] * stride_hc,
+                     (b_dhg * b_g).to(dh_ptr.dtype.element_ty), mask=m_out)
+        if NEED_DW:
+            b_h = tl.load(h_ptr + o_row[:, None] * stride_hm + o_col[None, :] * stride_hc,
+                          mask=m_out, other=0.0).to(tl.float32)  # [BM, BC]
+            if PER_EXPERT_SCALE:
+                b_s = tl.load(scale_ptr + i_ce, mask=m_c, other=0.0)  # [BC]
+                b_p = b_dhg * b_h * b_s[None, :]
+            else:
+                b_p = b_dhg * b_h * scale_val
+            # Sum each expert's R_PAD columns (padding lanes are 0): [BM, EPC] rank-space gate grads.
+            b_dg = tl.sum(tl.reshape(b_p, (BLOCK_M, EPC, R_PAD)), axis=2)
+            o_e = i_e0 + o_e0
+            tl.store(dg_ptr + o_row[:, None] * stride_dgm + o_e[None, :] * stride_dge, b_dg,
+                     mask=m_m[:, None] & (o_e[None, :] < E))
+
+    if NEED_DW:
+        # Gather dG[t, ids[t, j]] into [T, k]. The rows were written by this program's own threads;
+        # the barrier makes those global writes visible to the threads that read them back.
+        tl.debug_barrier()
+        for j in range(K_TOP):
+            b_id = tl.load(ids_ptr + o_m * stride_idm + j * stride_idk, mask=m_m, other=0)  # [BM]
+            # Out-of-range ids (only possible with SELFMOE_CHECK_IDS=0) select no expert anywhere in
+            # these kernels: mask them here too, so they get a zero gradient and never read out of bounds.
+            m_id = m_m & (b_id >= 0) & (b_id < E)
+            b_v = tl.load(dg_ptr + o_row * stride_dgm + b_id * stride_dge, mask=m_id, other=0.0)
+            tl.store(dw_ptr + o_m * stride_dwm + j * stride_dwk, b_v.to(dw_ptr.dtype.element_ty), mask=m_m)
+
+
+@triton.autotune(configs=_tn_configs(), key=["T_BUCKET", "P", "Q", "SPLIT"])
+@triton.jit
+def _matmul_tn_kernel(
+    a_ptr, b_ptr, out_ptr,
+    T, P, Q, QR, T_PER_SPLIT, T_BUCKET, SPLIT,
+    stride_at, stride_ap, stride_bt, stride_bq,
+    stride_os, stride_op, stride_oqe, stride_oqr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_P: tl.constexpr,
+):
+    """out[s][P, Q] = a[T_s, P].T @ b[T_s, Q] over the s-th slice of T (weight gradients).
+
+    Output column q is written at ``(q // QR) * stride_oqe + (q % QR) * stride_oqr``, which puts dB
+    straight into lora_B's [E, N, r] layout (QR = r) and is plain row-major for dA / dW (QR = Q).
+    """
+    i_p, i_q = _swizzle_pid(tl.program_id(0), tl.cdiv(P, BLOCK_P), tl.cdiv(Q, BLOCK_Q), GROUP_P)
+    i_s = tl.program_id(1)
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP]
+    o_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)  # [BQ]
+    o_t0 = tl.arange(0, BLOCK_T)
+    m_p = o_p < P
+    m_q = o_q < Q
+    t_lo = i_s * T_PER_SPLIT
+    t_hi = min(t_lo + T_PER_SPLIT, T)
+
+    b_acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
+    for i_t in range(t_lo, t_hi, BLOCK_T):
+        o_t = i_t + o_t0
+        m_t = o_t < t_hi
+        o_row = o_t.to(tl.int64)
+        b_a = tl.load(a_ptr + o_row[None, :] * stride_at + o_p[:, None] * stride_ap,
+                      mask=m_p[:, None] & m_t[None, :], other=0.0)  # [BP, BT] = a.T tile
+        b_b = tl.load(b_ptr + o_row[:, None] * stride_bt + o_q[None, :] * stride_bq,
+                      mask=m_t[:, None] & m_q[None, :], other=0.0)  # [BT, BQ]
+        b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
+
+    p_out = (i_s.to(tl.int64) * stride_os + o_p.to(tl.int64)[:, None] * stride_op
+             + (o_q // QR)[None, :] * stride_oqe + (o_q % QR)[None, :] * stride_oqr)
+    tl.store(out_ptr + p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_p[:, None] & m_q[None, :])

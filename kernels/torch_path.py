@@ -1,0 +1,179 @@
+"""The routed multi-LoRA linear on plain PyTorch: the CPU path and the fallback on any device.
+
+Dense-rank formulation (the contract: see docs/design.md, section 'The op contract'): all experts
+are one ``[E*r, d_in]`` matrix, so the whole mixture is two skinny GEMMs around a per-token gate, with
+no gather, no scatter and no Python loop over tokens or experts::
+
+    G  = dense gates [T, E]              (scatter-add of the top-k weights; duplicate ids add up)
+    Gc = (G * scaling) @ expander        [T, E*r]   (each expert's gate copied onto its r columns)
+    H  = x @ A_all.T                     [T, E*r]   (fp32 for half inputs: it feeds the gate grads)
+    Hg = H * Gc                          [T, E*r]
+    y  = x @ W.T + b + Hg @ B_all.T      [T, d_out]
+
+Backward, each product only when some input asks for it::
+
+    dHg = dy @ B_all                     [T, E*r]
+    dG  = scaling * (dHg * H) @ expander.T [T, E] (gate grads in rank space, never [T, k, d_out])
+    dH  = dHg * Gc
+    dx  = dy @ W + dH @ A_all,  dA = dH.T @ x,  dB = dy.T @ Hg,  dW = dy.T @ x,  db = sum_t dy
+
+Cost next to the base GEMM: ``4 * E*r / d`` more FLOPs for router training (grads for x and gates),
+which is a few percent at the paper's sizes. For large ``E*r`` with sparse top-k the grouped Triton
+kernels are the fast path; this one stays correct there, only slower.
+
+The backend (``TORCH``) takes prepared inputs (contract.py); ``lora_mix_torch`` is its direct entry point.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from .contract import Backend, LoRAMixInputs, entry_point, torch_base_grads
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    # Gates and gate gradients are kept in fp32 (fp64 for fp64 inputs): they are [T, E], tiny, and
+    # the gate gradient is a long dot product that bf16 would round badly.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_cuda_mm_out_dtype = True  # flips to False once torch.mm(..., out_dtype=) turns out to be missing
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with a result in the accumulation dtype (fp32 for half inputs).
+
+    H and dHg feed the gate gradient, a short dot product ``sum_r dHg * H`` prone to cancellation:
+    rounding either to bf16 first can leave a tiny gate gradient with no correct digit. They are
+    skinny ([T, E*r]), so keeping them in fp32 costs little. CUDA can return fp32 straight from a
+    half GEMM; elsewhere the operands are upcast.
+    """
+    global _cuda_mm_out_dtype
+    if a.dtype not in _HALF:
+        return a @ b
+    if a.is_cuda and _cuda_mm_out_dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _cuda_mm_out_dtype = False
+    return a.float() @ b.float()
+
+
+def dense_gates(expert_ids: torch.Tensor, expert_weights: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """Scatter top-k gates ``[T, k]`` into dense per-expert gates ``[T, E]``; duplicate ids add up."""
+    T = expert_ids.shape[0]
+    gates = torch.zeros(T, num_experts, dtype=dtype, device=expert_ids.device)
+    return gates.scatter_add_(1, expert_ids, expert_weights.to(dtype))
+
+
+_EXPANDERS: Dict[Tuple[int, int, float, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _expander(num_experts: int, rank: int, inp: LoRAMixInputs, dtype: torch.dtype) -> torch.Tensor:
+    """``[E, E*r]`` matrix holding expert e's scaling on its r rank columns, zero elsewhere.
+
+    ``g @ expander`` spreads per-expert gates ``[T, E]`` over the rank columns ``[T, E*r]`` with the
+    scaling applied, and ``p @ expander.T`` sums rank columns back per expert (times the scaling). Each
+    output element is one product plus exact zeros, so this is as exact as the elementwise version,
+    and, as small GEMMs, several times cheaper on CPU than the broadcasting multiply and the
+    ``view(T, E, r).sum(-1)`` it replaces. Cached per uniform (float) scaling; a per-expert scaling
+    costs one small multiply per call.
+    """
+    device = inp.x.device
+    uniform = 1.0 if inp.uniform is None else inp.uniform
+    key = (num_experts, rank, uniform, dtype, device)
+    m = _EXPANDERS.get(key)
+    if m is None:
+        if len(_EXPANDERS) >= 256:
+            _EXPANDERS.clear()
+        m = torch.eye(num_experts, dtype=dtype, device=device).repeat_interleave(rank, dim=1) * uniform
+        _EXPANDERS[key] = m
+    if inp.uniform is None:
+        return m * inp.scaling.unsqueeze(1)
+    return m
+
+
+def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
+    """``[E, d_out, r] -> [d_out, E*r]`` with expert e's rank columns at ``e*r:(e+1)*r``.
+
+    A copy per call (small: the experts' B). Not cached across calls on purpose: a cache keyed on the
+    parameter would miss writes made through ``param.data``, which bypass the version counter.
+    """
+    E, N, r = lora_B.shape
+    return lora_B.transpose(0, 1).reshape(N, E * r)
+
+
+class TorchBackend(Backend):
+    """Dense-rank PyTorch backend (any device; float64 too)."""
+
+    name = "torch"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+    def forward(self, inp, needs):
+        x, lora_A = inp.x, inp.lora_A  # x: [T, K]
+        T, K = x.shape
+        E, r, _ = lora_A.shape
+        ids = inp.ids.long()
+        acc = _acc_dtype(x)
+        A_all = lora_A.reshape(E * r, K)  # [E*r, K]
+        B_all = _stack_B(inp.lora_B)  # [N, E*r]
+        expand = _expander(E, r, inp, acc)  # [E, E*r], scaling included
+
+        gates = dense_gates(ids, inp.gates, E, acc)  # [T, E]
+        gate_cols = gates @ expand  # [T, E*r]: each expert's gate x scaling on its r columns
+        h = _mm_acc(x, A_all.t())  # [T, E*r], fp32 for half x
+        hg = (h * gate_cols).to(x.dtype)  # [T, E*r]
+
+        if inp.base_weight is not None:
+            if inp.base_bias is not None:
+                y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
+            else:
+                y = x @ inp.base_weight.t()
+            y.addmm_(hg, B_all.t())
+        else:
+            y = hg @ B_all.t()  # [T, N]
+        saved = (x, lora_A, B_all, ids, h, gate_cols, inp.base_weight, expand)
+        return y, saved, inp.gates.dtype
+
+    def backward(self, saved, state, dy, needs):
+        x, lora_A, B_all, ids, h, gate_cols, base_weight, expand = saved
+        gates_dtype = state
+        T, K = x.shape
+        E, r, _ = lora_A.shape
+        dx = dA = dB = dw = None
+
+        if needs.x or needs.lora_A or needs.gates:
+            dhg = _mm_acc(dy, B_all)  # [T, E*r], fp32 for half dy
+            if needs.gates:
+                dgate = (dhg * h) @ expand.t()  # [T, E]: scaling x sum over each expert's rank columns
+                dw = dgate.gather(1, ids).to(gates_dtype)  # [T, k]
+            if needs.x or needs.lora_A:
+                dh = (dhg * gate_cols).to(x.dtype)  # [T, E*r]
+                A_all = lora_A.reshape(E * r, K)
+                if needs.x:
+                    if base_weight is not None:
+                        dx = dy @ base_weight  # [T, K]
+                        dx.addmm_(dh, A_all)
+                    else:
+                        dx = dh @ A_all
+                if needs.lora_A:
+                    dA = (dh.t() @ x).view(E, r, K)
+        if needs.lora_B:
+            hg = (h * gate_cols).to(x.dtype)
+            dB = (dy.t() @ hg).view(-1, E, r).transpose(0, 1).contiguous()  # [E, N, r]
+        dW, db = torch_base_grads(dy, x, needs)
+        return dx, dA, dB, dw, dW, db
+
+
+TORCH = TorchBackend()
+
+lora_mix_torch = entry_point(TORCH, "lora_mix_torch", """\
+    Routed multi-LoRA linear on the torch path, no validation (``lora_mix`` does that).
+
+    x ``[..., d_in]``, lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, expert_ids / expert_weights
+    ``[..., k]`` (the same leading dims as x), scaling a float or ``[E]`` (no gradient), optional
+    base_weight ``[d_out, d_in]`` and base_bias ``[d_out]``; returns ``[..., d_out]`` in x's dtype.
+    Experts and base weights in another dtype are cast to x's dtype (their grads come back in theirs).
+    """)
