@@ -17,7 +17,6 @@ unpickling can run arbitrary code, and converting once to safetensors is cheap.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
@@ -30,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .io_utils import PathLike, atomic_directory, write_json
+from .io_utils import PathLike, atomic_directory, read_json_object, write_json
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -252,15 +251,8 @@ def _validate_weights(weights: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], 
 # Loading
 # ------------------------------------------------------------------------------------------------------
 def _read_config(config_path: pathlib.Path) -> Dict[str, Any]:
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: adapter_config.json not found (is this a PEFT adapter directory?)")
-    try:
-        with open(config_path, "r", encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{config_path}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(config_path, missing="adapter_config.json not found (is this a PEFT adapter directory?)",
+                              error=AdapterFormatError)
     _check_config(config, str(config_path))
     return config
 

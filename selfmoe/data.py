@@ -122,11 +122,13 @@ def validate_record(obj: Any, *, domain: Optional[str] = None, require_domain: b
     return rec
 
 
-def iter_json_lines(path: PathLike) -> Iterator[Tuple[int, Any]]:
+def iter_json_lines(path: PathLike, *, skip_torn_tail: bool = False) -> Iterator[Tuple[int, Any]]:
     """``(line number, parsed JSON)`` for each non-blank line of a JSONL file.
 
     Raises ``FileNotFoundError`` naming the path, :class:`DataFormatError` with ``path:line`` for a line
-    that is not JSON (noting a torn last line, the mark of an interrupted writer).
+    that is not JSON (noting a torn last line, the mark of an interrupted writer). ``skip_torn_tail``:
+    a last line without its newline that does not parse ends the file quietly instead (files this
+    library appends to; :func:`repair_jsonl_tail` removes such a remnant).
     """
     p = pathlib.Path(path)
     if not p.is_file():
@@ -136,6 +138,8 @@ def iter_json_lines(path: PathLike) -> Iterator[Tuple[int, Any]]:
             try:
                 raw = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as exc:
+                if skip_torn_tail and not raw_bytes.endswith(b"\n"):
+                    return  # a write cut inside a multi-byte character
                 raise DataFormatError(f"{_where(path, lineno)}not UTF-8 text (byte {exc.start + 1} of the line: "
                                       f"{raw_bytes[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from None
             if not raw.strip():
@@ -143,6 +147,8 @@ def iter_json_lines(path: PathLike) -> Iterator[Tuple[int, Any]]:
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as exc:
+                if skip_torn_tail and not raw.endswith("\n"):
+                    return
                 cut = "" if raw.endswith("\n") else " (the last line is incomplete: was the writer interrupted?)"
                 raise DataFormatError(f"{_where(path, lineno)}invalid JSON: {exc.msg} at column {exc.colno}{cut}") from None
             yield lineno, obj

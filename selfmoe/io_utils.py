@@ -23,12 +23,12 @@ import pathlib
 import shutil
 import uuid
 import warnings
-from typing import Any, Iterator, Union
+from typing import Any, Dict, Iterator, Type, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["WriteError", "atomic_directory", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_path",
-           "write_bytes", "write_json"]
+           "read_json_object", "write_bytes", "write_json"]
 
 
 class WriteError(OSError):
@@ -215,3 +215,19 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
     itself is :func:`atomic_write_text`.
     """
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def read_json_object(path: PathLike, *, missing: str, error: Type[Exception] = ValueError) -> Dict[str, Any]:
+    """The JSON object in ``path`` (a config file): ``FileNotFoundError`` with ``missing`` appended when
+    the file is absent, ``error`` naming the path when it is not UTF-8 JSON or not an object."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: {missing}")
+    try:
+        with open(p, "r", encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{p}: not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise error(f"{p}: expected a JSON object, got {type(obj).__name__}")
+    return obj

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -233,17 +233,26 @@ def iter_merged_deltas(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     dtype: Optional[torch.dtype] = None,
+    strict: bool = False,
 ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Yield ``(module, merged delta [out, in])`` one module at a time, in sorted module order.
+    """Yield ``(module, merged delta [out, in])`` one module at a time, in sorted module order (use this
+    to merge a large model without holding every full delta in memory at once; :func:`merge_adapters`
+    collects them). Parameters are validated before the first module is yielded.
 
-    Same arguments as :func:`merge_adapters`; use this to merge a large model without holding every full
-    delta in memory at once. Parameters are validated before the first module is yielded.
+    Args:
+        adapters: the experts (modules may differ: a missing module counts as a zero update).
+        method, weights, density, drop_rate, seed, generator: as in :func:`merge_deltas`. DARE draws its
+            masks module by module in sorted module order, experts in list order, so a seed reproduces.
+        dtype: compute/result dtype; default float32 (float64 if any adapter is float64).
+        strict: refuse experts that declare different base models (default: a warning); see
+            :func:`selfmoe.adapters.check_same_base`.
     """
     if isinstance(adapters, LoRAAdapter) or len(adapters) == 0:
         raise ValueError("adapters must be a non-empty list of LoRAAdapter")
     for i, a in enumerate(adapters):
         if not isinstance(a, LoRAAdapter):
             raise TypeError(f"adapters[{i}] must be a LoRAAdapter, got {type(a).__name__}")
+    check_same_base({f"expert {i}": ad for i, ad in enumerate(adapters)}, strict=strict)
     w, density, drop_rate = _resolve_params(method, len(adapters), weights, density, drop_rate)
     gen = _make_generator(seed, generator)
     if dtype is None:
@@ -280,35 +289,20 @@ def iter_merged_deltas(
     return generate()
 
 
-def merge_adapters(
-    adapters: Sequence[LoRAAdapter],
-    method: MergeMethod,
-    weights: Weights = None,
-    *,
-    density: Optional[float] = None,
-    drop_rate: Optional[float] = None,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    dtype: Optional[torch.dtype] = None,
-    strict: bool = False,
-) -> Dict[str, torch.Tensor]:
+def merge_adapters(adapters: Sequence[LoRAAdapter], method: MergeMethod, weights: Weights = None,
+                   **options: Any) -> Dict[str, torch.Tensor]:
     """Merge LoRA experts module by module on their full deltas ``scaling_e(m) * B_e @ A_e``.
 
     Args:
         adapters: the experts (modules may differ: a missing module counts as a zero update).
-        method, weights, density, drop_rate, seed, generator: as in :func:`merge_deltas`. DARE draws its
-            masks module by module in sorted module order, experts in list order, so a seed reproduces.
-        dtype: compute/result dtype; default float32 (float64 if any adapter is float64).
-        strict: refuse experts that declare different base models (default: a warning); see
-            :func:`selfmoe.adapters.check_same_base`.
+        method, weights: as in :func:`merge_deltas`.
+        options: ``density``, ``drop_rate``, ``seed``, ``generator``, ``dtype``, ``strict``, as in
+            :func:`iter_merged_deltas`.
 
     Returns ``{module: merged delta [out, in]}``, ready for :func:`merge_into_base` or :func:`merged_to_lora`.
     Raises ``ValueError`` naming the module when experts disagree on its shape.
     """
-    check_same_base({f"expert {i}": ad for i, ad in enumerate(adapters)}, strict=strict)
-    return dict(iter_merged_deltas(
-        adapters, method, weights, density=density, drop_rate=drop_rate, seed=seed, generator=generator, dtype=dtype
-    ))
+    return dict(iter_merged_deltas(adapters, method, weights, **options))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ the base model is touched, and a load that fails after that puts the base model 
 """
 from __future__ import annotations
 
-import json
 import pathlib
 import re
 from collections import Counter
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import save_lora_adapter
-from .io_utils import PathLike, atomic_directory, atomic_write_json
+from .io_utils import PathLike, atomic_directory, atomic_write_json, read_json_object
 from .layer import MoLoRALinear
 from .mixse_build import check_not_wrapped
 from .mixse_config import CONFIG_NAME, EXPERTS_NAME, ROUTER_NAME, MiXSEConfig
@@ -154,13 +153,7 @@ def export_expert(model: "MiXSE", name: str, directory: PathLike, *, overwrite: 
 
 
 def _read_config(path: pathlib.Path) -> MiXSEConfig:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {CONFIG_NAME} not found (is this a MiXSE directory?)")
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    raw = read_json_object(path, missing=f"{CONFIG_NAME} not found (is this a MiXSE directory?)")
     return MiXSEConfig.from_dict(raw, where=str(path))
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .names import check_safe_name
-from .data import DataFormatError, append_jsonl, repair_jsonl_tail, validate_record
+from .data import DataFormatError, append_jsonl, iter_json_lines, repair_jsonl_tail, validate_record
 from .filters import FilterConfig, NearDuplicateIndex, check_text, empty_stats, normalize_tokens
 from .generate import HFGenerator, SamplingConfig, TextGenerator
 from .prompts import (STOP_MARKS, TemplateSource, build_brainstorm_prompt, build_response_prompt, get_template,
@@ -141,17 +141,7 @@ def _scan_existing(path: pathlib.Path, domain: str) -> List[Dict[str, Any]]:
     if not path.is_file():
         raise IsADirectoryError(f"{path}: output path exists and is not a file")
     records: List[Dict[str, Any]] = []
-    with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="\n") as f:
-        lines = f.readlines()
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            if lineno == len(lines) and not raw.endswith("\n"):
-                break
-            raise DataFormatError(f"{path}:{lineno}: invalid JSON in existing output: {exc.msg}") from None
+    for lineno, obj in iter_json_lines(path, skip_torn_tail=True):
         rec = validate_record(obj, path=path, line=lineno)
         if rec["domain"] != domain:
             raise ValueError(
