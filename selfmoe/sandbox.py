@@ -289,7 +289,8 @@ def run_python(source: str, config: Optional[SandboxConfig] = None) -> SandboxRe
                 open(os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as err:
             supervisor = os.path.abspath(sandbox_supervisor.__file__)
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", supervisor], stdin=subprocess.PIPE, stdout=out, stderr=err, pass_fds=(report_w, verdict_w), close_fds=True, start_new_session=True,
+                [sys.executable, "-I", "-S", "-B", supervisor], stdin=subprocess.PIPE, stdout=out, stderr=err,
+                pass_fds=(report_w, verdict_w), close_fds=True, start_new_session=True,
                 env={"PATH": os.defpath, "LANG": "C.UTF-8"}, cwd=tmp)
         os.close(report_w)
         os.close(verdict_w)
