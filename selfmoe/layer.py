@@ -21,7 +21,7 @@ from selfmoe.kernels import lora_mix
 
 from .routers import ROUTING_MODES, GateSlot, TopKRouter, check_top_k
 
-__all__ = ["MoLoRALinear"]
+__all__ = ["BaseLayerProxy", "MoLoRALinear"]
 
 ExpertFactors = Optional[Tuple[torch.Tensor, torch.Tensor]]  # (A [r, d_in], B [d_out, r]) or None (absent)
 
@@ -45,7 +45,32 @@ def _per_expert(name: str, value, num_experts: int) -> list:
     return values
 
 
-class MoLoRALinear(nn.Module):
+class BaseLayerProxy:
+    """``in_features``/``out_features``/``weight``/``bias`` read from the wrapped ``self.base_layer``, so code
+    that reads them off an ``nn.Linear`` keeps working on the LoRA layer that replaced it (used by
+    :class:`MoLoRALinear` and by the single-adapter :class:`selfmoe.lora.LoRALinear`)."""
+
+    base_layer: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+
+class MoLoRALinear(BaseLayerProxy, nn.Module):
     """Mixture of LoRA experts around a frozen ``nn.Linear``.
 
     Args:
@@ -107,8 +132,6 @@ class MoLoRALinear(nn.Module):
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
 
         self.base_layer = base_layer
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
         self.ranks: List[int] = list(ranks)
         self.lora_alphas: List[float] = alphas
 
@@ -243,15 +266,6 @@ class MoLoRALinear(nn.Module):
     @property
     def merged_expert(self) -> Optional[int]:
         return self._merged_expert
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight (code that reads ``linear.weight`` keeps working)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.base_layer.bias
 
     @property
     def top_k(self) -> Optional[int]:
