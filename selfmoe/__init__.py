@@ -36,7 +36,8 @@ from .routers import (
 )
 from .specialize import SpecializeConfig, specialize, specialize_domain
 from .stats import RoutingStats
-from .train import NonFiniteLossError, TrainConfig, TrainingInterrupted, fit, train_expert, train_router
+from .train import fit, train_expert, train_router
+from .train_config import NonFiniteLossError, TrainConfig, TrainingInterrupted
 
 __all__ = [
     "__version__",

@@ -23,8 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import selfmoe.checkpoints as checkpoints_mod
 import selfmoe.io_utils as io_utils
-import selfmoe.train as train_mod
+import selfmoe.run_dir as run_dir_mod
 from selfmoe.io_utils import WriteError
 from selfmoe.train import (CHECKPOINT_DIR, CHECKPOINT_FILES, LOG_NAME, MANIFEST_NAME, CheckpointError, TrainConfig,
                            train_expert)
@@ -184,7 +185,7 @@ def test_leftovers_are_removed_on_resume(crashed, tmp_path, lm_path):
 def test_a_kill_between_the_checkpoint_and_the_log_line_loses_no_line(crashed, tmp_path, lm_path, reference,
                                                                       monkeypatch):
     out, _ = copy_run(crashed, tmp_path)
-    real = train_mod._save_checkpoint
+    real = checkpoints_mod.save_checkpoint
 
     def save_then_die(out_dir, **kw):
         path = real(out_dir, **kw)
@@ -192,7 +193,7 @@ def test_a_kill_between_the_checkpoint_and_the_log_line_loses_no_line(crashed, t
             raise RuntimeError("simulated kill after the checkpoint of step 7")
         return path
 
-    monkeypatch.setattr(train_mod, "_save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints_mod, "save_checkpoint", save_then_die)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(lm_path, out, resume=True)
     monkeypatch.undo()
@@ -339,7 +340,7 @@ def test_disk_full_while_writing_the_log_or_the_final_model_names_the_file(crash
     import selfmoe.adapters as adapters_mod
 
     out, _ = copy_run(crashed, tmp_path)
-    monkeypatch.setattr(train_mod, "append_jsonl", enospc)
+    monkeypatch.setattr(run_dir_mod, "append_jsonl", enospc)
     with pytest.raises(WriteError, match=f"^could not write {out / LOG_NAME}: No space left on device$"):
         train(lm_path, out, resume=True)
     monkeypatch.undo()
