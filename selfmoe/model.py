@@ -430,7 +430,3 @@ class MiXSE(nn.Module):
             f"routing={cfg.routing!r}, lora_modules={len(self._lora_modules)}"
         )
 
-
-# Old private names, kept only until selfmoe/train.py imports selfmoe.targets (same change set).
-_find_decoder_layers, _linear_modules, _match_targets = find_decoder_layers, linear_modules, __import__(
-    "selfmoe.targets", fromlist=["match_targets"]).match_targets
