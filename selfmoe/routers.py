@@ -28,6 +28,7 @@ from torch import nn
 
 from selfmoe.kernels import route_topk
 
+from .choices import ROUTER_KINDS, ROUTING_MODES  # defined once, torch-free (the CLI offers them too)
 from .stats import RoutingStats
 
 __all__ = [
@@ -44,9 +45,6 @@ __all__ = [
     "mutual_information_loss",
     "compute_aux_loss",
 ]
-
-ROUTER_KINDS = ("shared", "xlora", "per_layer")
-ROUTING_MODES = ("learned", "random")
 
 
 def check_top_k(top_k: object, num_experts: int, where: str = "top_k") -> int:

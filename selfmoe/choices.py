@@ -1,0 +1,40 @@
+"""The named options users pick from, defined once: router kinds, merge methods, eval task kinds ...
+
+Torch-free on purpose (constants only): the command line offers these as ``choices=`` and
+lists them in ``--help`` without loading the library, and the library module that owns each choice
+imports it from here, so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+__all__ = [
+    "ROUTER_KINDS",
+    "ROUTING_MODES",
+    "AUX_LOSS_NAMES",
+    "MERGE_METHODS",
+    "EVAL_TASKS",
+    "LR_SCHEDULERS",
+    "MIXED_PRECISIONS",
+    "GENERATION_BACKENDS",
+    "DTYPES",
+]
+
+#: Where a MiXSE's router sits (:mod:`selfmoe.routers`, :mod:`selfmoe.placements`).
+ROUTER_KINDS: Tuple[str, ...] = ("shared", "xlora", "per_layer")
+#: How a router picks experts: its learned logits, or N(0, 1) logits (the random-routing ablation).
+ROUTING_MODES: Tuple[str, ...] = ("learned", "random")
+#: Optional router losses, the keys of :data:`selfmoe.routers.AUX_LOSSES`.
+AUX_LOSS_NAMES: Tuple[str, ...] = ("load_balancing", "z_loss", "mutual_information")
+#: Weight-merging baselines (:mod:`selfmoe.merging`).
+MERGE_METHODS: Tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
+#: Evaluation record kinds, the ``"task"`` of an eval record (:mod:`selfmoe.evaluate`).
+EVAL_TASKS: Tuple[str, ...] = ("multiple_choice", "exact_match", "numeric", "code")
+#: Learning-rate decay after warm-up (``TrainConfig.lr_scheduler``).
+LR_SCHEDULERS: Tuple[str, ...] = ("cosine", "linear", "constant")
+#: ``TrainConfig.mixed_precision``: auto (bf16 autocast on a GPU that has it), no, bf16.
+MIXED_PRECISIONS: Tuple[str, ...] = ("auto", "no", "bf16")
+#: Text generation backends (:func:`selfmoe.generate.make_generator`).
+GENERATION_BACKENDS: Tuple[str, ...] = ("hf", "vllm", "auto")
+#: Weights dtypes a model can be loaded in; ``auto`` keeps the checkpoint's.
+DTYPES: Tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
