@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .adapters import LoRAAdapter, check_same_base
+from .choices import MERGE_METHODS  # defined once, torch-free (the CLI offers them too)
 
 __all__ = [
     "DEFAULT_DENSITY",
@@ -47,7 +48,6 @@ __all__ = [
 ]
 
 MergeMethod = Literal["linear", "ties", "dare", "dare_ties"]
-MERGE_METHODS: Tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
 DEFAULT_DENSITY = 0.2  # TIES paper: keep the top 20% of each task vector
 DEFAULT_DROP_RATE = 0.9  # DARE paper's usual drop rate for fine-tuned deltas
 
