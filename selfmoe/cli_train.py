@@ -38,7 +38,7 @@ _TRAIN_FLAGS: Tuple[Tuple[str, str, type, str], ...] = (
 
 
 def _config_default(name: str) -> str:
-    from .train import TrainConfig
+    from .train_config import TrainConfig
 
     value = TrainConfig.__dataclass_fields__[name].default
     return "" if value is None or isinstance(value, bool) else f" (default: {value})"
