@@ -12,7 +12,7 @@ zero experts where an adapter has no weights — exactly what that adapter does 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -43,6 +43,48 @@ def _per_expert(name: str, value, num_experts: int) -> list:
     if len(values) != num_experts:
         raise ValueError(f"{name} must have one value per expert (num_experts={num_experts}), got {len(values)}: {values}")
     return values
+
+
+def check_expert_factors(base_layer: nn.Linear, A: torch.Tensor, B: torch.Tensor, what: str) -> None:
+    """Raise ``TypeError``/``ValueError`` (message starting with ``what``) unless ``A [r, d_in]`` and
+    ``B [d_out, r]`` (PEFT's shapes, r >= 1) fit ``base_layer``."""
+    d_in, d_out = base_layer.in_features, base_layer.out_features
+    if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+        raise TypeError(f"{what}: lora_A and lora_B must be tensors, got {type(A).__name__}, {type(B).__name__}")
+    if A.dim() != 2 or B.dim() != 2:
+        raise ValueError(f"{what}: lora_A must be [r, d_in] and lora_B [d_out, r], got {_shape(A)} and {_shape(B)}")
+    r = A.shape[0]
+    if A.shape[1] != d_in or B.shape[0] != d_out or B.shape[1] != r or r < 1:
+        raise ValueError(
+            f"{what}: lora_A {_shape(A)} / lora_B {_shape(B)} do not fit the base linear "
+            f"(in_features={d_in}, out_features={d_out}): expected lora_A [r, {d_in}] and lora_B [{d_out}, r]"
+        )
+
+
+def _check_layer_args(base_layer: Any, num_experts: Any, r: Any, lora_alpha: Any, top_k: Any, router: Any,
+                      routing: Any) -> Tuple[List[int], List[float]]:
+    """:class:`MoLoRALinear`'s arguments checked; returns the per-expert ranks and alphas."""
+    if not isinstance(base_layer, nn.Linear):
+        raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
+    if not base_layer.weight.is_floating_point():
+        raise TypeError(
+            f"base_layer weight must be float (quantized layers are not supported), got {base_layer.weight.dtype}"
+        )
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    ranks = _per_expert("r", r, num_experts)
+    for e, re in enumerate(ranks):
+        if isinstance(re, bool) or not isinstance(re, int) or re < 0:
+            raise ValueError(f"r must be ints >= 0 (0 = expert absent), got r[{e}]={re!r}")
+    if max(ranks) < 1:
+        raise ValueError(f"at least one expert needs rank >= 1, got r={ranks}")
+    alphas = [float(a) for a in _per_expert("lora_alpha", lora_alpha, num_experts)]
+    check_top_k(top_k, num_experts)
+    if router not in ("linear", None):
+        raise ValueError(f"router must be 'linear' (own per-layer router) or None (gates from outside), got {router!r}")
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    return list(ranks), alphas
 
 
 class BaseLayerProxy:
@@ -110,29 +152,9 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         scalings: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        if not base_layer.weight.is_floating_point():
-            raise TypeError(
-                f"base_layer weight must be float (quantized layers are not supported), got {base_layer.weight.dtype}"
-            )
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-        ranks = _per_expert("r", r, num_experts)
-        for e, re in enumerate(ranks):
-            if isinstance(re, bool) or not isinstance(re, int) or re < 0:
-                raise ValueError(f"r must be ints >= 0 (0 = expert absent), got r[{e}]={re!r}")
-        if max(ranks) < 1:
-            raise ValueError(f"at least one expert needs rank >= 1, got r={ranks}")
-        alphas = [float(a) for a in _per_expert("lora_alpha", lora_alpha, num_experts)]
-        check_top_k(top_k, num_experts)
-        if router not in ("linear", None):
-            raise ValueError(f"router must be 'linear' (own per-layer router) or None (gates from outside), got {router!r}")
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
-
+        ranks, alphas = _check_layer_args(base_layer, num_experts, r, lora_alpha, top_k, router, routing)
         self.base_layer = base_layer
-        self.ranks: List[int] = list(ranks)
+        self.ranks: List[int] = ranks
         self.lora_alphas: List[float] = alphas
 
         w = base_layer.weight
@@ -189,7 +211,7 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
                 ranks.append(0)
                 continue
             A, B = pair
-            cls._check_expert_shapes(base_layer, A, B, f"expert {e}")
+            check_expert_factors(base_layer, A, B, f"expert {e}")
             ranks.append(A.shape[0])
         layer = cls(base_layer, len(experts), r=ranks, lora_alpha=lora_alpha, top_k=top_k, router=router,
                     init_lora_weights=False, scalings=scalings, **kwargs)
@@ -198,20 +220,6 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
                 if pair is not None:
                     layer._write_expert(e, *pair)
         return layer
-
-    @staticmethod
-    def _check_expert_shapes(base_layer: nn.Linear, A: torch.Tensor, B: torch.Tensor, what: str) -> None:
-        d_in, d_out = base_layer.in_features, base_layer.out_features
-        if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
-            raise TypeError(f"{what}: lora_A and lora_B must be tensors, got {type(A).__name__}, {type(B).__name__}")
-        if A.dim() != 2 or B.dim() != 2:
-            raise ValueError(f"{what}: lora_A must be [r, d_in] and lora_B [d_out, r], got {_shape(A)} and {_shape(B)}")
-        r = A.shape[0]
-        if A.shape[1] != d_in or B.shape[0] != d_out or B.shape[1] != r or r < 1:
-            raise ValueError(
-                f"{what}: lora_A {_shape(A)} / lora_B {_shape(B)} do not fit the base linear "
-                f"(in_features={d_in}, out_features={d_out}): expected lora_A [r, {d_in}] and lora_B [{d_out}, r]"
-            )
 
     def _write_expert(self, e: int, A: torch.Tensor, B: torch.Tensor) -> None:
         r = A.shape[0]
@@ -413,7 +421,7 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
             raise ValueError(f"{self._name()}: pass both lora_A and lora_B, or neither (absent expert)")
         r_new = 0
         if lora_A is not None:
-            self._check_expert_shapes(self.base_layer, lora_A, lora_B, f"{self._name()}: new expert")
+            check_expert_factors(self.base_layer, lora_A, lora_B, f"{self._name()}: new expert")
             r_new = lora_A.shape[0]
         E, r_old = self.num_experts, self.r
         r_max = max(r_old, r_new)

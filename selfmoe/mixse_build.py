@@ -15,7 +15,7 @@ from torch import nn
 
 from .adapters import LoRAAdapter, check_same_base, load_lora_adapter
 from .io_utils import PathLike
-from .layer import MoLoRALinear
+from .layer import MoLoRALinear, check_expert_factors
 from .mixse_config import MiXSEConfig
 from .names import check_safe_name
 from .placements import make_placement
@@ -218,7 +218,7 @@ def add_expert(model: "MiXSE", name: str, adapter: Union[PathLike, LoRAAdapter],
 
 def _check_shapes(base: nn.Linear, A: torch.Tensor, B: torch.Tensor, where: str) -> None:
     try:
-        MoLoRALinear._check_expert_shapes(base, A, B, where)
+        check_expert_factors(base, A, B, where)
     except (ValueError, TypeError) as exc:
         raise ValueError(str(exc)) from None
 

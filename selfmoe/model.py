@@ -224,25 +224,9 @@ class MiXSE(nn.Module):
         if getattr(self._placement, "in_scaling_pass", False):
             return None
         if module.training and torch.is_grad_enabled():
-            self._check_checkpointing()
+            _refuse_reentrant_checkpointing(self._decoder_layers[0])
         self._state.begin_forward(input_arg(args, kwargs, "attention_mask", 1))
         return self._placement.before_forward(self, module, args, kwargs)
-
-    def _check_checkpointing(self) -> None:
-        """Refuse reentrant gradient checkpointing: the gates reach the LoRA layers through slots, not as
-        inputs of the checkpointed function, so a reentrant replay would give the router no gradient
-        (transformers 4.x defaults to reentrant; 5.x does not)."""
-        for layer in self._decoder_layers[0]:
-            if not (getattr(layer, "gradient_checkpointing", False) and layer.training):
-                continue
-            fn = getattr(layer, "_gradient_checkpointing_func", None)
-            if getattr(fn, "keywords", {}).get("use_reentrant", True):
-                raise RuntimeError(
-                    "MiXSE training needs non-reentrant gradient checkpointing (reentrant checkpointing gives the "
-                    "router no gradient): enable it with gradient_checkpointing_enable("
-                    "gradient_checkpointing_kwargs={'use_reentrant': False})"
-                )
-            return
 
     def _inner_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if getattr(self._placement, "in_scaling_pass", False):
@@ -430,3 +414,19 @@ class MiXSE(nn.Module):
             f"routing={cfg.routing!r}, lora_modules={len(self._lora_modules)}"
         )
 
+
+def _refuse_reentrant_checkpointing(decoder_layers: nn.ModuleList) -> None:
+    """Refuse reentrant gradient checkpointing: the gates reach the LoRA layers through slots, not as
+    inputs of the checkpointed function, so a reentrant replay would give the router no gradient
+    (transformers 4.x defaults to reentrant; 5.x does not)."""
+    for layer in decoder_layers:
+        if not (getattr(layer, "gradient_checkpointing", False) and layer.training):
+            continue
+        fn = getattr(layer, "_gradient_checkpointing_func", None)
+        if getattr(fn, "keywords", {}).get("use_reentrant", True):
+            raise RuntimeError(
+                "MiXSE training needs non-reentrant gradient checkpointing (reentrant checkpointing gives the "
+                "router no gradient): enable it with gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False})"
+            )
+        return
