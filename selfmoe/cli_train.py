@@ -1,6 +1,6 @@
 """``selfmoe train-expert`` and ``selfmoe train-router``, and the training flags they share.
 
-Each training flag sets one :class:`selfmoe.train.TrainConfig` field and defaults to None (the field's
+Each training flag sets one :class:`selfmoe.train_config.TrainConfig` field and defaults to None (the field's
 own default applies); ``--help`` shows that default, read from TrainConfig only when help is printed.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ def _config_default(name: str) -> str:
 
 class _TrainHelpFormatter(HelpFormatter):
     """Also shows TrainConfig's default for each flag added by :func:`_config_flag`. TrainConfig is read
-    here, when help is printed, not when the parser is built (``selfmoe.train`` imports torch)."""
+    here, when help is printed, not when the parser is built (``selfmoe.train_config`` still imports torch
+    through ``selfmoe.routers``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = super()._get_help_string(action)

@@ -106,12 +106,13 @@ def torch_loaded_after_each_help(stub: bool):
 
 def test_the_cli_modules_build_the_parser_and_print_help_without_torch():
     seen = torch_loaded_after_each_help(stub=True)
-    # train-expert/train-router --help show TrainConfig's defaults: selfmoe.train (torch) loads then.
+    # train-expert/train-router --help show TrainConfig's defaults: selfmoe.train_config loads then, and with
+    # it selfmoe.routers (torch).
     assert not any(v for k, v in seen.items() if not k.startswith("train-")), seen
 
 
 @pytest.mark.xfail(strict=True, reason="selfmoe/__init__.py imports the whole library (torch) eagerly, and the "
-                   "train-* helps read TrainConfig from selfmoe.train (torch)")
+                   "train-* helps read TrainConfig from selfmoe.train_config, which imports selfmoe.routers (torch)")
 def test_selfmoe_help_imports_no_torch():
     seen = torch_loaded_after_each_help(stub=False)
     assert not any(seen.values()), seen
