@@ -3,41 +3,68 @@
 The routed multi-LoRA op lives in :mod:`selfmoe.kernels` (``lora_mix``, ``route_topk``); the model layer
 on Hugging Face ``transformers`` is ``MoLoRALinear`` (one linear), the routers, and ``MiXSE`` (a whole
 causal LM).
+
+Importing ``selfmoe`` is cheap: each name below loads its module (and torch) on first use, so that the
+command line's ``--help`` does not import torch.
 """
+from typing import Any, List
+
 from .version import __version__
-from .adapters import AdapterFormatError, LoRAAdapter, load_lora_adapter, save_lora_adapter
-from .data import (
-    DataFormatError,
-    LengthGroupedBatchSampler,
-    SFTCollator,
-    SFTDataset,
-    format_prompt,
-    load_seeds,
-    read_jsonl,
-    write_jsonl,
-)
-from .evaluate import EvalResult, evaluate, load_eval_records, write_results
-from .filters import FilterConfig, filter_records
-from .generate import SamplingConfig, generate_texts, make_generator
-from .io_utils import atomic_directory, atomic_write_json
-from .merging import merge_adapters, merge_deltas, merge_into_base, merged_to_lora
-from .layer import MoLoRALinear
-from .model import MiXSE, MiXSEConfig
-from .routers import (
-    AUX_LOSSES,
-    ROUTER_KINDS,
-    ROUTING_MODES,
-    GateSlot,
-    RouterOutput,
-    TopKRouter,
-    load_balancing_loss,
-    mutual_information_loss,
-    router_z_loss,
-)
-from .specialize import SpecializeConfig, specialize, specialize_domain
-from .stats import RoutingStats
-from .train import fit, train_expert, train_router
-from .train_config import NonFiniteLossError, TrainConfig, TrainingInterrupted
+
+# name -> the module (in this package) that defines it
+_EXPORTS = {
+    "AdapterFormatError": "adapters",
+    "LoRAAdapter": "adapters",
+    "load_lora_adapter": "adapters",
+    "save_lora_adapter": "adapters",
+    "DataFormatError": "data",
+    "LengthGroupedBatchSampler": "data",
+    "SFTCollator": "data",
+    "SFTDataset": "data",
+    "format_prompt": "data",
+    "load_seeds": "data",
+    "read_jsonl": "data",
+    "write_jsonl": "data",
+    "EvalResult": "evaluation",
+    "evaluate": "evaluation",
+    "load_eval_records": "evaluation",
+    "write_results": "evaluation",
+    "FilterConfig": "filters",
+    "filter_records": "filters",
+    "SamplingConfig": "generate",
+    "generate_texts": "generate",
+    "make_generator": "generate",
+    "atomic_directory": "io_utils",
+    "atomic_write_json": "io_utils",
+    "WriteError": "io_utils",
+    "CheckpointError": "train_config",
+    "merge_adapters": "merging",
+    "merge_deltas": "merging",
+    "merge_into_base": "merging",
+    "merged_to_lora": "merging",
+    "MoLoRALinear": "layer",
+    "MiXSE": "model",
+    "MiXSEConfig": "model",
+    "AUX_LOSSES": "routers",
+    "ROUTER_KINDS": "routers",
+    "ROUTING_MODES": "routers",
+    "GateSlot": "routers",
+    "RouterOutput": "routers",
+    "TopKRouter": "routers",
+    "load_balancing_loss": "routers",
+    "mutual_information_loss": "routers",
+    "router_z_loss": "routers",
+    "SpecializeConfig": "specialization",
+    "specialize": "specialization",
+    "specialize_domain": "specialization",
+    "RoutingStats": "stats",
+    "fit": "train",
+    "train_expert": "train",
+    "train_router": "train",
+    "NonFiniteLossError": "train_config",
+    "TrainConfig": "train_config",
+    "TrainingInterrupted": "train_config",
+}
 
 __all__ = [
     "__version__",
@@ -80,6 +107,8 @@ __all__ = [
     "fit",
     "TrainingInterrupted",
     "NonFiniteLossError",
+    "CheckpointError",
+    "WriteError",
     "TopKRouter",
     "RouterOutput",
     "GateSlot",
@@ -91,3 +120,18 @@ __all__ = [
     "router_z_loss",
     "mutual_information_loss",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'selfmoe' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,7 +6,8 @@ imports it from here, so the two cannot drift apart.
 """
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Any, Dict, Tuple
 
 __all__ = [
     "ROUTER_KINDS",
@@ -18,6 +19,7 @@ __all__ = [
     "MIXED_PRECISIONS",
     "GENERATION_BACKENDS",
     "DTYPES",
+    "check_aux_loss",
 ]
 
 #: Where a MiXSE's router sits (:mod:`selfmoe.routers`, :mod:`selfmoe.placements`).
@@ -28,7 +30,7 @@ ROUTING_MODES: Tuple[str, ...] = ("learned", "random")
 AUX_LOSS_NAMES: Tuple[str, ...] = ("load_balancing", "z_loss", "mutual_information")
 #: Weight-merging baselines (:mod:`selfmoe.merging`).
 MERGE_METHODS: Tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
-#: Evaluation record kinds, the ``"task"`` of an eval record (:mod:`selfmoe.evaluate`).
+#: Evaluation record kinds, the ``"task"`` of an eval record (:mod:`selfmoe.evaluation`).
 EVAL_TASKS: Tuple[str, ...] = ("multiple_choice", "exact_match", "numeric", "code")
 #: Learning-rate decay after warm-up (``TrainConfig.lr_scheduler``).
 LR_SCHEDULERS: Tuple[str, ...] = ("cosine", "linear", "constant")
@@ -38,3 +40,22 @@ MIXED_PRECISIONS: Tuple[str, ...] = ("auto", "no", "bf16")
 GENERATION_BACKENDS: Tuple[str, ...] = ("hf", "vllm", "auto")
 #: Weights dtypes a model can be loaded in; ``auto`` keeps the checkpoint's.
 DTYPES: Tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+
+
+def check_aux_loss(aux_loss: Any) -> Dict[str, float]:
+    """Validate ``{loss name: coefficient}`` (names from :data:`AUX_LOSS_NAMES`, finite coefficients
+    >= 0); returns a clean dict with zero coefficients dropped. ``TypeError``/``ValueError`` naming the entry."""
+    if aux_loss is None:
+        return {}
+    names = sorted(AUX_LOSS_NAMES)
+    if not isinstance(aux_loss, dict):
+        raise TypeError(f"aux_loss must be a dict {{name: coefficient}} with names in {names}, got {type(aux_loss).__name__}")
+    out: Dict[str, float] = {}
+    for name, coef in aux_loss.items():
+        if name not in AUX_LOSS_NAMES:
+            raise ValueError(f"aux_loss: unknown loss {name!r}; known: {names}")
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+            raise ValueError(f"aux_loss[{name!r}] must be a finite float >= 0, got {coef!r}")
+        if coef > 0:
+            out[name] = float(coef)
+    return out

@@ -26,7 +26,7 @@ examples:
 
 record kinds ("task"): multiple_choice {"instruction", "answer": "B"}; exact_match {"instruction",
 "answer"}; numeric {"instruction", "answer": "42"}; code {"instruction", "tests", "entry_point"}
-(optional: "input", "id"). Greedy decoding in the Alpaca template; scoring rules: selfmoe.evaluate.
+(optional: "input", "id"). Greedy decoding in the Alpaca template; scoring rules: selfmoe.evaluation.
 output: <output>/predictions.jsonl (one row per example: source, task, response, prediction, correct)
 and <output>/summary.json (per-task n/correct/accuracy, overall, sampling, routing per task).
 
@@ -75,7 +75,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 
 def _read_records(args: argparse.Namespace) -> List[Any]:
     """Every ``--data`` file's examples (the first ``--limit`` of each), task kinds per ``KIND=`` or ``--task``."""
-    from .evaluate import load_eval_records
+    from .evaluation import load_eval_records
 
     records: List[Any] = []
     for item in args.data:
@@ -102,7 +102,7 @@ def _check_writable(out: pathlib.Path) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import (PartialMismatchError, check_partial, code_execution_allowed, default_sampling, evaluate,
+    from .evaluation import (PartialMismatchError, check_partial, code_execution_allowed, default_sampling, evaluate,
                            write_results)
 
     _check_flags(args)

@@ -60,7 +60,7 @@ def _cmd_specialize(args: argparse.Namespace) -> int:
     from .data import load_seeds
     from .filters import FilterConfig
     from .generate import make_generator
-    from .specialize import SpecializeConfig, check_seed_counts, specialize
+    from .specialization import SpecializeConfig, check_seed_counts, specialize
 
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     seeds = load_seeds(args.seeds, domains=domains)

@@ -9,7 +9,7 @@ absent), ``domain`` a non-empty string (it may come from the file name instead, 
 Other keys are kept as they are. Every error about a file names the file and the 1-based line.
 
 Seeds, self-generated data and training data all use this one format, so the output of
-:mod:`selfmoe.specialize` is training input without conversion.
+:mod:`selfmoe.specialization` is training input without conversion.
 """
 from __future__ import annotations
 

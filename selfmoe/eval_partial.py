@@ -1,6 +1,6 @@
 """The partial-predictions file that lets an interrupted ``selfmoe eval`` resume.
 
-:func:`selfmoe.evaluate.evaluate` with ``partial_path`` appends its completions to this JSONL file as
+:func:`selfmoe.evaluation.evaluate` with ``partial_path`` appends its completions to this JSONL file as
 they are generated: a header line holding the run's settings (:func:`partial_settings`: a hash of the
 prompts, the sampling, ``routing_stats`` and ``run_info``), then one line per chunk of prompts (fsynced
 by :func:`selfmoe.data.append_jsonl`), each ``{"task", "completions": [[index, text, finish_reason],

@@ -20,7 +20,7 @@
   is called with the entry point). Passed only if the program runs to its end within the limits:
   a program that crashes, raises, calls ``sys.exit(0)``/``os._exit(0)`` early, loops forever, prints
   past the output limit or exceeds another limit fails. It runs in :mod:`selfmoe.sandbox`; whether
-  running it is allowed at all is the caller's decision (:func:`selfmoe.evaluate.evaluate` asks).
+  running it is allowed at all is the caller's decision (:func:`selfmoe.evaluation.evaluate` asks).
 
 The functions named here are public and tested; :func:`score` applies the first three rules to an
 :class:`selfmoe.eval_records.EvalExample`.
@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from .choices import EVAL_TASKS
 from .sandbox import SandboxConfig, run_python
 
 if TYPE_CHECKING:  # eval_records reads gold answers with extract_number: a runtime import would be a cycle
@@ -42,7 +43,7 @@ __all__ = [
 ]
 
 #: The kinds of example, one scoring rule each (in the order results are reported).
-TASKS = ("multiple_choice", "exact_match", "numeric", "code")
+TASKS = EVAL_TASKS  # defined once, torch-free (the CLI offers them too)
 
 
 _ANSWER_LETTER = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:=]?\s*(?:(?i:option)\s+)?\(?([A-Z])\)?(?![A-Za-z0-9])")

@@ -28,7 +28,7 @@ from torch import nn
 
 from selfmoe.kernels import route_topk
 
-from .choices import ROUTER_KINDS, ROUTING_MODES  # defined once, torch-free (the CLI offers them too)
+from .choices import ROUTER_KINDS, ROUTING_MODES, check_aux_loss  # defined once, torch-free (the CLI offers them too)
 from .stats import RoutingStats
 
 __all__ = [
@@ -158,23 +158,6 @@ AUX_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "z_loss": router_z_loss,
     "mutual_information": mutual_information_loss,
 }
-
-
-def check_aux_loss(aux_loss: Optional[Dict[str, float]]) -> Dict[str, float]:
-    """Validate ``{loss name: coefficient}``; returns a clean dict (zero coefficients dropped)."""
-    if aux_loss is None:
-        return {}
-    if not isinstance(aux_loss, dict):
-        raise TypeError(f"aux_loss must be a dict {{name: coefficient}} with names in {sorted(AUX_LOSSES)}, got {type(aux_loss).__name__}")
-    out: Dict[str, float] = {}
-    for name, coef in aux_loss.items():
-        if name not in AUX_LOSSES:
-            raise ValueError(f"aux_loss: unknown loss {name!r}; known: {sorted(AUX_LOSSES)}")
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-            raise ValueError(f"aux_loss[{name!r}] must be a finite float >= 0, got {coef!r}")
-        if coef > 0:
-            out[name] = float(coef)
-    return out
 
 
 def compute_aux_loss(records: Sequence[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]], coefficients: Dict[str, float]) -> torch.Tensor:

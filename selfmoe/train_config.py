@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from .io_utils import PathLike
-from .routers import ROUTER_KINDS, check_aux_loss
+from .choices import LR_SCHEDULERS as SCHEDULERS
+from .choices import MIXED_PRECISIONS as PRECISIONS
+from .choices import ROUTER_KINDS, check_aux_loss
 
 __all__ = ["TrainConfig", "TrainState", "TrainResult", "TrainingInterrupted", "CheckpointError", "NonFiniteLossError",
            "SCHEDULERS", "PRECISIONS", "BOOKKEEPING_FIELDS"]
 
-SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "no", "bf16")
 # Fields that change how a run is reported or saved, never what it computes: they may differ on resume.
 BOOKKEEPING_FIELDS = frozenset({"save_steps", "logging_steps", "progress"})
 

@@ -296,7 +296,7 @@ def test_dataloader_end_to_end(tok):
 def test_builtin_seeds_cover_the_default_domains_and_are_valid():
     from selfmoe.data import BUILTIN_SEEDS, builtin_seeds_dir
     from selfmoe.prompts import DEFAULT_TEMPLATES
-    from selfmoe.specialize import SpecializeConfig, check_seed_counts
+    from selfmoe.specialization import SpecializeConfig, check_seed_counts
 
     seeds = load_seeds(BUILTIN_SEEDS)
     assert sorted(seeds) == sorted(DEFAULT_TEMPLATES)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from selfmoe.data import DataFormatError
-from selfmoe.evaluate import (
+from selfmoe.evaluation import (
     EvalExample,
     build_program,
     evaluate,
@@ -398,7 +398,7 @@ CODE_RECORDS = [r for r in RECORDS if r["task"] == "code"]
 
 
 def test_code_records_are_refused_without_opt_in_before_generation(monkeypatch):
-    from selfmoe.evaluate import CodeExecutionNotAllowed
+    from selfmoe.evaluation import CodeExecutionNotAllowed
 
     monkeypatch.delenv("SELFMOE_ALLOW_CODE_EVAL", raising=False)
     gen = ScriptedGenerator(SCRIPT)
@@ -479,7 +479,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
     assert saved[0]["selfmoe_eval_partial"] == 1 and [len(r["completions"]) for r in saved[1:]] == [2, 1, 2]
     assert len(first.prompts) == 5
 
-    from selfmoe.evaluate import check_partial
+    from selfmoe.evaluation import check_partial
 
     assert check_partial(partial, RECORDS, max_new_tokens=17, run_info={"model": "m"}) == 5
     second = CountingGenerator(SCRIPT)
@@ -495,7 +495,7 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
 
 
 def test_a_partial_file_from_other_settings_is_refused_unless_restart(tmp_path):
-    from selfmoe.evaluate import PartialMismatchError, check_partial
+    from selfmoe.evaluation import PartialMismatchError, check_partial
 
     partial = tmp_path / "p.jsonl"
     records = RECORDS[:9]
@@ -519,7 +519,7 @@ def test_a_partial_file_from_other_settings_is_refused_unless_restart(tmp_path):
 
 
 def test_routing_summaries_of_chunks_merge_to_token_weighted_means():
-    from selfmoe.evaluate import _merge_routing
+    from selfmoe.evaluation import _merge_routing
 
     a = {"l0": {"tokens": 3, "usage": {"x": 1.0, "y": 0.0}, "mean_gate": {"x": 0.9, "y": 0.0}}}
     b = {"l0": {"tokens": 1, "usage": {"x": 0.0, "y": 1.0}, "mean_gate": {"x": 0.0, "y": 0.5}}}

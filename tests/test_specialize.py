@@ -15,7 +15,7 @@ from selfmoe.filters import (FILTER_KEYS, FilterConfig, NearDuplicateIndex, filt
 from selfmoe.generate import Completion, SamplingConfig
 from selfmoe.prompts import (DEFAULT_TEMPLATES, STOP_MARKS, build_brainstorm_prompt, build_response_prompt, get_template,
                              load_templates)
-from selfmoe.specialize import SpecializeConfig, parse_completion, specialize, specialize_domain, stats_path
+from selfmoe.specialization import SpecializeConfig, parse_completion, specialize, specialize_domain, stats_path
 
 from _tiny_lm import load_tiny_lm, save_tiny_lm
 
@@ -474,7 +474,7 @@ def test_tiny_model_run_is_reproducible_and_resumable(lm, tmp_path):
 
 
 def test_specialize_refuses_unsafe_domain_names_before_writing(tmp_path):
-    from selfmoe.specialize import specialize
+    from selfmoe.specialization import specialize
 
     seeds = {"../escape": [{"instruction": f"q{i}", "output": "a", "domain": "math"} for i in range(6)]}
     with pytest.raises(ValueError, match="domain '../escape' is not a safe name"):

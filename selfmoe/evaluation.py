@@ -3,7 +3,7 @@ answers (GSM8K) and code with tests (HumanEval, pass@1). :func:`evaluate` genera
 example and scores it; :func:`write_results` writes the predictions and the summary.
 
 This module runs an evaluation; the parts it runs live in their own modules and are re-exported here,
-so ``selfmoe.evaluate`` is the one import a user needs:
+so ``selfmoe.evaluation`` is the one import a user needs:
 
 - :mod:`selfmoe.eval_records`: the JSONL record format and its checks (:func:`load_eval_records`);
 - :mod:`selfmoe.eval_scoring`: the scoring rule of each kind of example (:func:`score`,
