@@ -90,12 +90,14 @@ def _train_config(args: argparse.Namespace, extra: Mapping[str, Any]):
 
 
 def _run_training(args: argparse.Namespace, what: str, fn: Any) -> int:
-    from .train import NonFiniteLossError, TrainingInterrupted
+    from .train_config import CheckpointError, NonFiniteLossError, TrainingInterrupted
 
     try:
         result = fn()
     except FileExistsError as exc:  # the library says "resume"/"overwrite": name the flags
         raise CLIError(f"{exc} (flags: --resume, --overwrite)") from exc
+    except CheckpointError as exc:  # a damaged checkpoint: the way out is the --overwrite flag
+        raise CLIError(str(exc).replace("pass overwrite", "pass --overwrite")) from exc
     except TrainingInterrupted as exc:
         say(f"{PROG} {args.command}: {exc}")
         if exc.checkpoint is not None:

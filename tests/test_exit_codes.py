@@ -129,3 +129,62 @@ def test_merge_of_experts_from_different_bases_warns_or_is_refused_with_strict(t
     code, _, err = run(capsys, *argv, "--output", tmp_path / "strict", "--strict")
     assert code == 2 and "different base models" in one_line_error(err) and "base-two" in err
     assert not (tmp_path / "strict").exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# training runs: damaged checkpoints and a full disk, through the CLI
+
+TRAIN_ARGS = ["--domain", "math", "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2",
+              "--save-steps", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(lm_path, tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    write_jsonl(root / "math.jsonl", [{**SEED, "instruction": f"{SEED['instruction']} ({i})", "domain": "math"}
+                                      for i in range(4)])
+    out = root / "out"
+    assert main([str(a) for a in ["train-expert", "--model", lm_path, "--data", root / "math.jsonl", "--output", out,
+                                  *TRAIN_ARGS]]) == 0
+    return root
+
+
+def train_argv(lm_path, root, out):
+    return ["train-expert", "--model", lm_path, "--data", root / "math.jsonl", "--output", out, *TRAIN_ARGS]
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt"])
+def test_a_truncated_checkpoint_file_on_resume_is_exit_2_naming_it(name, finished_run, lm_path, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished_run / "out", out)
+    damaged = out / "checkpoint" / name
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    code, _, err = run(capsys, *train_argv(lm_path, finished_run, out), "--resume")
+    assert code == 2, err
+    line = one_line_error(err)
+    assert str(damaged) in line and "--overwrite" in line
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_exit_2_naming_the_file(finished_run, lm_path, tmp_path, capsys,
+                                                                          monkeypatch):
+    import errno
+    import os
+
+    import selfmoe.io_utils as io_utils
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to tell which file is being written")
+    real = io_utils._write_all
+
+    def full_disk(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("optimizer.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(io_utils, "_write_all", full_disk)
+    code, _, err = run(capsys, *train_argv(lm_path, finished_run, tmp_path / "out"))
+    assert code == 2, err
+    line = one_line_error(err)
+    assert "optimizer.pt" in line and "No space left on device" in line and str(tmp_path / "out") in line
