@@ -181,6 +181,14 @@ def _merge_stack(
     return ties_disjoint_merge(weighted)
 
 
+def _merge_setup(method: MergeMethod, n: int, weights: Weights, density: Optional[float] = None,
+                 drop_rate: Optional[float] = None, seed: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Tuple[List[float], Optional[float], Optional[float], Optional[torch.Generator]]:
+    """The merge options checked: per-expert weights, density, drop rate, and DARE's generator."""
+    w, density, drop_rate = _resolve_params(method, n, weights, density, drop_rate)
+    return w, density, drop_rate, _make_generator(seed, generator)
+
+
 def merge_deltas(
     deltas: Sequence[torch.Tensor],
     method: MergeMethod,
@@ -212,8 +220,7 @@ def merge_deltas(
             raise ValueError(f"deltas[{i}] has shape {list(d.shape)} but deltas[0] has shape {list(deltas[0].shape)}")
         if d.device != deltas[0].device:
             raise ValueError(f"deltas[{i}] is on {d.device} but deltas[0] is on {deltas[0].device}")
-    w, density, drop_rate = _resolve_params(method, len(deltas), weights, density, drop_rate)
-    gen = _make_generator(seed, generator)
+    w, density, drop_rate, gen = _merge_setup(method, len(deltas), weights, density, drop_rate, seed, generator)
     out_dtype = functools.reduce(torch.promote_types, (d.dtype for d in deltas))
     compute = torch.promote_types(out_dtype, torch.float32)  # half-precision sums/means lose too much
     merged = _merge_stack([d.to(compute) for d in deltas], method, w, density, drop_rate, gen)
@@ -228,12 +235,9 @@ def iter_merged_deltas(
     method: MergeMethod,
     weights: Weights = None,
     *,
-    density: Optional[float] = None,
-    drop_rate: Optional[float] = None,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
     dtype: Optional[torch.dtype] = None,
     strict: bool = False,
+    **options: Any,
 ) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield ``(module, merged delta [out, in])`` one module at a time, in sorted module order (use this
     to merge a large model without holding every full delta in memory at once; :func:`merge_adapters`
@@ -241,11 +245,13 @@ def iter_merged_deltas(
 
     Args:
         adapters: the experts (modules may differ: a missing module counts as a zero update).
-        method, weights, density, drop_rate, seed, generator: as in :func:`merge_deltas`. DARE draws its
-            masks module by module in sorted module order, experts in list order, so a seed reproduces.
+        method, weights: as in :func:`merge_deltas`.
         dtype: compute/result dtype; default float32 (float64 if any adapter is float64).
         strict: refuse experts that declare different base models (default: a warning); see
             :func:`selfmoe.adapters.check_same_base`.
+        options: ``density``, ``drop_rate``, ``seed``, ``generator``, as in :func:`merge_deltas`. DARE
+            draws its masks module by module in sorted module order, experts in list order, so a seed
+            reproduces.
     """
     if isinstance(adapters, LoRAAdapter) or len(adapters) == 0:
         raise ValueError("adapters must be a non-empty list of LoRAAdapter")
@@ -253,8 +259,7 @@ def iter_merged_deltas(
         if not isinstance(a, LoRAAdapter):
             raise TypeError(f"adapters[{i}] must be a LoRAAdapter, got {type(a).__name__}")
     check_same_base({f"expert {i}": ad for i, ad in enumerate(adapters)}, strict=strict)
-    w, density, drop_rate = _resolve_params(method, len(adapters), weights, density, drop_rate)
-    gen = _make_generator(seed, generator)
+    w, density, drop_rate, gen = _merge_setup(method, len(adapters), weights, **options)
     if dtype is None:
         stored = [A.dtype for a in adapters for A, _ in a.weights.values()]
         dtype = torch.float64 if torch.float64 in stored else torch.float32

@@ -1,8 +1,9 @@
 """Shared test helpers: fresh random inputs for the routed LoRA op and the relative-error metric."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
@@ -108,3 +109,21 @@ def check_against_reference(case: MixCase, fn: Callable, dtype: torch.dtype, gra
         err = rel_err(got, want)
         # Gradients are long reductions over T or d_out: allow the same budget as the forward.
         assert err <= TOL[dtype], f"grad {name} rel err {err:.3g} > {TOL[dtype]:.0e}"
+
+
+@contextlib.contextmanager
+def no_host_sync(where: str) -> Iterator[None]:
+    """Every Python-level way a tensor value reaches the host raises ``AssertionError`` inside the block
+    ("host synchronisation in <where>"): on CPU this finds the reads that would sync a GPU stream."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"host synchronisation in {where}")
+
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"]
+    saved = {n: getattr(torch.Tensor, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, refuse)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.Tensor, n, f)

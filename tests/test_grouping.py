@@ -1,7 +1,5 @@
 """Grouping metadata for the grouped kernels: every implementation against the naive reference, the
 invariants the kernels rely on checked directly, and no host synchronisation."""
-import contextlib
-
 import pytest
 import torch
 
@@ -15,6 +13,8 @@ from selfmoe.kernels.grouping import (
     grouping_metadata_torch,
     grouping_metadata_triton,
 )
+
+from helpers import no_host_sync
 
 
 @pytest.fixture(autouse=True)
@@ -164,27 +164,10 @@ def test_capacity_is_a_true_upper_bound():
     assert grouping_capacity(2, 64, 16) == 32
 
 
-@contextlib.contextmanager
-def _no_host_sync():
-    """Every Python-level way a tensor value reaches the host raises inside the block."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("host synchronisation on the grouping hot path")
-
-    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, refuse)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
-
-
 def test_mock_catches_a_sync():
     # the guard itself must be able to fail
     with pytest.raises(AssertionError, match="host synchronisation"):
-        with _no_host_sync():
+        with no_host_sync("the grouping hot path"):
             grouping_metadata_naive(torch.zeros(2, 1, dtype=torch.long), 2, 16)
 
 
@@ -192,7 +175,7 @@ def test_mock_catches_a_sync():
 def test_no_host_sync(impl):
     ids, E = _ids("E64-sparse-k2", torch.Generator().manual_seed(3))
     want = grouping_metadata_naive(ids, E, 16)
-    with _no_host_sync():
+    with no_host_sync("the grouping hot path"):
         got = IMPLS[impl](ids, E, 16)
     _assert_equal_meta(got, want)
 

@@ -18,6 +18,8 @@ import selfmoe.kernels.utils as utils
 from selfmoe.kernels.grouped import lora_mix_grouped
 from selfmoe.kernels.naive import lora_mix_naive
 
+from helpers import no_host_sync
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 ALL_GRADS = ("x", "lora_A", "lora_B", "expert_weights", "base_weight", "base_bias")
@@ -278,29 +280,13 @@ def test_poison_is_active_and_would_be_caught(monkeypatch):
         check(make_inputs(6, 16, 12, 3, 4, 2, base=False, seed=5), torch.float32, grads=())
 
 
-@contextlib.contextmanager
-def _no_host_sync():
-    def refuse(*args, **kwargs):
-        raise AssertionError("host synchronisation in the grouped op")
-
-    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-    try:
-        for n in names:
-            setattr(torch.Tensor, n, refuse)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(torch.Tensor, n, f)
-
-
 def test_no_host_sync_forward_backward():
     # on CPU: no Python-level read of a tensor value anywhere in forward and backward (grouping
     # included); the GPU test below checks the same with torch's sync debug mode
     inp = _shape_inputs("E64-sparse-k2", per_expert=True)
     a = _leaves(inp, torch.float32, ALL_GRADS, DEVICE)
     g = torch.randn(24, 40, dtype=torch.float32, device=DEVICE)
-    with _no_host_sync():
+    with no_host_sync("the grouped op"):
         y = _call(lora_mix_grouped, a)
         y.backward(g)
     assert all(a[n].grad is not None for n in ALL_GRADS)
