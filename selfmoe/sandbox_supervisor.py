@@ -169,17 +169,16 @@ def _closed_python_ancestors(uid: int) -> List[str]:
     return fix
 
 
-def _setup_mounts(libc: Any, req: Dict[str, Any], fix: List[str], notes: List[str]) -> Tuple[bool, Optional[str]]:
+def _setup_mounts(libc: Any, req: Dict[str, Any], fix: List[str]) -> Tuple[bool, Optional[str]]:
     """Private tmp dirs and reachable Python dirs in the new mount namespace: ``(private_tmp, workdir)``."""
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
     needed = _python_dirs()
     covers: Dict[str, str] = {}
     if req["private_tmp"]:
-        blocked = [d for d in ("/tmp", "/var/tmp", "/dev/shm") if any(_under(p, d) for p in needed)]
-        if blocked:
-            notes.append(f"Python lives under {blocked[0]}: not made private")
+        # A Python that lives under one of these (a venv in /tmp, as CI clones may have) is bound back
+        # into the fresh tmpfs below, like the closed directories on the way to it.
         for d in ("/tmp", "/var/tmp", "/dev/shm"):
-            if d not in blocked and os.path.isdir(d) and not os.path.islink(d):
+            if os.path.isdir(d) and not os.path.islink(d):
                 covers[d] = "1777"
     for d in fix:
         covers.setdefault(d, "755")
@@ -381,7 +380,7 @@ def _supervise(req: Dict[str, Any]) -> Dict[str, Any]:
                           "enterable (chmod o+x), or use SandboxConfig(drop_privileges=False)")
     private, workdir = False, None
     if unshared and flags & CLONE_NEWNS:
-        private, workdir = _setup_mounts(libc, req, fix, notes)
+        private, workdir = _setup_mounts(libc, req, fix)
     if workdir is None:
         workdir = req["workdir"]
     else:
