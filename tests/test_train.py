@@ -226,6 +226,7 @@ def test_resume_after_interrupt_is_bit_identical(lm_path, tmp_path, uninterrupte
                 raise KeyboardInterrupt
 
         hook = model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under `&` in a shell
     with pytest.raises(TrainingInterrupted) as info:
         train_expert(model, tok, math_records(10), out, cfg(lora_dropout=0.2, num_epochs=3), **extra)
     if hook is not None:
@@ -233,7 +234,7 @@ def test_resume_after_interrupt_is_bit_identical(lm_path, tmp_path, uninterrupte
     assert info.value.step == saved_step and info.value.checkpoint == out / CHECKPOINT_DIR
     assert json.loads((out / CHECKPOINT_DIR / "trainer_state.json").read_text())["step"] == saved_step
     assert not (out / "adapter_config.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
 
     model, tok = fresh(lm_path)
     res = train_expert(model, tok, math_records(10), out, cfg(lora_dropout=0.2, num_epochs=3), resume=True)
