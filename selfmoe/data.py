@@ -75,7 +75,8 @@ class DataFormatError(ValueError):
 # Records and JSONL files
 
 
-def _where(path: Optional[PathLike], line: Optional[int]) -> str:
+def where_prefix(path: Optional[PathLike], line: Optional[int]) -> str:
+    """The start of an error message about a record: ``"file:line: "``, ``"file: "`` or ``"record N: "``."""
     if path is None:
         return "record: " if line is None else f"record {line}: "
     return f"{os.fspath(path)}:{line}: " if line is not None else f"{os.fspath(path)}: "
@@ -89,7 +90,7 @@ def validate_record(obj: Any, *, domain: Optional[str] = None, require_domain: b
     an error (used when the domain comes from a file name). ``require_domain=False`` accepts records
     without any domain (plain SFT data). Raises :class:`DataFormatError` naming ``path:line`` and the key.
     """
-    where = _where(path, line)
+    where = where_prefix(path, line)
     if not isinstance(obj, dict):
         raise DataFormatError(f"{where}expected a JSON object, got {type(obj).__name__}")
     rec = dict(obj)
@@ -140,7 +141,7 @@ def iter_json_lines(path: PathLike, *, skip_torn_tail: bool = False) -> Iterator
             except UnicodeDecodeError as exc:
                 if skip_torn_tail and not raw_bytes.endswith(b"\n"):
                     return  # a write cut inside a multi-byte character
-                raise DataFormatError(f"{_where(path, lineno)}not UTF-8 text (byte {exc.start + 1} of the line: "
+                raise DataFormatError(f"{where_prefix(path, lineno)}not UTF-8 text (byte {exc.start + 1} of the line: "
                                       f"{raw_bytes[exc.start:exc.start + 1]!r}); JSONL files must be UTF-8") from None
             if not raw.strip():
                 continue
@@ -150,7 +151,7 @@ def iter_json_lines(path: PathLike, *, skip_torn_tail: bool = False) -> Iterator
                 if skip_torn_tail and not raw.endswith("\n"):
                     return
                 cut = "" if raw.endswith("\n") else " (the last line is incomplete: was the writer interrupted?)"
-                raise DataFormatError(f"{_where(path, lineno)}invalid JSON: {exc.msg} at column {exc.colno}{cut}") from None
+                raise DataFormatError(f"{where_prefix(path, lineno)}invalid JSON: {exc.msg} at column {exc.colno}{cut}") from None
             yield lineno, obj
 
 
@@ -165,7 +166,7 @@ def iter_jsonl(path: PathLike, *, domain: Optional[str] = None, require_domain: 
         if validate:
             yield validate_record(obj, domain=domain, require_domain=require_domain, path=path, line=lineno)
         elif not isinstance(obj, dict):
-            raise DataFormatError(f"{_where(path, lineno)}expected a JSON object, got {type(obj).__name__}")
+            raise DataFormatError(f"{where_prefix(path, lineno)}expected a JSON object, got {type(obj).__name__}")
         else:
             yield obj
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional
 
 # data's "file:line: " / "record N: " prefix, so eval records and training records report errors alike.
-from .data import DataFormatError, PathLike, _where, format_prompt, iter_json_lines
+from .data import DataFormatError, PathLike, format_prompt, iter_json_lines, where_prefix
 from .eval_scoring import TASKS, extract_number
 
 __all__ = ["EvalExample", "validate_eval_record", "load_eval_records"]
@@ -67,7 +67,7 @@ def validate_eval_record(obj: Any, *, task: Optional[str] = None, path: Optional
     ``task``: the kind for records without a ``task`` key (a record with a different one is an
     error). Raises :class:`selfmoe.data.DataFormatError` naming ``path:line`` and the key.
     """
-    where = _where(path, line)
+    where = where_prefix(path, line)
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
     if isinstance(obj, EvalExample):
