@@ -27,9 +27,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .io_utils import PathLike, atomic_directory, read_json_object, write_json
+from .io_utils import PathLike, atomic_directory, read_json_object, safetensors_bytes, write_bytes, write_json
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -523,5 +523,5 @@ def save_lora_adapter(
         tensors[f"{_KEY_PREFIX}{module}{_B_SUFFIX}"] = B.detach().to("cpu", copy=True).contiguous()
 
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        write_bytes(tmp / ADAPTER_WEIGHTS_NAME, safetensors_bytes(tensors, metadata={"format": "pt"}))
         write_json(tmp / ADAPTER_CONFIG_NAME, config)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .io_utils import WriteError, atomic_directory, fsync_path, write_bytes
+from .io_utils import WriteError, atomic_directory, fsync_path, safetensors_bytes, write_bytes
 from .run_dir import (CHECKPOINT_DIR, CHECKPOINT_TEMPS, RUN_CONFIG_NAME, TEMP_PREFIXES, record_differences,
                       remove_leftovers)
 from .train_config import CheckpointError, TrainState
@@ -69,8 +69,6 @@ def save_checkpoint(out: pathlib.Path, *, model: nn.Module, optimizer: torch.opt
     """Write ``out/checkpoint`` atomically (every file serialised first, the manifest written last), then
     remove older checkpoint copies that killed saves left. A failed write raises
     :class:`~selfmoe.io_utils.WriteError` naming the file; the previous checkpoint is left as it was."""
-    from safetensors.torch import save as safetensors_bytes
-
     tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable_parameters(model)}
     files = {
         TRAINABLE_NAME: safetensors_bytes(tensors, metadata={"format": "pt", "step": str(state.step)}),

@@ -23,12 +23,12 @@ import pathlib
 import shutil
 import uuid
 import warnings
-from typing import Any, Dict, Iterator, Type, Union
+from typing import Any, Dict, Iterator, Optional, Type, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["WriteError", "atomic_directory", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "fsync_path",
-           "read_json_object", "write_bytes", "write_json"]
+           "read_json_object", "safetensors_bytes", "write_bytes", "write_json"]
 
 
 class WriteError(OSError):
@@ -231,3 +231,19 @@ def read_json_object(path: PathLike, *, missing: str, error: Type[Exception] = V
     if not isinstance(obj, dict):
         raise error(f"{p}: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def safetensors_bytes(tensors: Dict[str, Any], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    """``safetensors.torch.save`` with a deterministic header: the same tensors and metadata give the same
+    bytes in every process (safetensors writes the metadata in hash-map order, which changes from one
+    process to the next, so a resumed run's files would differ from an uninterrupted run's by sha256).
+    The header is re-serialised with sorted keys; its length, and so every data offset, is unchanged."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    sorted_header = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    if len(sorted_header) > n:  # cannot happen (same keys and values), but never write a broken file
+        raise RuntimeError("safetensors header grew when its keys were sorted")
+    return data[:8] + sorted_header + b" " * (n - len(sorted_header)) + data[8 + n:]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adapters import save_lora_adapter
-from .io_utils import PathLike, atomic_directory, atomic_write_json, read_json_object
+from .io_utils import PathLike, atomic_directory, atomic_write_json, read_json_object, safetensors_bytes, write_bytes
 from .layer import MoLoRALinear
 from .mixse_build import check_not_wrapped
 from .mixse_config import CONFIG_NAME, EXPERTS_NAME, ROUTER_NAME, MiXSEConfig
@@ -34,8 +34,6 @@ __all__ = ["load_mixse", "save_mixse", "export_expert"]
 
 def save_mixse(model: "MiXSE", directory: PathLike, *, overwrite: bool = True) -> None:
     """:meth:`selfmoe.MiXSE.save_pretrained`: config, experts and router, atomically."""
-    from safetensors.torch import save_file
-
     cfg = model.mixse_config
     cfg.validate()
     experts: Dict[str, torch.Tensor] = {}
@@ -46,8 +44,8 @@ def save_mixse(model: "MiXSE", directory: PathLike, *, overwrite: bool = True) -
     experts, router = ({k: v.detach().to("cpu", copy=True).contiguous() for k, v in d.items()} for d in (experts, router))
     meta = {"format": "pt", "selfmoe_version": __version__}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        save_file(experts, str(tmp / EXPERTS_NAME), metadata=meta)
-        save_file(router, str(tmp / ROUTER_NAME), metadata=meta)
+        write_bytes(tmp / EXPERTS_NAME, safetensors_bytes(experts, metadata=meta))
+        write_bytes(tmp / ROUTER_NAME, safetensors_bytes(router, metadata=meta))
         atomic_write_json(tmp / CONFIG_NAME, cfg.to_dict())
 
 

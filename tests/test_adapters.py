@@ -388,11 +388,11 @@ def test_save_overwrite_false_keeps_existing(good_dir):
 def test_failed_save_leaves_previous_adapter_intact(good_dir, monkeypatch):
     before = listing(good_dir)
 
-    def half_write_then_crash(tensors, filename, metadata=None):
+    def half_write_then_crash(filename, data):
         pathlib.Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapters_mod, "save_file", half_write_then_crash)
+    monkeypatch.setattr(adapters_mod, "write_bytes", half_write_then_crash)
     with pytest.raises(OSError, match="disk full"):
         save_lora_adapter(good_dir, random_factors({"m.q_proj": (4, 4)}, r=2), r=2, lora_alpha=2)
     assert listing(good_dir) == before
