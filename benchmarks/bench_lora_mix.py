@@ -23,8 +23,8 @@ Usage:
   python benchmarks/bench_lora_mix.py                 # default shapes for the device present
   python benchmarks/bench_lora_mix.py --shapes paper-cpu --modes fwd+bwd-router --reps 20
 
-Results: a table on stdout, ``benchmarks/results/<device>.csv`` (one row per provider, mode and
-shape, with device, versions and commit) and ``benchmarks/results/<device>.png`` (time relative to the
+Results: a table on stdout, ``<results-dir>/<device>.csv`` (one row per provider, mode and
+shape, with device, versions and commit) and ``<results-dir>/<device>.png`` (time relative to the
 base linear per shape and mode; skipped with a message when matplotlib is not installed). Ratios
 compare timings from the same run only.
 """
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, device_label, device_slug, git_commit, time_many_ms, timestamp, versions, write_csv
+from benchmarks.common import LOCAL_RESULTS_DIR, device_label, device_slug, git_commit, time_many_ms, timestamp, versions, write_csv
 from selfmoe.kernels import lora_mix
 
 
@@ -329,7 +329,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU (CUDA uses do_bench)")
-    parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<device>.csv)")
+    parser.add_argument("--results-dir", default=str(LOCAL_RESULTS_DIR),
+                        help="where <device>.csv and .png go (default: benchmarks/results/local, ignored by git; "
+                             "pass benchmarks/results to update the committed files on purpose)")
+    parser.add_argument("--out", default=None, help="CSV path (overrides --results-dir)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -349,7 +352,7 @@ def main(argv=None) -> int:
     print(f"device: {device_label(device)} | torch {versions()['torch']} | triton {versions()['triton']} | {dtype}")
     rows = run(shapes, modes, providers, dtype, device, args.reps)
     print_table(rows)
-    out = Path(args.out) if args.out else RESULTS_DIR / f"{device_slug(device)}.csv"
+    out = Path(args.out) if args.out else Path(args.results_dir) / f"{device_slug(device)}.csv"
     write_csv(out, rows)
     print(f"wrote {out}")
     if rows:

@@ -18,7 +18,7 @@ Usage:
   python benchmarks/bench_train_step.py --device cuda --preset large
   python benchmarks/bench_train_step.py --providers bare,mixse --reps 20
 
-Results: a table on stdout and benchmarks/results/train_step_<device>.csv (device, versions, commit,
+Results: a table on stdout and <results-dir>/train_step_<device>.csv (device, versions, commit,
 ms, ratio to bare). Ratios compare timings from the same run only (CPU: round-robin timing, so load
 from other processes lands on all providers alike).
 """
@@ -38,7 +38,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, device_label, device_slug, git_commit, time_many_ms, timestamp, versions, write_csv
+from benchmarks.common import LOCAL_RESULTS_DIR, device_label, device_slug, git_commit, time_many_ms, timestamp, versions, write_csv
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--no-csv", action="store_true")
+    ap.add_argument("--results-dir", default=str(LOCAL_RESULTS_DIR),
+                    help="where train_step_<device>.csv goes (default: benchmarks/results/local, ignored by git; "
+                         "pass benchmarks/results to update the committed file on purpose)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -208,7 +211,7 @@ def main() -> None:
     if "mixse" in times and "xlora" in times:
         print(f"xlora / mixse = {times['xlora'] / times['mixse']:.2f}x")
     if not args.no_csv:
-        out = RESULTS_DIR / f"train_step_{device_slug(device)}.csv"
+        out = Path(args.results_dir) / f"train_step_{device_slug(device)}.csv"
         write_csv(out, rows)
         print(f"wrote {out}")
 

@@ -14,7 +14,11 @@ from typing import Callable, Dict, List
 
 import torch
 
+# Committed result files live in RESULTS_DIR and are written there only on purpose (--results-dir
+# benchmarks/results); by default a run writes to LOCAL_RESULTS_DIR, which git ignores, so trying a
+# benchmark in a checkout never overwrites the committed figures.
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LOCAL_RESULTS_DIR = RESULTS_DIR / "local"
 
 
 def _slug(text: str) -> str:

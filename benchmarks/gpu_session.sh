@@ -26,8 +26,9 @@ if [ "$stage" = tests ] || [ "$stage" = all ]; then
 fi
 
 if [ "$stage" = bench ] || [ "$stage" = all ]; then
-    python3 benchmarks/bench_lora_mix.py 2>&1 | tee "$OUT/bench_lora_mix.log" || status=1
-    python3 benchmarks/bench_train_step.py --device cuda --preset large --providers bare,xlora,mixse 2>&1 \
+    python3 benchmarks/bench_lora_mix.py --results-dir benchmarks/results 2>&1 | tee "$OUT/bench_lora_mix.log" || status=1
+    python3 benchmarks/bench_train_step.py --device cuda --preset large --providers bare,xlora,mixse \
+        --results-dir benchmarks/results 2>&1 \
         | tee "$OUT/bench_train_step.log" || status=1
     # Only this run's files (the device tool brings back at most 8 files).
     find benchmarks/results -type f -newer "$OUT/gpu.txt" -exec cp {} "$OUT/" \;
