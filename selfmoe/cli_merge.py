@@ -39,6 +39,7 @@ def _add_merge(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     p.add_argument("--strict", action="store_true",
                    help="refuse experts that declare different base models (default: a warning)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -54,7 +55,7 @@ def _floats(text: Optional[str], flag: str) -> Optional[List[float]]:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .adapters import load_lora_adapter, save_lora_adapter
     from .io_utils import atomic_directory
-    from .merging import merge_adapters, merge_into_base, merged_to_lora
+    from .merging import iter_merged_deltas, lora_approximation_error, merge_into_base, merged_to_lora
 
     if args.into_base and not args.model:
         raise CLIError("--into-base needs --model (the base model to merge into)")
@@ -65,8 +66,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise CLIError(f"--output {out}: exists and is not empty; pass --overwrite to replace it")
-    deltas = merge_adapters(adapters, args.method, weights, density=args.density, drop_rate=args.drop_rate, seed=args.seed,
-                            strict=args.strict)
+    from tqdm.auto import tqdm
+
+    merged = iter_merged_deltas(adapters, args.method, weights, density=args.density, drop_rate=args.drop_rate,
+                                seed=args.seed, strict=args.strict)
+    n_modules = len(set().union(*(a.weights.keys() for a in adapters)))
+    deltas = dict(tqdm(merged, total=n_modules, desc=f"{args.method} merge", unit="module", disable=args.no_progress))
     if args.into_base:
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
         merge_into_base(model, deltas)
@@ -80,4 +85,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     base_name = adapters[0].config.get("base_model_name_or_path")
     save_lora_adapter(out, factors, r=rank, lora_alpha=float(rank), base_model_name_or_path=base_name)
     say(f"{args.method} merge of {len(adapters)} experts -> {out} (LoRA rank {rank})")
+    error = lora_approximation_error(deltas, factors, rank)
+    if error > 1e-4:  # a linear merge at the summed rank is exact; TIES/DARE updates are full-rank in general
+        say(f"note: the merged update is not of rank {rank}; as a rank-{rank} LoRA it is approximated (best "
+            f"rank-{rank} by SVD, relative error {error:.1%} of the update); --rank R keeps more, --into-base "
+            "--model DIR writes the exact merge into the base weights")
     return 0

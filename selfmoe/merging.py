@@ -39,6 +39,7 @@ __all__ = [
     "MERGE_METHODS",
     "dare_drop",
     "iter_merged_deltas",
+    "lora_approximation_error",
     "merge_adapters",
     "merge_deltas",
     "merge_into_base",
@@ -388,3 +389,18 @@ def merged_to_lora(
         B[:, :k] = U[:, :k] * root[None, :]
         factors[module] = (A.to(delta.dtype), B.to(delta.dtype))
     return factors
+
+
+def lora_approximation_error(merged_deltas: Mapping[str, torch.Tensor],
+                             factors: Mapping[str, Tuple[torch.Tensor, torch.Tensor]], r: int,
+                             lora_alpha: Optional[float] = None) -> float:
+    """How far :func:`merged_to_lora`'s factors are from the merged deltas: ``||delta - (alpha/r) B A||_F /
+    ||delta||_F`` over all modules together (0 when the factorisation is exact)."""
+    scaling = float(r if lora_alpha is None else lora_alpha) / r
+    err = norm = 0.0
+    for module, delta in merged_deltas.items():
+        A, B = factors[module]
+        d = delta.double()
+        err += float((d - scaling * (B.double() @ A.double())).pow(2).sum())
+        norm += float(d.pow(2).sum())
+    return math.sqrt(err / norm) if norm > 0 else 0.0

@@ -339,3 +339,18 @@ def test_bench_passes_arguments_through(monkeypatch, capsys):
     assert cmd1[2:] == ["--shapes", "paper-cpu", "--reps", "3"] and os.path.isdir(os.path.join(cwd1, "benchmarks"))
     assert cmd2[1].endswith("bench_train_step.py") and cmd2[2:] == ["--providers", "bare"]
     assert os.path.isfile(cmd1[1])  # this checkout has the benchmarks folder
+
+
+def test_merge_says_when_the_lora_output_approximates_the_merge(tmp_path, capsys):
+    from selfmoe.adapters import save_lora_adapter
+
+    g = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        factors = {f"model.layers.0.self_attn.{m}": (torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g))
+                   for m in ("q_proj", "v_proj")}
+        save_lora_adapter(tmp_path / name, factors, r=2, lora_alpha=4.0)
+    argv = ["merge", "--expert", tmp_path / "a", "--expert", tmp_path / "b", "--no-progress"]
+    code, _, err = run(capsys, *argv, "--method", "linear", "--output", tmp_path / "linear")
+    assert code == 0 and "approximated" not in err  # rank 2 + 2 holds a linear merge exactly
+    code, _, err = run(capsys, *argv, "--method", "ties", "--output", tmp_path / "ties")
+    assert code == 0 and "as a rank-4 LoRA it is approximated" in err and "relative error" in err

@@ -361,3 +361,20 @@ def test_ties_merge_of_two_peft_experts_end_to_end(tmp_path, peft_llama):
     with torch.no_grad():
         ours, theirs = model(peft_llama["ids"]).logits, pm(peft_llama["ids"]).logits
     assert _rel(ours, theirs) <= 1e-5
+
+
+def test_lora_approximation_error_is_zero_when_exact_and_matches_a_hand_computation():
+    from selfmoe.merging import lora_approximation_error, merged_to_lora
+
+    g = torch.Generator().manual_seed(3)
+    low = {"m": torch.randn(6, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 5, generator=g, dtype=torch.float64)}
+    assert lora_approximation_error(low, merged_to_lora(low, 2), 2) < 1e-12
+    full = {"m": torch.randn(6, 5, generator=g, dtype=torch.float64), "n": torch.randn(4, 3, generator=g, dtype=torch.float64)}
+    factors = merged_to_lora(full, 1)
+    num = sum(float((full[k] - factors[k][1] @ factors[k][0]).pow(2).sum()) for k in full)
+    den = sum(float(full[k].pow(2).sum()) for k in full)
+    assert abs(lora_approximation_error(full, factors, 1) - (num / den) ** 0.5) < 1e-12
+    # the best rank-1 error of each module is its singular values beyond the first
+    sv = {k: torch.linalg.svdvals(v) for k, v in full.items()}
+    expect = (sum(float(s[1:].pow(2).sum()) for s in sv.values()) / den) ** 0.5
+    assert abs(lora_approximation_error(full, factors, 1) - expect) < 1e-9
