@@ -291,7 +291,13 @@ def load_seeds(path: PathLike, *, domains: Optional[Sequence[str]] = None) -> Di
         if not out:
             raise ValueError(f"{os.fspath(path)}: seed file holds no records")
     else:
-        raise FileNotFoundError(f"{os.fspath(path)}: seeds not found (expected a .jsonl file or a directory of them)")
+        import difflib
+
+        hint = ""
+        if difflib.get_close_matches(os.fspath(path).lower(), [BUILTIN_SEEDS], n=1, cutoff=0.7):
+            hint = f"; did you mean {BUILTIN_SEEDS!r} (the seeds that ship with selfmoe)?"
+        raise FileNotFoundError(f"{os.fspath(path)}: seeds not found (expected a .jsonl file or a directory of them, "
+                                f"or {BUILTIN_SEEDS!r}){hint}")
     if domains is not None:
         missing = [d for d in domains if d not in out]
         if missing:

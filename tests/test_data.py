@@ -354,3 +354,15 @@ def test_a_non_utf8_line_is_reported_with_its_number(tmp_path):
     path.write_bytes(b'{"instruction": "q", "output": "a", "domain": "m"}\n{"instruction": "caf\xe9"}\n')
     with pytest.raises(DataFormatError, match=r"d.jsonl:2: not UTF-8"):
         read_jsonl(path)
+
+
+def test_a_mistyped_builtin_seeds_name_suggests_the_right_one(tmp_path, monkeypatch):
+    from selfmoe.data import load_seeds
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="did you mean 'builtin'"):
+        load_seeds("bultin")
+    with pytest.raises(FileNotFoundError) as info:
+        load_seeds("elsewhere")
+    assert "did you mean" not in str(info.value)
+    assert set(load_seeds("builtin")) == {"knowledge", "reasoning", "math", "coding"}
