@@ -107,7 +107,7 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 class HFGenerator:
     """Batched ``model.generate`` with left padding (see the module docstring).
 
-    ``batch_size`` prompts per ``generate`` call; ``progress`` shows a tqdm bar over batches.
+    ``batch_size`` prompts per ``generate`` call; ``progress`` shows a tqdm bar over the sequences.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = True,
@@ -187,12 +187,17 @@ class HFGenerator:
         with torch.random.fork_rng(devices=devices, enabled=config.seed is not None), _eval_mode(self.model), torch.no_grad():
             if config.seed is not None:
                 torch.manual_seed(config.seed)
-            for batch in tqdm(batches, desc=desc or "generate", disable=not self.progress, unit="batch"):
+            # Counted in sequences, not batches: a long round shows how far it is (leave=False: an outer bar,
+            # e.g. specialize's pairs, stays on screen).
+            bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not self.progress, unit="seq", leave=False)
+            for batch in batches:
                 ids, mask = self._left_pad([encoded[i] for i in batch], device)
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
                 new = gen[:, ids.shape[1]:].cpu()
                 for row, i in enumerate(batch):
                     out[i] = self._decode(new[row], config)
+                bar.update(len(batch))
+            bar.close()
         return [c for c in out if c is not None]
 
 

@@ -189,7 +189,7 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
     if generator is None:
         if model is None or tokenizer is None:
             raise ValueError("pass model and tokenizer, or a generator")
-        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=False)
+        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=cfg.progress)
     template = get_template(domain, load_templates(cfg.templates))
     count_tokens = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer is not None else None
 
@@ -240,6 +240,7 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
     bar = tqdm(total=num_pairs, initial=min(len(existing), num_pairs), desc=f"specialize {domain}",
                disable=not cfg.progress, unit="pair")
     t0 = time.time()
+    dropped_before, kept_before, warned_slow = sum(removed.values()), stats["kept"], False
     try:
         while stats["kept"] < num_pairs and attempts_this_call < budget:
             k = min(cfg.prompts_per_round, budget - attempts_this_call)
@@ -267,7 +268,11 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
             stats["seconds"] = round(time.time() - t0, 3)
             _write_stats(spath, stats)
             bar.update(len(new))
-            bar.set_postfix(attempts=attempts_this_call, dropped=sum(removed.values()))
+            # This run's counts only (the stats file keeps the totals over resumed runs).
+            bar.set_postfix(attempts=attempts_this_call, dropped=sum(removed.values()) - dropped_before)
+            if not warned_slow and stats["kept"] < num_pairs:
+                warned_slow = _warn_if_slow(domain, time.time() - t0, stats["kept"] - kept_before, attempts_this_call,
+                                            num_pairs - stats["kept"])
     finally:
         bar.close()
         stats["seconds"] = round(time.time() - t0, 3)
@@ -277,6 +282,24 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
                       f"(max_attempts reached); call again to continue. Filter counts: "
                       f"{ {k: v for k, v in removed.items() if v} }", RuntimeWarning, stacklevel=2)
     return stats
+
+
+SLOW_WARNING_SECONDS = 3600.0
+
+
+def _warn_if_slow(domain: str, elapsed: float, kept: int, attempts: int, remaining: int) -> bool:
+    """After a round: when the speed so far implies more than an hour for the remaining pairs, say so once
+    (with the measured rate) instead of letting a run sit silently for hours. Returns whether it warned."""
+    per_pair = elapsed / kept if kept else elapsed / max(attempts, 1) * 20  # nothing kept yet: a pessimistic guess
+    eta = per_pair * remaining
+    if eta < SLOW_WARNING_SECONDS:
+        return False
+    warnings.warn(
+        f"domain {domain!r}: at the speed so far ({elapsed:.0f} s for {kept} kept pair(s), {attempts} attempt(s)) the "
+        f"remaining {remaining} pairs need about {eta / 3600:.1f} h; fewer pairs (--num-pairs), shorter generations "
+        "(--response-max-new-tokens, --brainstorm-max-new-tokens) or a GPU make it shorter. Ctrl-C keeps what is "
+        "written; rerun the same command to continue.", RuntimeWarning, stacklevel=3)
+    return True
 
 
 def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str, Any]], cfg: SpecializeConfig,

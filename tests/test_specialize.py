@@ -480,3 +480,34 @@ def test_specialize_refuses_unsafe_domain_names_before_writing(tmp_path):
     with pytest.raises(ValueError, match="domain '../escape' is not a safe name"):
         specialize(None, None, seeds, tmp_path / "out", num_pairs=1)
     assert not (tmp_path / "out").exists() and not (tmp_path / "escape.jsonl").exists()
+
+
+def test_a_run_that_would_take_hours_says_so_once_with_the_measured_speed(tmp_path, monkeypatch):
+    import selfmoe.specialization as spec_mod
+
+    clock = {"t": 1000.0}
+
+    class SlowGenerator(ScriptedGenerator):
+        def generate(self, prompts, config, *, desc=None):
+            clock["t"] += 900.0  # a quarter of an hour per generate call
+            return super().generate(prompts, config, desc=desc)
+
+    monkeypatch.setattr(spec_mod.time, "time", lambda: clock["t"])
+    with pytest.warns(RuntimeWarning, match=r"remaining \d+ pairs need about [\d.]+ h") as record:
+        specialize_domain(None, None, MATH_SEEDS, "math", tmp_path / "math.jsonl", 20, generator=SlowGenerator(),
+                          config=fast_config(), max_attempts=12)
+    slow = [w for w in record if "need about" in str(w.message)]
+    assert len(slow) == 1  # once per call, not once per round
+
+    clock["t"] = 1000.0
+
+    class FastGenerator(ScriptedGenerator):
+        def generate(self, prompts, config, *, desc=None):
+            clock["t"] += 0.5
+            return super().generate(prompts, config, desc=desc)
+
+    import warnings as w_mod
+    with w_mod.catch_warnings():
+        w_mod.simplefilter("error", RuntimeWarning)
+        specialize_domain(None, None, MATH_SEEDS, "math", tmp_path / "fast.jsonl", 8, generator=FastGenerator(),
+                          config=fast_config())
