@@ -7,6 +7,7 @@ building the parser and printing ``--help`` stay fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from typing import Any, Dict, Optional, Tuple
@@ -104,27 +105,71 @@ def check_device(text: str) -> None:
 # Loading
 
 
-def load_model(name_or_path: str, *, dtype: Optional[str] = None, device: Optional[str] = None) -> Tuple[Any, Any]:
-    """Model and tokenizer from a local directory or a hub name (``AutoModelForCausalLM``).
+_HUB_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
-    ``dtype``: ``auto`` (the checkpoint's), ``float32``, ``float16``, ``bfloat16`` or None (transformers'
-    default). ``device``: where the model goes (None: stays where transformers put it, the CPU).
-    Raises :class:`CLIError` naming ``--model`` when either cannot be loaded.
+
+def _looks_like_path(name: str) -> bool:
+    """Whether ``--model name`` can only mean a local path: it starts with ``.``, ``/`` or ``~``, uses the
+    OS's other separator, or is not shaped like a hub id (``name`` or ``org/name`` in ``[A-Za-z0-9-_.]``)."""
+    if name.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in name) or (os.altsep and os.altsep != "/"
+                                                                                  and os.altsep in name):
+        return True
+    parts = name.split("/")
+    return len(parts) > 2 or any(not p or not set(p) <= _HUB_ID_CHARS for p in parts)
+
+
+def _model_error(name: str, what: str, exc: Exception) -> CLIError:
+    """``--model NAME: cannot load the <what>: <first line>``, plus what names ``--model`` takes when
+    ``NAME`` is neither a local directory nor a built-in name (a hub name that did not load)."""
+    from .builtin_models import BUILTIN_MODELS, builtin_name
+
+    detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    msg = f"--model {name}: cannot load the {what}: {detail}"
+    if not os.path.isdir(os.path.expanduser(name)) and builtin_name(name) is None:
+        msg += (f" (--model takes a local model directory, a built-in model name ({', '.join(sorted(BUILTIN_MODELS))}) "
+                f"or a hub name)")
+    return CLIError(msg)
+
+
+def load_model(name_or_path: str, *, dtype: Optional[str] = None, device: Optional[str] = None) -> Tuple[Any, Any]:
+    """Model and tokenizer from a local directory, a built-in model name (``smollm2-135m``: fetched and
+    converted on first use, see :mod:`selfmoe.builtin_models`) or a hub name (``AutoModelForCausalLM``).
+
+    A local directory wins over a built-in name. ``dtype``: ``auto`` (the checkpoint's), ``float32``,
+    ``float16``, ``bfloat16`` or None (transformers' default). ``device``: where the model goes (None:
+    stays where transformers put it, the CPU). Raises :class:`CLIError` naming ``--model`` when either
+    cannot be loaded (``--model X: no such directory`` for a path that is not there).
     """
+    from .builtin_models import BuiltinModelError, builtin_name, resolve_model
+
+    name_or_path = str(name_or_path)
+    local = os.path.isdir(os.path.expanduser(name_or_path))
+    if not local and builtin_name(name_or_path) is None:
+        if os.path.exists(os.path.expanduser(name_or_path)):
+            raise CLIError(f"--model {name_or_path}: not a directory (a model folder with config.json is expected)")
+        if _looks_like_path(name_or_path):
+            raise CLIError(f"--model {name_or_path}: no such directory")
+    try:
+        path = resolve_model(name_or_path)
+    except (BuiltinModelError, ImportError) as exc:  # ImportError: gguf/accelerate missing for the conversion
+        raise CLIError(f"--model {name_or_path}: {exc}") from exc
+    if local:
+        path = os.path.expanduser(path)
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # OSError, ValueError, hub errors: all mean "cannot load this name"
-        raise CLIError(f"--model {name_or_path}: cannot load the tokenizer: {exc}") from exc
+        raise _model_error(name_or_path, "tokenizer", exc) from exc
     kwargs: Dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
-        raise CLIError(f"--model {name_or_path}: cannot load the model: {exc}") from exc
+        raise _model_error(name_or_path, "model", exc) from exc
     if device is not None:
         try:
             model.to(device)
