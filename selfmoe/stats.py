@@ -13,14 +13,22 @@ tokens (padding excluded when an attention mask is known):
 - ``mean_gate[e]``: mean gate of expert e over all tokens, 0 where e was not selected; sums to 1 only
   with ``renormalize=True`` or ``top_k = E``.
 - ``mean_prob[e]``: mean router probability (softmax over all experts, before top-k); sums to 1.
+
+Summaries over layers (:func:`overall_shares`, :meth:`RoutingStats.overall`, :func:`routing_overview`,
+:func:`format_routing_overview`) work on the plain dicts of :meth:`RoutingStats.summary` (and of
+``summary.json``): an expert's share is its statistic averaged over every key, weighted by each key's
+token count, so a model with 30 layers is described by one row of E numbers per task or domain.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["RoutingStats"]
+__all__ = ["RoutingStats", "overall_shares", "routing_overview", "format_routing_overview"]
+
+#: A per-key summary: ``{key: {"tokens": int, "usage": {expert: float}, "mean_gate": ..., "mean_prob": ...}}``.
+PerKey = Mapping[str, Mapping[str, Any]]
 
 
 class RoutingStats:
@@ -117,6 +125,10 @@ class RoutingStats:
             return torch.zeros(0, self.num_experts, dtype=torch.float64)
         return torch.stack([u[k].cpu() for k in self.keys()])
 
+    def overall(self, stat: str = "usage") -> Dict[str, float]:
+        """``{expert: share}``: ``stat`` averaged over every key, token-weighted (see :func:`overall_shares`)."""
+        return overall_shares(self.summary(), stat)
+
     def summary(self) -> Dict[str, Dict[str, object]]:
         """Plain-Python view: ``{key: {"tokens": int, "usage": {expert: float}, "mean_gate": {...}, "mean_prob": {...}}}``."""
         usage, gate, prob = self.usage(), self.mean_gate(), self.mean_prob()
@@ -131,3 +143,110 @@ class RoutingStats:
                 entry["mean_prob"] = dict(zip(self.expert_names, prob[key].tolist()))
             out[key] = entry
         return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Summaries over layers, on plain dicts (RoutingStats.summary() or summary.json)
+
+
+def _weighted(per_key: PerKey, stat: str) -> tuple:
+    sums: Dict[str, float] = {}
+    weight = 0.0
+    for entry in per_key.values():
+        values = entry.get(stat)
+        if not values:
+            continue
+        t = float(entry.get("tokens", 0))
+        weight += t
+        for name, v in values.items():
+            sums[name] = sums.get(name, 0.0) + float(v) * t
+    return sums, weight
+
+
+def overall_shares(per_key: PerKey, stat: str = "usage") -> Dict[str, float]:
+    """``{expert: share}`` over every key (layer) of one summary: ``stat`` (``usage``, ``mean_gate`` or
+    ``mean_prob``) weighted by each key's token count. Experts in the summary's order; all 0 without tokens."""
+    sums, weight = _weighted(per_key, stat)
+    return {name: (s / weight if weight else 0.0) for name, s in sums.items()}
+
+
+def _tokens(per_key: PerKey) -> int:
+    """Tokens one group read: every key counts the same tokens (the largest count, should they differ)."""
+    return max((int(e.get("tokens", 0)) for e in per_key.values()), default=0)
+
+
+def routing_overview(by_task: Mapping[str, PerKey], by_domain: Optional[Mapping[str, PerKey]] = None, *,
+                     stat: str = "usage") -> Dict[str, Any]:
+    """Per-expert shares overall, per task and per domain, from per-layer summaries (what
+    ``summary.json`` holds under ``routing`` and ``routing_domains``)::
+
+        {"stat": "usage", "experts": [...], "overall": {"tokens": n, "shares": {expert: share}},
+         "tasks": {task: {"tokens": n, "shares": {...}}}, "domains": {...}}
+
+    ``overall`` weighs every task's keys by their tokens (domains cover the same tokens again, so they
+    are not added in). ``domains`` is present only when ``by_domain`` is given.
+    """
+    experts: List[str] = []
+    for group in list(by_task.values()) + list((by_domain or {}).values()):
+        for entry in group.values():
+            for name in entry.get(stat) or {}:
+                if name not in experts:
+                    experts.append(name)
+
+    def row(per_key: PerKey) -> Dict[str, Any]:
+        shares = overall_shares(per_key, stat)
+        return {"tokens": _tokens(per_key), "shares": {e: shares.get(e, 0.0) for e in experts}}
+
+    total_sums: Dict[str, float] = {}
+    total_weight = 0.0
+    for per_key in by_task.values():
+        sums, weight = _weighted(per_key, stat)
+        total_weight += weight
+        for name, v in sums.items():
+            total_sums[name] = total_sums.get(name, 0.0) + v
+    overall = {"tokens": sum(_tokens(p) for p in by_task.values()),
+               "shares": {e: (total_sums.get(e, 0.0) / total_weight if total_weight else 0.0) for e in experts}}
+    out: Dict[str, Any] = {"stat": stat, "experts": experts, "overall": overall,
+                           "tasks": {name: row(p) for name, p in by_task.items()}}
+    if by_domain:
+        out["domains"] = {name: row(p) for name, p in by_domain.items()}
+    return out
+
+
+_SHADES = " .:-=+*#%@"  # 0-10 % ... 90-100 %: a text heat map that survives any terminal and log file
+
+
+def _shade(share: float) -> str:
+    return _SHADES[min(len(_SHADES) - 1, max(0, int(share * len(_SHADES))))]
+
+
+def format_routing_overview(overview: Mapping[str, Any]) -> str:
+    """A compact text table of :func:`routing_overview`: rows = tasks, then domains, then overall;
+    columns = tokens and one per expert, each share in percent followed by a shade character
+    (`` .:-=+*#%@``, blank below 10 %, ``@`` from 90 %) so the table reads as a heat map."""
+    experts = list(overview.get("experts") or [])
+    stat = overview.get("stat", "usage")
+    what = {"usage": "% of token-slots", "mean_gate": "mean gate, %", "mean_prob": "mean router probability, %"}
+    lines = [f"routing: {what.get(stat, stat)} per expert, all layers (token-weighted)"]
+    sections = [("task", overview.get("tasks") or {})]
+    if overview.get("domains"):
+        sections.append(("domain", overview["domains"]))
+    rows: List[List[str]] = []
+    for _, groups in sections:
+        for name, r in groups.items():
+            rows.append([str(name), str(r.get("tokens", ""))] +
+                        [f"{100 * r['shares'].get(e, 0.0):5.1f} {_shade(r['shares'].get(e, 0.0))}" for e in experts])
+        rows.append([])  # a rule after each section
+    ov = overview.get("overall") or {"tokens": "", "shares": {}}
+    rows.append(["overall", str(ov.get("tokens", ""))] +
+                [f"{100 * ov['shares'].get(e, 0.0):5.1f} {_shade(ov['shares'].get(e, 0.0))}" for e in experts])
+    head = ["/".join(s for s, _ in sections), "tokens"] + experts
+    width = [max(len(r[i]) for r in rows + [head] if r) for i in range(len(head))]
+
+    def fmt(r: List[str]) -> str:
+        if not r:
+            return "-" * (sum(width) + 2 * (len(width) - 1))
+        return "  ".join([f"{r[0]:<{width[0]}}"] + [f"{c:>{width[i + 1]}}" for i, c in enumerate(r[1:])])
+
+    lines += [fmt(head)] + [fmt(r) for r in rows]
+    return "\n".join(lines)
