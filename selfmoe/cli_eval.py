@@ -13,7 +13,8 @@ from .cli_common import CLIError, add_command, add_runner_args, load_runner, say
 __all__ = ["EVAL_DESCRIPTION", "EVAL_EPILOG", "_add_eval", "_cmd_eval"]
 
 EVAL_DESCRIPTION = ("Greedy generation on multiple-choice (MMLU), exact-match (BBH), numeric (GSM8K) and code "
-                    "(HumanEval, run in a subprocess) examples; accuracy per task.")
+                    "(HumanEval, run in a subprocess) examples (multiple choice optionally by option log-likelihood); accuracy per "
+                    "task.")
 EVAL_EPILOG = """\
 examples:
   # the MiXSE on four benchmarks converted to selfmoe's JSONL (each record carries "task")
@@ -35,9 +36,20 @@ SELFMOE_ALLOW_CODE_EVAL=1). Each runs in selfmoe.sandbox: own work dir and HOME,
 CPU, file size, processes, open files, no process left behind; as root also no network, its own
 unprivileged uid and private /tmp. Non-root: see selfmoe.sandbox for what is not contained.
 
+multiple choice: --mc-scoring generate (default) reads the letter from the greedy response; loglik
+scores each option letter by its log-probability right after the prompt (like lm-evaluation-harness
+on MMLU): no generation, about one forward of the prompt per example; predictions.jsonl then holds
+"logliks" per letter.
+
 resume: completions are saved to <output>/predictions.partial.jsonl as they are generated; rerunning
 the same command after an interruption generates only the rest. Other settings are refused unless
 --restart (which discards the saved completions).
+
+finished: an --output holding a finished evaluation (summary.json) with the same settings is not
+recomputed: its table is printed again. Other settings are refused (exit 2) unless --overwrite.
+
+--routing-stats prints each expert's share (all layers, token-weighted) per task and per record
+"domain", as a text heat map; summary.json keeps the per-layer numbers ("routing").
 """
 
 
@@ -56,8 +68,13 @@ def _add_eval(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per code example")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run the programs of code records (sandboxed; without it code records are refused)")
+    p.add_argument("--mc-scoring", choices=("generate", "loglik"), default="generate",
+                   help="multiple choice: letter from the generated response, or the option letter with the "
+                        "highest log-likelihood after the prompt (no generation)")
     p.add_argument("--restart", action="store_true",
                    help="discard completions saved by an interrupted run with other settings, start over")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished evaluation in --output (and any saved completions)")
     p.add_argument("--route-top-k", type=int, default=None, help="MiXSE: experts per token at inference")
     p.add_argument("--routing-stats", action="store_true", help="MiXSE: per-task expert usage into summary.json")
     p.add_argument("--no-progress", action="store_true")
@@ -101,9 +118,34 @@ def _check_writable(out: pathlib.Path) -> None:
         raise CLIError(f"--output {out}: cannot write there: {exc}") from None
 
 
+def _finished(out: pathlib.Path, settings: Any, overwrite: bool) -> Any:
+    """The summary of a finished evaluation in ``out`` made with ``settings`` (None: none there, or
+    ``overwrite``); raises :class:`CLIError` when the one there was made with other settings."""
+    import json
+
+    from .evaluation import settings_differences
+
+    path = out / "summary.json"
+    if overwrite or not path.is_file():
+        return None
+    fix = "pass --overwrite to replace it, or choose another --output"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"--output {out} holds an unreadable summary.json ({exc}); {fix}") from None
+    saved = summary.get("settings") if isinstance(summary, dict) else None
+    if saved is None:
+        raise CLIError(f"--output {out} holds a finished evaluation whose settings were not recorded (an older "
+                       f"selfmoe wrote it); {fix}")
+    diffs = settings_differences(saved, settings)
+    if diffs:
+        raise CLIError(f"--output {out} holds a finished evaluation with other settings: {'; '.join(diffs)}; {fix}")
+    return summary
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import (PartialMismatchError, check_partial, code_execution_allowed, default_sampling, evaluate,
-                           write_results)
+    from .evaluation import (PartialMismatchError, check_partial, code_execution_allowed, default_sampling, eval_settings,
+                             evaluate, format_summary, write_results)
 
     _check_flags(args)
     out = pathlib.Path(args.output)
@@ -119,24 +161,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"{n_code} code example(s) would run the programs the model writes on this machine; pass "
                        "--allow-code-execution (or set SELFMOE_ALLOW_CODE_EVAL=1) to allow it (sandboxed: see "
                        "`selfmoe eval --help`)")
-    _check_writable(out)
     partial = out / "predictions.partial.jsonl"
     run_info = {"model": args.model, "mixse": args.mixse, "adapter": args.adapter, "dtype": args.dtype,
                 "route_top_k": args.route_top_k}
-    if not args.restart:
+    settings = eval_settings(records, sampling=sampling, run_info=run_info, routing_stats=args.routing_stats,
+                             mc_scoring=args.mc_scoring)
+    finished = _finished(out, settings, args.overwrite)
+    if finished is not None:
+        say(f"--output {out} already holds this evaluation (same settings, finished): not recomputed; pass "
+            "--overwrite to run it again")
+        print(format_summary(finished), flush=True)
+        return 0
+    _check_writable(out)
+    restart = args.restart or args.overwrite
+    if not restart:
         try:
-            saved = check_partial(partial, records, sampling=sampling, run_info=run_info, routing_stats=args.routing_stats)
+            saved = check_partial(partial, records, sampling=sampling, run_info=run_info,
+                                  routing_stats=args.routing_stats, mc_scoring=args.mc_scoring)
         except PartialMismatchError as exc:
             raise CLIError(f"{exc.reason}; rerun with the same settings to continue it, or pass --restart to "
                            "discard it") from None
         if saved:
             say(f"resuming: {saved} of {len(records)} completions already saved in {partial}")
     runner, tok = load_runner(args)
+    if args.overwrite:  # once the model loaded: no longer finished, so an interrupted overwrite resumes like any run
+        for name in ("summary.json", "predictions.jsonl"):
+            (out / name).unlink(missing_ok=True)
     try:
         result = evaluate(runner, tok, records, sampling=sampling, batch_size=args.batch_size,
                           progress=not args.no_progress, routing_stats=args.routing_stats,
                           code_timeout=args.code_timeout, allow_code_execution=allowed, partial_path=partial,
-                          restart=args.restart, run_info=run_info)
+                          restart=restart, run_info=run_info, mc_scoring=args.mc_scoring)
     except KeyboardInterrupt:
         if partial.is_file():
             say(f"completions so far are saved in {partial}: rerun the same command to continue")
@@ -144,6 +199,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     extra = {"model": args.model, "mixse": args.mixse, "adapter": args.adapter, "data": list(args.data)}
     paths = write_results(result, out, extra=extra)
     partial.unlink()
-    print(result.table(), flush=True)
+    print(format_summary(result.summary()), flush=True)
     say(f"{result.n} examples -> {paths['predictions']}, {paths['summary']}")
     return 0

@@ -8,7 +8,9 @@ Data: JSONL, one example per line, each with a ``task`` kind (or one given for t
     {"task": "code", "instruction": "def add(a, b):\\n    \\"\\"\\"Sum.\\"\\"\\"\\n", "tests": "assert add(1, 2) == 3",
      "entry_point": "add"}
 
-Optional keys: ``input`` (Alpaca input), ``id`` (copied to the predictions). Few-shot examples, when
+Optional keys: ``input`` (Alpaca input), ``id`` (copied to the predictions), ``domain`` (a non-empty
+string, e.g. the MMLU subject or the BBH subtask: the summary then reports accuracy, and routing
+statistics, per domain too). Few-shot examples, when
 wanted, go into the instruction. Every prompt is the Alpaca template the experts were trained with
 (:attr:`EvalExample.prompt`). Gold answers are checked here, where the file and line are known: a
 multiple-choice answer must be one option letter, a numeric one must hold a finite number (read with
@@ -32,7 +34,8 @@ __all__ = ["EvalExample", "validate_eval_record", "load_eval_records"]
 @dataclass(frozen=True)
 class EvalExample:
     """One validated example. ``answer``: the normalised gold answer (a letter for multiple choice, the
-    text for exact match, a float for numeric, None for code). ``source``: ``file:line`` or ``record N``."""
+    text for exact match, a float for numeric, None for code). ``source``: ``file:line`` or ``record N``;
+    ``file``: the file it came from (None for records given in Python); ``domain``: the record's own."""
 
     task: str
     instruction: str
@@ -43,6 +46,8 @@ class EvalExample:
     id: Any = None
     source: str = ""
     raw_answer: Any = None
+    domain: Optional[str] = None
+    file: Optional[str] = None
 
     @property
     def prompt(self) -> str:
@@ -88,9 +93,13 @@ def validate_eval_record(obj: Any, *, task: Optional[str] = None, path: Optional
     inp = obj.get("input") or ""
     if not isinstance(inp, str):
         raise DataFormatError(f"{where}'input' must be a string, got {type(inp).__name__}")
+    domain = obj.get("domain")
+    if domain is not None and (not isinstance(domain, str) or not domain.strip()):
+        raise DataFormatError(f"{where}'domain' must be a non-empty string, got {domain!r}")
     source = where[:-2] if where.endswith(": ") else where
     common = dict(task=kind, instruction=instruction, input=inp, id=obj.get("id"), source=source,
-                  raw_answer=obj.get("answer"))
+                  raw_answer=obj.get("answer"), domain=domain.strip() if domain else None,
+                  file=os.fspath(path) if path is not None else None)
     if kind == "code":
         tests = _nonempty_str(obj, "tests", where)
         entry = _nonempty_str(obj, "entry_point", where).strip()

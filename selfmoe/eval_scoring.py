@@ -24,9 +24,20 @@
 
 The functions named here are public and tested; :func:`score` applies the first three rules to an
 :class:`selfmoe.eval_records.EvalExample`.
+
+Multiple choice can instead be scored by log-likelihood (``mc_scoring="loglik"``, the way
+lm-evaluation-harness scores MMLU): no text is generated; each option letter of the instruction
+(:func:`option_letters`) is scored as the continuation of the prompt (the Alpaca prompt, which ends in
+``"### Response:\n"``, followed directly by the letter) by its summed log-probability, and the
+prediction is the letter with the highest one (:func:`score_options`; ties go to the earlier letter).
+Letters, not the options' text: the records carry the options inline in the instruction and the gold
+answer as a letter, so the letters are the one thing every record names unambiguously, and a letter
+is one token for the usual tokenizers, so option lengths cannot bias the sum (no length normalisation
+needed, unlike scoring the option text).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional
@@ -38,26 +49,29 @@ if TYPE_CHECKING:  # eval_records reads gold answers with extract_number: a runt
     from .eval_records import EvalExample
 
 __all__ = [
-    "TASKS", "CodeResult", "score", "extract_choice", "extract_final_answer", "normalize_answer", "extract_number",
+    "TASKS", "MC_SCORING", "CodeResult", "OptionScores", "score", "score_options", "option_letters", "loglik_json", "extract_choice", "extract_final_answer", "normalize_answer", "extract_number",
     "extract_code", "build_program", "run_program",
 ]
 
 #: The kinds of example, one scoring rule each (in the order results are reported).
 TASKS = EVAL_TASKS  # defined once, torch-free (the CLI offers them too)
+#: How multiple-choice examples are scored: from a generated response, or by option log-likelihood.
+MC_SCORING = ("generate", "loglik")
 
 
 _ANSWER_LETTER = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:=]?\s*(?:(?i:option)\s+)?\(?([A-Z])\)?(?![A-Za-z0-9])")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 
 
-def _option_letters(instruction: str) -> str:
+def option_letters(instruction: str) -> str:
+    """The options' letters: the "(X)" letters of the instruction, sorted; A-Z if it has none."""
     letters = sorted(set(_PAREN_LETTER.findall(instruction or "")))
     return "".join(letters) if letters else "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def extract_choice(response: str, instruction: str = "") -> Optional[str]:
     """The option letter a response picks, or None (see the module docstring for the rule)."""
-    valid = _option_letters(instruction)
+    valid = option_letters(instruction)
     hits = [m.group(1) for m in _ANSWER_LETTER.finditer(response) if m.group(1) in valid]
     if hits:
         return hits[-1]
@@ -157,6 +171,32 @@ def build_program(instruction: str, response: str, tests: str, entry_point: str)
     if re.search(r"^def\s+check\s*\(", tests, re.M):
         parts.append(f"check({entry_point})")
     return "\n".join(parts) + "\n"
+
+
+@dataclass(frozen=True)
+class OptionScores:
+    """What log-likelihood scoring computed for one multiple-choice example: ``logliks`` maps each
+    option letter to the summed log-probability of that letter as the continuation of the prompt
+    (``-inf`` for an option the model rules out; written as null in JSON)."""
+
+    logliks: Dict[str, float]
+
+
+def score_options(example: EvalExample, logliks: Dict[str, float]) -> Dict[str, Any]:
+    """``{"prediction", "correct", "logliks"}`` for a multiple-choice example scored by log-likelihood:
+    the prediction is the letter with the highest log-likelihood (the earliest letter on a tie)."""
+    if example.task != "multiple_choice":
+        raise ValueError(f"score_options() scores multiple_choice examples, got {example.task!r}")
+    if not logliks:
+        raise ValueError("no option log-likelihoods to choose from")
+    value = {k: (float("-inf") if v is None else float(v)) for k, v in logliks.items()}
+    best = max(sorted(value), key=lambda letter: value[letter])  # max keeps the first of equal values
+    return {"prediction": best, "correct": best == example.answer, "logliks": loglik_json(value)}
+
+
+def loglik_json(logliks: Dict[str, float]) -> Dict[str, Optional[float]]:
+    """Log-likelihoods as JSON values: an impossible option (-inf, a model that masks a token) is null."""
+    return {k: (float(v) if v is not None and math.isfinite(v) else None) for k, v in logliks.items()}
 
 
 @dataclass(frozen=True)

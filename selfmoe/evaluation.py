@@ -15,6 +15,14 @@ so ``selfmoe.evaluation`` is the one import a user needs:
 Every prompt is the Alpaca template the experts were trained with, decoded greedily by default (the
 paper's evaluation is greedy), cut at the template's stop marks.
 
+Multiple choice by log-likelihood (``mc_scoring="loglik"``, the way lm-evaluation-harness scores MMLU):
+nothing is generated for those examples; :class:`LoglikScorer` runs batched forward passes and each
+option letter gets the summed log-probability of the letter as the continuation of the prompt; the
+prediction is the best letter (see :mod:`selfmoe.eval_scoring`). A forward of the prompt alone suffices
+when every letter is one token (the usual case), so this costs about one prompt's prefill per example.
+The default stays ``"generate"`` (scored from the greedy response), so results and resume files of
+earlier runs keep their meaning.
+
 Running code is opt-in: ``evaluate`` raises :class:`CodeExecutionNotAllowed` before generating
 anything when code examples are present, unless ``allow_code_execution=True`` (CLI:
 ``--allow-code-execution``) or the environment has ``SELFMOE_ALLOW_CODE_EVAL=1``. Each program then
@@ -33,27 +41,31 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import math
 import os
 import pathlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .data import PathLike, repair_jsonl_tail, write_jsonl
-from .eval_partial import PartialMismatchError, PartialWriter, partial_settings, read_partial
+from .data import PathLike, encode_prompt, repair_jsonl_tail, write_jsonl
+from .eval_partial import (PartialMismatchError, PartialWriter, partial_settings, read_partial,
+                           settings_differences)
 from .eval_records import EvalExample, load_eval_records, validate_eval_record
-from .eval_scoring import (TASKS, CodeResult, build_program, extract_choice, extract_code, extract_final_answer,
-                           extract_number, normalize_answer, run_program, score)
+from .eval_scoring import (MC_SCORING, TASKS, CodeResult, OptionScores, build_program, extract_choice, extract_code,
+                           extract_final_answer, extract_number, normalize_answer, option_letters, run_program, score,
+                           score_options)
 from .generate import Completion, SamplingConfig, TextGenerator
 from .io_utils import atomic_write_json
 from .sandbox import SandboxConfig, check_sandbox
 
 __all__ = [
-    "TASKS", "EvalExample", "EvalResult", "CodeResult", "CodeExecutionNotAllowed", "PartialMismatchError",
-    "ALLOW_CODE_ENV", "code_execution_allowed", "check_partial",
-    "validate_eval_record", "load_eval_records", "default_sampling", "evaluate", "write_results",
-    "score", "extract_choice", "extract_final_answer", "normalize_answer", "extract_number",
-    "extract_code", "build_program", "run_program",
+    "TASKS", "MC_SCORING", "EvalExample", "EvalResult", "CodeResult", "OptionScores", "CodeExecutionNotAllowed",
+    "PartialMismatchError", "LoglikScorer",
+    "ALLOW_CODE_ENV", "code_execution_allowed", "check_partial", "eval_settings", "settings_differences",
+    "validate_eval_record", "load_eval_records", "default_sampling", "evaluate", "write_results", "format_summary",
+    "score", "score_options", "option_letters", "extract_choice", "extract_final_answer", "normalize_answer",
+    "extract_number", "extract_code", "build_program", "run_program",
 ]
 
 #: Set to ``1`` to allow running the model's programs when ``allow_code_execution`` is not given.
@@ -97,8 +109,13 @@ class EvalResult:
     """Per-task and overall accuracy, and one prediction record per example (input order).
 
     ``tasks``: ``{task: {"n", "correct", "accuracy"}}`` in :data:`TASKS` order (tasks present only).
-    ``routing``: ``{task: RoutingStats.summary()}`` when routing statistics were collected.
+    ``sources``: the same per data file (records read from files only); ``domains``: per record
+    ``domain`` (records that have one only); None when there are none.
+    ``routing``: ``{task: RoutingStats.summary()}`` when routing statistics were collected;
+    ``routing_domains``: the same per domain (when records have domains).
     ``sandbox``: how code examples ran (limits and :class:`selfmoe.sandbox.Containment`), when any did.
+    ``mc_scoring``: how multiple choice was scored (``"generate"`` or ``"loglik"``).
+    ``settings``: what the run depends on (:func:`eval_settings`), so a finished run can be recognised.
     ``resumed``: completions reused from ``partial_path`` instead of generated.
     """
 
@@ -108,6 +125,11 @@ class EvalResult:
     routing: Optional[Dict[str, Any]] = None
     sandbox: Optional[Dict[str, Any]] = None
     resumed: int = 0
+    mc_scoring: str = "generate"
+    sources: Optional[Dict[str, Dict[str, Any]]] = None
+    domains: Optional[Dict[str, Dict[str, Any]]] = None
+    routing_domains: Optional[Dict[str, Any]] = None
+    settings: Optional[Dict[str, Any]] = None
 
     @property
     def n(self) -> int:
@@ -128,28 +150,216 @@ class EvalResult:
         return sum(t["accuracy"] for t in self.tasks.values()) / len(self.tasks) if self.tasks else 0.0
 
     def summary(self) -> Dict[str, Any]:
+        """What ``summary.json`` holds: ``tasks``, ``overall``, ``sampling``, ``mc_scoring``; ``sources``,
+        ``domains`` when known; with routing statistics ``routing`` (per task, per layer),
+        ``routing_domains`` (per domain, per layer) and ``routing_summary``
+        (:func:`selfmoe.stats.routing_overview`: per-expert shares over all layers); ``sandbox``;
+        ``settings``."""
         out: Dict[str, Any] = {
             "tasks": self.tasks,
             "overall": {"n": self.n, "correct": self.correct, "accuracy": self.accuracy,
                         "macro_accuracy": self.macro_accuracy},
             "sampling": self.sampling,
+            "mc_scoring": self.mc_scoring,
         }
+        if self.sources:
+            out["sources"] = self.sources
+        if self.domains:
+            out["domains"] = self.domains
         if self.routing is not None:
+            from .stats import routing_overview
+
             out["routing"] = self.routing
+            if self.routing_domains:
+                out["routing_domains"] = self.routing_domains
+            out["routing_summary"] = routing_overview(self.routing, self.routing_domains)
         if self.sandbox is not None:
             out["sandbox"] = self.sandbox
+        if self.settings is not None:
+            out["settings"] = self.settings
         return out
 
     def table(self) -> str:
-        """A small text table: task, n, correct, accuracy (percent)."""
-        rows = [(t, str(v["n"]), str(v["correct"]), f"{100 * v['accuracy']:.1f}") for t, v in self.tasks.items()]
-        rows.append(("overall", str(self.n), str(self.correct), f"{100 * self.accuracy:.1f}"))
-        if len(self.tasks) > 1:
-            rows.append(("macro avg", "", "", f"{100 * self.macro_accuracy:.1f}"))
-        head = ("task", "n", "correct", "accuracy")
-        w = [max(len(r[i]) for r in rows + [head]) for i in range(4)]
-        fmt = lambda r: f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}  {r[3]:>{w[3]}}"  # noqa: E731
-        return "\n".join([fmt(head)] + [fmt(r) for r in rows])
+        """A small text table: task, n, correct, accuracy (percent); per domain too when known."""
+        return format_summary(self.summary(), routing=False)
+
+
+def _accuracy_rows(groups: Mapping[str, Mapping[str, Any]]) -> List[Tuple[str, str, str, str]]:
+    return [(name, str(v["n"]), str(v["correct"]), f"{100 * v['accuracy']:.1f}") for name, v in groups.items()]
+
+
+def _text_table(head: Tuple[str, ...], rows: List[Tuple[str, ...]]) -> List[str]:
+    w = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    fmt = lambda r: "  ".join([f"{r[0]:<{w[0]}}"] + [f"{c:>{w[i + 1]}}" for i, c in enumerate(r[1:])])  # noqa: E731
+    return [fmt(head)] + [fmt(r) for r in rows]
+
+
+def format_summary(summary: Mapping[str, Any], *, routing: bool = True) -> str:
+    """The text ``selfmoe eval`` prints, from a summary (:meth:`EvalResult.summary` or ``summary.json``):
+    accuracy per task (plus overall and macro average), per domain when the records had domains, and
+    with ``routing`` the per-expert routing shares (:func:`selfmoe.stats.format_routing_overview`)."""
+    # summary.json has its keys sorted: tasks go back to TASKS order, domains are listed sorted either
+    # way, so a finished run's table prints the same from the result and from its summary.json.
+    tasks = _ordered_tasks(summary.get("tasks") or {})
+    overall = summary.get("overall") or {}
+    rows = _accuracy_rows(tasks)
+    rows.append(("overall", str(overall.get("n", "")), str(overall.get("correct", "")),
+                 f"{100 * overall.get('accuracy', 0.0):.1f}"))
+    if len(tasks) > 1:
+        rows.append(("macro avg", "", "", f"{100 * overall.get('macro_accuracy', 0.0):.1f}"))
+    lines = _text_table(("task", "n", "correct", "accuracy"), rows)
+    if summary.get("domains"):
+        lines += [""] + _text_table(("domain", "n", "correct", "accuracy"), _accuracy_rows(dict(sorted(summary["domains"].items()))))
+    if routing and summary.get("routing"):
+        from .stats import format_routing_overview, routing_overview
+
+        overview = dict(summary.get("routing_summary") or routing_overview(summary["routing"], summary.get("routing_domains")))
+        overview["tasks"] = _ordered_tasks(overview.get("tasks") or {})
+        if overview.get("domains"):
+            overview["domains"] = dict(sorted(overview["domains"].items()))
+        lines += [""] + format_routing_overview(overview).splitlines()
+    return "\n".join(lines)
+
+
+def _ordered_tasks(groups: Mapping[str, Any]) -> Dict[str, Any]:
+    return {**{t: groups[t] for t in TASKS if t in groups}, **{k: v for k, v in groups.items() if k not in TASKS}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multiple choice by log-likelihood
+
+
+class LoglikScorer:
+    """Summed log-probabilities of continuations given prompts, from batched forward passes (no
+    generation): what ``mc_scoring="loglik"`` runs.
+
+    Each prompt is encoded like a generation prompt (:func:`selfmoe.data.encode_prompt`: BOS, never a
+    trailing EOS); a continuation's ids are those that follow the prompt's when prompt + continuation is
+    encoded as one text (the ids a model would produce after this prompt), or its own encoding when the
+    tokenizer merges across the boundary. One row per distinct ``prompt + continuation[:-1]``: when every
+    continuation is a single token (option letters, usually), the prompt alone is one row and all of
+    them are read off its last position. Rows are left-padded (position ids from the attention mask, as
+    in generation), ``batch_size`` per forward, longest first; log-softmax in float64; only the last
+    positions' logits are computed when the model takes ``logits_to_keep``.
+
+    ``model``: a causal LM (a base model, one with a LoRA adapter attached, or a :class:`selfmoe.MiXSE`:
+    routing statistics see every row's tokens, padding excluded).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0  # masked out: any id will do
+        self._keep = _takes_logits_to_keep(model)
+
+    def _continuation_ids(self, prompt: str, prompt_ids: List[int], continuation: str) -> List[int]:
+        full = encode_prompt(self.tokenizer, prompt + continuation)
+        if len(full) > len(prompt_ids) and full[:len(prompt_ids)] == prompt_ids:
+            return full[len(prompt_ids):]
+        ids = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(f"continuation {continuation!r} encodes to no tokens")
+        return ids
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[Sequence[str]], *,
+              desc: Optional[str] = None) -> List[Dict[str, float]]:
+        """For each prompt, ``{continuation: summed log-probability}`` of each of its continuations."""
+        import torch
+        from tqdm.auto import tqdm
+
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuation lists")
+        rows: List[List[int]] = []
+        targets: List[List[Tuple[int, str, List[int]]]] = []  # per row: (request, continuation, its ids)
+        for r, (prompt, conts) in enumerate(zip(prompts, continuations)):
+            p_ids = encode_prompt(self.tokenizer, prompt)
+            if not p_ids:
+                raise ValueError(f"prompt {r} encodes to no tokens (an empty prompt without BOS cannot be continued)")
+            seen: Dict[Tuple[int, ...], int] = {}
+            for c in conts:
+                c_ids = self._continuation_ids(prompt, p_ids, c)
+                key = tuple(p_ids + c_ids[:-1])
+                if key not in seen:
+                    seen[key] = len(rows)
+                    rows.append(list(key))
+                    targets.append([])
+                targets[seen[key]].append((r, c, c_ids))
+        out: List[Dict[str, float]] = [{} for _ in prompts]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # longest first: an OOM shows up at once
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        bar = tqdm(total=len(rows), desc=desc or "loglik", disable=not self.progress, unit="seq", leave=False)
+        try:
+            with torch.no_grad():
+                for b in range(0, len(order), self.batch_size):
+                    batch = order[b:b + self.batch_size]
+                    width = max(len(rows[i]) for i in batch)
+                    keep = max(len(c_ids) for i in batch for _, _, c_ids in targets[i])
+                    ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+                    mask = torch.zeros((len(batch), width), dtype=torch.long)
+                    for j, i in enumerate(batch):
+                        ids[j, width - len(rows[i]):] = torch.as_tensor(rows[i], dtype=torch.long)
+                        mask[j, width - len(rows[i]):] = 1
+                    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+                    kwargs: Dict[str, Any] = {"logits_to_keep": keep} if self._keep else {}
+                    res = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     position_ids=position_ids.to(device), **kwargs)
+                    logits = res.logits if hasattr(res, "logits") else res[0]
+                    last = logits[:, -keep:].double().log_softmax(-1).cpu()  # [B, keep, V]
+                    for j, i in enumerate(batch):
+                        for r, c, c_ids in targets[i]:
+                            n = len(c_ids)
+                            lp = last[j, keep - n:].gather(-1, torch.as_tensor(c_ids, dtype=torch.long)[:, None]).sum()
+                            value = float(lp)
+                            if math.isnan(value):
+                                raise FloatingPointError(f"the model's log-probabilities are NaN for prompt {r}")
+                            out[r][c] = value
+                    bar.update(len(batch))
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        return out
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    """Whether ``model(...)`` accepts ``logits_to_keep`` (transformers' causal LMs do; a MiXSE passes it on)."""
+    import inspect
+
+    from .model import MiXSE
+
+    target = model.base_model if isinstance(model, MiXSE) else model
+    try:
+        return "logits_to_keep" in inspect.signature(target.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running an evaluation
+
+
+def eval_settings(records: Iterable[Union[EvalExample, Mapping[str, Any]]], *, sampling: Optional[SamplingConfig] = None,
+                  max_new_tokens: int = 256, run_info: Optional[Mapping[str, Any]] = None, routing_stats: bool = False,
+                  mc_scoring: str = "generate") -> Dict[str, Any]:
+    """What an evaluation with these arguments depends on, as JSON (the ``settings`` of its summary and
+    of its partial file); :func:`settings_differences` names what differs between two of them."""
+    examples = [validate_eval_record(r, line=i) for i, r in enumerate(records)]
+    config = sampling if sampling is not None else default_sampling(max_new_tokens)
+    return partial_settings(examples, config, run_info, routing_stats, _check_mc_scoring(mc_scoring))
+
+
+def _check_mc_scoring(mc_scoring: str) -> str:
+    if mc_scoring not in MC_SCORING:
+        raise ValueError(f"mc_scoring must be one of {list(MC_SCORING)}, got {mc_scoring!r}")
+    return mc_scoring
 
 
 def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Mapping[str, Any]]], *,
@@ -158,27 +368,35 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
              code_timeout: Optional[float] = None, code_workers: int = 2,
              allow_code_execution: Optional[bool] = None, sandbox: Optional[SandboxConfig] = None,
              partial_path: Optional[PathLike] = None, restart: bool = False,
-             run_info: Optional[Mapping[str, Any]] = None, chunk_size: Optional[int] = None) -> EvalResult:
-    """Generate a response per example (one task at a time) and score it.
+             run_info: Optional[Mapping[str, Any]] = None, chunk_size: Optional[int] = None,
+             mc_scoring: str = "generate", scorer: Optional[Any] = None) -> EvalResult:
+    """Generate a response per example (one task, and within it one domain, at a time) and score it.
 
     Args:
         model, tokenizer: what :class:`selfmoe.generate.HFGenerator` runs (a base model, a model with a
-            LoRA adapter attached, or a :class:`selfmoe.MiXSE`); unused when ``generator`` is given.
+            LoRA adapter attached, or a :class:`selfmoe.MiXSE`); unused when ``generator`` (and, for
+            ``mc_scoring="loglik"``, ``scorer``) is given.
         records: :class:`EvalExample` objects or record dicts (validated here; dicts need ``task``).
         sampling: decoding; default :func:`default_sampling` with ``max_new_tokens`` (greedy).
         generator: any object with ``.generate(prompts, config)`` returning
             :class:`selfmoe.generate.Completion` objects (tests, vLLM); default an ``HFGenerator``.
-        routing_stats: collect :meth:`MiXSE.routing_stats` per task (``model`` must be a MiXSE). Counts
-            every token the model reads: prompt tokens and generated ones.
+        mc_scoring: ``"generate"`` (default: the letter is read from the greedy response) or
+            ``"loglik"`` (each option letter scored by its log-likelihood after the prompt, argmax;
+            nothing generated; predictions then hold ``logliks`` per letter). ``scorer``: what computes
+            them, an object with ``.score(prompts, continuations, desc=...)`` like
+            :class:`LoglikScorer` (the default, on ``model``).
+        routing_stats: collect :meth:`MiXSE.routing_stats` per task and per domain (``model`` must be a
+            MiXSE). Counts every token the model reads: prompt tokens and generated ones (with
+            ``loglik``: the scored rows' tokens).
         allow_code_execution: run the programs of ``code`` examples. None: only if the environment has
             ``SELFMOE_ALLOW_CODE_EVAL=1``. Not allowed with code examples present: raises
             :class:`CodeExecutionNotAllowed` before generating anything.
         code_timeout: seconds per code example (default ``sandbox.timeout``, else 10); ``sandbox``: the
             other limits (:class:`selfmoe.sandbox.SandboxConfig`); ``code_workers``: programs at once.
         partial_path: a JSONL file where completions are saved as they are generated; an existing one
-            made with the same records, sampling, ``routing_stats`` and ``run_info`` is resumed (only the
-            missing completions are generated). It is left in place: delete it once the results are
-            written (the CLI does). ``restart``: discard an existing one instead.
+            made with the same records, sampling, ``routing_stats``, ``mc_scoring`` and ``run_info`` is
+            resumed (only the missing completions are generated). It is left in place: delete it once
+            the results are written (the CLI does). ``restart``: discard an existing one instead.
         run_info: JSON values that identify the run beyond the records and sampling (the CLI passes the
             model, adapter, MiXSE and routing flags): a partial file from another run is refused.
         chunk_size: prompts per generate call and per saved line (default ``4 * batch_size``).
@@ -186,6 +404,7 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
     examples = [validate_eval_record(r, line=i) for i, r in enumerate(records)]
     if not examples:
         raise ValueError("no examples to evaluate")
+    _check_mc_scoring(mc_scoring)
     box = sandbox if sandbox is not None else SandboxConfig()
     if not isinstance(box, SandboxConfig):
         raise ValueError(f"sandbox must be a selfmoe.sandbox.SandboxConfig, got {type(box).__name__}")
@@ -203,30 +422,85 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
     config = sampling if sampling is not None else default_sampling(max_new_tokens)
     if routing_stats and not hasattr(model, "routing_stats"):
         raise ValueError(f"routing statistics need a MiXSE model, got {type(model).__name__}")
+    loglik = mc_scoring == "loglik"
+    if loglik and scorer is None and model is None:
+        raise ValueError("mc_scoring='loglik' needs a model (or a scorer)")
     box_info = _code_sandbox(examples, allow_code_execution, box)
-    settings = partial_settings(examples, config, run_info, routing_stats)
+    settings = partial_settings(examples, config, run_info, routing_stats, mc_scoring)
     writer = PartialWriter(partial_path, settings, restart) if partial_path is not None else None
-    if generator is None:
+
+    def make_generator() -> Any:
         from .generate import HFGenerator
 
-        generator = HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress)
+        return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress)
 
-    by_task: Dict[str, List[int]] = {t: [i for i, e in enumerate(examples) if e.task == t] for t in TASKS}
-    by_task = {t: idx for t, idx in by_task.items() if idx}
+    def make_scorer() -> Any:
+        return LoglikScorer(model, tokenizer, batch_size=batch_size, progress=progress)
+
+    # Chunks never mix tasks or domains, so routing statistics can be reported per task and per domain.
+    groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
+    for t in TASKS:
+        for i, e in enumerate(examples):
+            if e.task == t:
+                groups.setdefault((t, e.domain), []).append(i)
+    runners = _Runners(generator, make_generator, scorer if loglik else None, make_scorer if loglik else None)
     try:
-        done, parts = _generate(examples, by_task, generator, config, chunk, model if routing_stats else None, writer)
+        done, parts = _generate(examples, groups, runners, config, chunk, model if routing_stats else None, writer)
     finally:
         if writer is not None:
             writer.close()
-    routing = {task: _merge_routing(parts[task]) for task in by_task} if routing_stats else None
+    routing = routing_domains = None
+    if routing_stats:
+        routing = {t: _merge_routing([p for p in parts if examples[p[0]].task == t]) for t in dict.fromkeys(t for t, _ in groups)}
+        domains = list(dict.fromkeys(d for _, d in groups if d is not None))
+        if domains:
+            routing_domains = {d: _merge_routing([p for p in parts if examples[p[0]].domain == d]) for d in domains}
     predictions = _predictions(examples, done, box, code_workers)
 
-    tasks: Dict[str, Dict[str, Any]] = {}
-    for task, idx in by_task.items():
-        ok = sum(1 for i in idx if predictions[i]["correct"])
-        tasks[task] = {"n": len(idx), "correct": ok, "accuracy": ok / len(idx)}
+    tasks = _accuracy(predictions, [(t, i) for (t, _), idx in groups.items() for i in idx])
+    sources = _accuracy(predictions, [(e.file, i) for i, e in enumerate(examples) if e.file is not None])
+    domains_acc = _accuracy(predictions, [(e.domain, i) for i, e in enumerate(examples) if e.domain is not None])
     return EvalResult(tasks=tasks, predictions=predictions, sampling=dataclasses.asdict(config), routing=routing,
-                      sandbox=box_info, resumed=len(writer.completions) if writer else 0)
+                      sandbox=box_info, resumed=len(writer.completions) if writer else 0, mc_scoring=mc_scoring,
+                      sources=sources or None, domains=domains_acc or None, routing_domains=routing_domains,
+                      settings=settings)
+
+
+def _accuracy(predictions: List[Dict[str, Any]], members: List[Tuple[str, int]]) -> Dict[str, Dict[str, Any]]:
+    """``{group: {"n", "correct", "accuracy"}}`` over ``(group, example index)`` pairs, groups in first-seen order."""
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, i in members:
+        g = out.setdefault(name, {"n": 0, "correct": 0})
+        g["n"] += 1
+        g["correct"] += 1 if predictions[i]["correct"] else 0
+    for g in out.values():
+        g["accuracy"] = g["correct"] / g["n"]
+    return out
+
+
+@dataclass
+class _Runners:
+    """The generator and the log-likelihood scorer (None: multiple choice is generated), each made on
+    first use, so an evaluation that needs only one of them never builds the other."""
+
+    generator: Any
+    make_generator: Any
+    scorer: Any
+    make_scorer: Any
+
+    def get_generator(self) -> Any:
+        if self.generator is None:
+            self.generator = self.make_generator()
+        return self.generator
+
+    def get_scorer(self) -> Any:
+        if self.scorer is None:
+            self.scorer = self.make_scorer()
+        return self.scorer
+
+    @property
+    def loglik(self) -> bool:
+        return self.scorer is not None or self.make_scorer is not None
 
 
 def _code_sandbox(examples: List[EvalExample], allow: Optional[bool], box: SandboxConfig) -> Optional[Dict[str, Any]]:
@@ -247,41 +521,52 @@ def _code_sandbox(examples: List[EvalExample], allow: Optional[bool], box: Sandb
     return box_info
 
 
-def _generate(examples: List[EvalExample], by_task: Dict[str, List[int]], generator: Any, config: SamplingConfig,
-              chunk: int, stats_model: Any, writer: Optional[PartialWriter]
-              ) -> Tuple[Dict[int, Completion], Dict[str, List[Tuple[int, Dict[str, Any]]]]]:
-    """A completion per example, generated chunk by chunk (``chunk`` prompts of one task per call) and
-    saved by ``writer`` after each; completions the writer already holds are reused. ``stats_model``:
-    the MiXSE whose routing statistics are collected per chunk (None: none). Returns the completions by
-    example index, and per task the chunks' routing summaries keyed by their first index."""
-    done: Dict[int, Completion] = dict(writer.completions) if writer else {}
-    parts: Dict[str, List[Tuple[int, Dict[str, Any]]]] = {t: list(writer.routing.get(t, [])) if writer else []
-                                                         for t in by_task}
-    for task, idx in by_task.items():
-        # Chunks are cut from the task's full index list, not from what is left to do, so a resumed run
+def _generate(examples: List[EvalExample], groups: Dict[Tuple[str, Optional[str]], List[int]], runners: _Runners,
+              config: SamplingConfig, chunk: int, stats_model: Any, writer: Optional[PartialWriter]
+              ) -> Tuple[Dict[int, Any], List[Tuple[int, Dict[str, Any]]]]:
+    """A completion (or, for multiple choice by log-likelihood, an :class:`OptionScores`) per example,
+    made chunk by chunk (``chunk`` prompts of one task and domain per call) and saved by ``writer``
+    after each; what the writer already holds is reused. ``stats_model``: the MiXSE whose routing
+    statistics are collected per chunk (None: none). Returns the results by example index, and the
+    chunks' routing summaries keyed by their first index."""
+    done: Dict[int, Any] = dict(writer.completions) if writer else {}
+    parts: List[Tuple[int, Dict[str, Any]]] = list(writer.routing) if writer else []
+    for (task, domain), idx in groups.items():
+        # Chunks are cut from the group's full index list, not from what is left to do, so a resumed run
         # makes the same calls (and the same routing summaries) as an uninterrupted one.
         chunks = [idx[k:k + chunk] for k in range(0, len(idx), chunk)]
+        by_loglik = task == "multiple_choice" and runners.loglik
         for n, part in enumerate(chunks):
             todo = [i for i in part if i not in done]
             if not todo:
                 continue
             prompts = [examples[i].prompt for i in todo]
-            desc = f"eval {task}" + (f" {n + 1}/{len(chunks)}" if len(chunks) > 1 else "")
+            desc = f"eval {task}" + (f" {domain}" if domain is not None else "") + (f" {n + 1}/{len(chunks)}" if len(chunks) > 1 else "")
+            if by_loglik:
+                letters = [list(option_letters(examples[i].instruction)) for i in todo]
+                scorer = runners.get_scorer()
+                run = lambda: scorer.score(prompts, letters, desc=desc)  # noqa: E731
+            else:
+                generator = runners.get_generator()
+                run = lambda: generator.generate(prompts, config, desc=desc)  # noqa: E731
             summary = None
             if stats_model is not None:
                 with stats_model.routing_stats() as stats:
-                    outs = generator.generate(prompts, config, desc=desc)
+                    outs = run()
                 summary = stats.summary()
             else:
-                outs = generator.generate(prompts, config, desc=desc)
+                outs = run()
             if len(outs) != len(prompts):
-                raise RuntimeError(f"the generator returned {len(outs)} completions for {len(prompts)} prompts")
-            new = {i: c if isinstance(c, Completion) else Completion(str(c), "stop") for i, c in zip(todo, outs)}
+                raise RuntimeError(f"{len(outs)} results for {len(prompts)} prompts")
+            if by_loglik:
+                new: Dict[int, Any] = {i: OptionScores(dict(o)) for i, o in zip(todo, outs)}
+            else:
+                new = {i: c if isinstance(c, Completion) else Completion(str(c), "stop") for i, c in zip(todo, outs)}
             done.update(new)
             if summary is not None:
-                parts[task].append((todo[0], summary))
+                parts.append((todo[0], summary))
             if writer is not None:
-                writer.append(task, new, summary)
+                writer.append(task, new, summary, domain)
     return done, parts
 
 
@@ -295,10 +580,18 @@ def _predictions(examples: List[EvalExample], done: Dict[int, Completion], box: 
         try:
             for i, ex in enumerate(examples):
                 c = done[i]
-                text = c.text.strip("\n") if ex.task == "code" else c.text.strip()  # code: keep the indentation
                 row: Dict[str, Any] = {"index": i, "source": ex.source, "task": ex.task}
                 if ex.id is not None:
                     row["id"] = ex.id
+                if ex.domain is not None:
+                    row["domain"] = ex.domain
+                if isinstance(c, OptionScores):  # multiple choice by log-likelihood: nothing was generated
+                    row.update(instruction=ex.instruction, input=ex.input, answer=ex.raw_answer, response=None,
+                               finish_reason=None, scoring="loglik")
+                    row.update(score_options(ex, c.logliks))
+                    predictions.append(row)
+                    continue
+                text = c.text.strip("\n") if ex.task == "code" else c.text.strip()  # code: keep the indentation
                 row.update(instruction=ex.instruction, input=ex.input, answer=ex.raw_answer, response=text,
                            finish_reason=c.finish_reason)
                 if ex.task == "code":
@@ -320,7 +613,8 @@ def _predictions(examples: List[EvalExample], done: Dict[int, Completion], box: 
 
 def check_partial(path: PathLike, records: Iterable[Union[EvalExample, Mapping[str, Any]]], *,
                   sampling: Optional[SamplingConfig] = None, max_new_tokens: int = 256,
-                  run_info: Optional[Mapping[str, Any]] = None, routing_stats: bool = False) -> int:
+                  run_info: Optional[Mapping[str, Any]] = None, routing_stats: bool = False,
+                  mc_scoring: str = "generate") -> int:
     """How many completions :func:`evaluate` would reuse from ``path`` with these arguments (0 when the
     file does not exist); changes nothing but a torn last line (as :func:`evaluate` would). Raises
     :class:`PartialMismatchError` when the file was made with other settings, so a caller can refuse
@@ -330,7 +624,7 @@ def check_partial(path: PathLike, records: Iterable[Union[EvalExample, Mapping[s
     p = pathlib.Path(path)
     if p.is_file():
         repair_jsonl_tail(p)
-    saved = read_partial(p, partial_settings(examples, config, run_info, routing_stats))
+    saved = read_partial(p, partial_settings(examples, config, run_info, routing_stats, _check_mc_scoring(mc_scoring)))
     return 0 if saved is None else len(saved[0])
 
 
@@ -363,7 +657,8 @@ def _merge_routing(parts: List[Tuple[int, Dict[str, Any]]]) -> Dict[str, Any]:
 
 def write_results(result: EvalResult, output_dir: PathLike, *, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, pathlib.Path]:
     """Write ``predictions.jsonl`` (one row per example, input order) and ``summary.json``
-    (:meth:`EvalResult.summary` plus ``extra``) into ``output_dir``, each file atomically."""
+    (:meth:`EvalResult.summary` plus ``extra``) into ``output_dir``, each file atomically (existing
+    ones are replaced: ``selfmoe eval`` checks before it runs)."""
     out = pathlib.Path(output_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{os.fspath(output_dir)}: exists and is not a directory")

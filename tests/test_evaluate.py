@@ -561,3 +561,343 @@ def test_cli_eval_resumes_after_an_interrupt(lm_path, tmp_path, capsys, monkeypa
     assert code == 0 and "resuming: 3 of 9 completions" in err, err
     assert (out / "predictions.jsonl").read_text() == reference
     assert not (out / "predictions.partial.jsonl").exists()
+
+
+# ---------------------------------------------------------------------- multiple choice by log-likelihood
+
+
+MC_RECORDS = [
+    {"task": "multiple_choice", "instruction": MC_Q, "answer": "B"},
+    {"task": "multiple_choice", "instruction": "Pick one. (A) x (B) y", "answer": "A"},
+    {"task": "multiple_choice", "instruction": "Tom has 3 apples and buys 5 more. How many? (A) 8 (B) 2 (C) 15",
+     "answer": "C", "input": "Count them."},
+]
+
+
+def tiny_model_and_tokenizer():
+    from _tiny_lm import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    return build_model(len(tok), seed=3), tok
+
+
+MERGED = []  # continuations reference_logliks had to encode on their own
+
+
+def reference_logliks(model, tok, prompt, continuations):
+    """Summed log-probabilities by hand: a float64 copy, one unpadded forward per continuation."""
+    import copy
+
+    from selfmoe.data import encode_prompt
+
+    m64 = copy.deepcopy(model).double().eval()
+    p_ids = encode_prompt(tok, prompt)
+    out = {}
+    for c in continuations:
+        full = encode_prompt(tok, prompt + c)
+        if full[:len(p_ids)] == p_ids and len(full) > len(p_ids):
+            c_ids = full[len(p_ids):]
+        else:  # the tokenizer merges across the boundary: the continuation encoded on its own
+            MERGED.append(c)
+            c_ids = tok(c, add_special_tokens=False)["input_ids"]
+            full = p_ids + c_ids
+        with torch.no_grad():
+            logits = m64(torch.tensor([full])).logits[0].double()
+        logp = torch.log_softmax(logits, -1)
+        out[c] = sum(logp[len(p_ids) - 1 + j, t].item() for j, t in enumerate(c_ids))
+    return out
+
+
+def test_loglik_scoring_matches_a_hand_computed_float64_forward():
+    from selfmoe.evaluation import option_letters
+
+    model, tok = tiny_model_and_tokenizer()
+    result = evaluate(model, tok, MC_RECORDS, mc_scoring="loglik", batch_size=2)  # rows of unequal length: padding
+    assert result.summary()["mc_scoring"] == "loglik"
+    for rec, pred in zip(MC_RECORDS, result.predictions):
+        ex = validate_eval_record(rec)
+        expected = reference_logliks(model, tok, ex.prompt, list(option_letters(ex.instruction)))
+        assert list(pred["logliks"]) == sorted(expected)
+        assert pred["logliks"] == pytest.approx(expected, abs=2e-4)
+        best = max(expected, key=expected.get)
+        assert pred["prediction"] == best and pred["correct"] == (best == ex.answer)
+        assert pred["scoring"] == "loglik" and pred["response"] is None
+    assert result.tasks["multiple_choice"]["correct"] == sum(p["correct"] for p in result.predictions)
+
+
+def test_loglik_scorer_in_float64_and_multi_token_continuations():
+    from selfmoe.evaluation import LoglikScorer
+
+    model, tok = tiny_model_and_tokenizer()
+    model = model.double()
+    prompts = [validate_eval_record(r).prompt for r in MC_RECORDS]
+    conts = [["Mars", "Venus planet", "A"], ["x", "y"], ["The answer is (C).", "8"]]
+    got = LoglikScorer(model, tok, batch_size=3).score(prompts, conts)
+    MERGED.clear()
+    for prompt, cs, scores in zip(prompts, conts, got):
+        assert scores == pytest.approx(reference_logliks(model, tok, prompt, cs), abs=1e-9, rel=1e-9)
+    assert "The answer is (C)." in MERGED  # "\nThe" is one token here: the boundary fallback is covered too
+    # batch size does not change the numbers (beyond rounding)
+    again = LoglikScorer(model, tok, batch_size=1).score(prompts, conts)
+    for a, b in zip(got, again):
+        assert a == pytest.approx(b, abs=1e-9)
+
+
+def test_loglik_picks_the_letter_the_lm_head_is_biased_to():
+    from selfmoe.data import encode_prompt
+
+    model, tok = tiny_model_and_tokenizer()
+    prompt = validate_eval_record(MC_RECORDS[0]).prompt
+    letter_c = encode_prompt(tok, prompt + "C")[-1]
+    head = model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[letter_c] = 30.0
+    model.lm_head = biased
+    result = evaluate(model, tok, MC_RECORDS, mc_scoring="loglik")
+    assert [p["prediction"] for p in result.predictions][0::2] == ["C", "C"]
+    # "Pick one." has only (A) and (B): C is not an option there
+    assert set(result.predictions[1]["logliks"]) == {"A", "B"}
+    assert result.predictions[2]["correct"] and not result.predictions[0]["correct"]
+    for p in (result.predictions[0], result.predictions[2]):
+        assert p["logliks"]["C"] > -1e-3  # the bias makes C nearly certain
+
+
+class ScriptedScorer:
+    """Log-likelihoods from a script: {instruction start: {letter: value}}; counts the prompts scored."""
+
+    def __init__(self, script, stop_after=None):
+        self.script = script
+        self.prompts = []
+        self.stop_after = stop_after
+
+    def score(self, prompts, continuations, *, desc=None):
+        if self.stop_after is not None and len(self.prompts) + len(prompts) > self.stop_after:
+            raise KeyboardInterrupt
+        self.prompts.extend(prompts)
+        out = []
+        for p, letters in zip(prompts, continuations):
+            hits = [v for key, v in self.script.items() if f"### Instruction:\n{key}" in p]
+            assert len(hits) == 1, p
+            out.append({c: hits[0][c] for c in letters})
+        return out
+
+
+LOGLIK_SCRIPT = {
+    MC_Q: {"A": -3.0, "B": -1.0, "C": -2.0, "D": float("-inf")},
+    "Pick one.": {"A": -0.5, "B": -0.5},  # a tie: the earlier letter
+    "Pick two.": {"A": -4.0, "B": -0.1},
+}
+
+
+def test_loglik_evaluate_end_to_end_resumes_and_records_the_scoring(tmp_path):
+    from selfmoe.evaluation import PartialMismatchError
+
+    kwargs = dict(max_new_tokens=17, code_timeout=5, allow_code_execution=True, chunk_size=2, mc_scoring="loglik")
+    gen = CountingGenerator(SCRIPT)
+    reference = evaluate(None, None, RECORDS, generator=gen, scorer=ScriptedScorer(LOGLIK_SCRIPT), **kwargs)
+    assert not any("Which planet" in p or "Pick" in p for p in gen.prompts)  # multiple choice is not generated
+    preds = reference.predictions
+    assert [p["prediction"] for p in preds[:3]] == ["B", "A", "B"] and [p["correct"] for p in preds[:3]] == [True, True, False]
+    assert preds[0]["logliks"] == {"A": -3.0, "B": -1.0, "C": -2.0, "D": None}  # -inf: null in JSON
+    assert reference.tasks["multiple_choice"] == {"n": 3, "correct": 2, "accuracy": 2 / 3}
+    assert reference.tasks["numeric"]["correct"] == 3  # the other tasks are generated as before
+    paths = write_results(reference, tmp_path / "ref")
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["mc_scoring"] == "loglik" and summary["settings"]["mc_scoring"] == "loglik"
+
+    partial = tmp_path / "out" / "predictions.partial.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(None, None, RECORDS, generator=CountingGenerator(SCRIPT),
+                 scorer=ScriptedScorer(LOGLIK_SCRIPT, stop_after=2), partial_path=partial, **kwargs)
+    saved = [json.loads(x) for x in partial.read_text().splitlines()]
+    assert saved[1]["logliks"][0] == [0, {"A": -3.0, "B": -1.0, "C": -2.0, "D": None}]
+    with pytest.raises(PartialMismatchError, match=r"mc_scoring \(\"loglik\", now \"generate\"\)"):
+        evaluate(None, None, RECORDS, generator=CountingGenerator(SCRIPT), partial_path=partial,
+                 **{**kwargs, "mc_scoring": "generate"})
+    scorer = ScriptedScorer(LOGLIK_SCRIPT)
+    resumed = evaluate(None, None, RECORDS, generator=CountingGenerator(SCRIPT), scorer=scorer, partial_path=partial, **kwargs)
+    assert len(scorer.prompts) == 1 and resumed.resumed == 2
+    assert resumed.predictions == reference.predictions and resumed.summary() == reference.summary()
+
+
+def test_loglik_argument_errors():
+    with pytest.raises(ValueError, match="mc_scoring must be one of"):
+        evaluate(None, None, RECORDS[:1], generator=ScriptedGenerator(SCRIPT), mc_scoring="logprob")
+    with pytest.raises(ValueError, match="needs a model"):
+        evaluate(None, None, RECORDS[:1], generator=ScriptedGenerator(SCRIPT), mc_scoring="loglik")
+    ex = validate_eval_record(RECORDS[0])
+    from selfmoe.evaluation import score_options
+
+    assert score_options(ex, {"A": -1.0, "B": -1.0}) == {"prediction": "A", "correct": False,
+                                                         "logliks": {"A": -1.0, "B": -1.0}}
+
+
+def test_cli_mc_scoring_choices_are_the_library_s():
+    from selfmoe.cli import build_parser
+    from selfmoe.evaluation import MC_SCORING
+
+    eval_parser = build_parser()._subparsers._group_actions[0].choices["eval"]
+    action = next(a for a in eval_parser._actions if a.dest == "mc_scoring")
+    assert tuple(action.choices) == MC_SCORING and action.default == "generate"
+
+
+def make_mixse(lm_path, tmp_path):
+    from selfmoe import MiXSE
+    from selfmoe.adapters import save_lora_adapter
+
+    from _tiny_lm import load_tiny_lm
+
+    base, _ = load_tiny_lm(lm_path)
+    g = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        weights = {f"model.layers.{i}.self_attn.q_proj": (torch.randn(2, 64, generator=g) * 0.1,
+                                                           torch.randn(64, 2, generator=g) * 0.1) for i in range(2)}
+        save_lora_adapter(tmp_path / name, weights, r=2, lora_alpha=4)
+    MiXSE.from_adapters(base, {n: tmp_path / n for n in ("a", "b")}).save_pretrained(tmp_path / "mixse")
+    return tmp_path / "mixse"
+
+
+def test_cli_loglik_with_a_mixse_routing_summary_per_task_and_domain(lm_path, tmp_path, capsys):
+    mixse = make_mixse(lm_path, tmp_path)
+    recs = [dict(MC_RECORDS[0], domain="astronomy"), dict(MC_RECORDS[1], domain="letters"),
+            dict(RECORDS[5], domain="arithmetic"), dict(MC_RECORDS[2], domain="arithmetic")]
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in recs])
+    code, stdout, err = run_cli(capsys, "eval", "--model", lm_path, "--mixse", mixse, "--data", data,
+                                "--output", tmp_path / "out", "--max-new-tokens", "3", "--routing-stats",
+                                "--mc-scoring", "loglik", "--no-progress")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["mc_scoring"] == "loglik"
+    assert summary["domains"]["arithmetic"] == {"n": 2, "correct": summary["domains"]["arithmetic"]["correct"],
+                                                "accuracy": summary["domains"]["arithmetic"]["accuracy"]}
+    assert list(summary["sources"]) == [str(data)] and summary["sources"][str(data)]["n"] == 4
+    # the per-layer numbers stay; the overview has one row per task / domain
+    assert list(summary["routing"]) == ["multiple_choice", "numeric"]
+    assert list(summary["routing"]["multiple_choice"]) == ["model.layers.0", "model.layers.1"]
+    assert set(summary["routing_domains"]) == {"astronomy", "letters", "arithmetic"}
+    overview = summary["routing_summary"]
+    assert overview["experts"] == ["a", "b"] and set(overview["domains"]) == {"astronomy", "letters", "arithmetic"}
+    for row in [overview["overall"], *overview["tasks"].values(), *overview["domains"].values()]:
+        assert row["tokens"] > 0 and sum(row["shares"].values()) == pytest.approx(1.0)
+    assert overview["overall"]["tokens"] == sum(r["tokens"] for r in overview["tasks"].values())
+    assert overview["overall"]["tokens"] == sum(r["tokens"] for r in overview["domains"].values())
+    rows = [json.loads(x) for x in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r.get("scoring") for r in rows] == ["loglik", "loglik", None, "loglik"]
+    assert rows[0]["domain"] == "astronomy" and set(rows[0]["logliks"]) == set("ABCD")
+    # printed: the accuracy table, the domains, and the routing heat map (not one block per layer)
+    assert "routing:" in stdout and "model.layers.0" not in stdout
+    heat = stdout[stdout.index("routing:"):].splitlines()
+    assert heat[1].split()[:4] == ["task/domain", "tokens", "a", "b"]
+    assert sum(1 for line in heat if line.split()[:1] in (["astronomy"], ["letters"], ["arithmetic"])) == 3
+
+
+def test_cli_loglik_with_an_adapter(lm_path, tmp_path, capsys):
+    from selfmoe.adapters import save_lora_adapter
+
+    g = torch.Generator().manual_seed(1)
+    weights = {"model.layers.0.self_attn.v_proj": (torch.randn(2, 64, generator=g), torch.randn(32, 2, generator=g))}
+    save_lora_adapter(tmp_path / "ad", weights, r=2, lora_alpha=4)
+    data = write_lines(tmp_path / "mc.jsonl", [json.dumps(r) for r in MC_RECORDS])
+    outs = {}
+    for name, extra in (("base", []), ("adapter", ["--adapter", tmp_path / "ad"])):
+        code, _, err = run_cli(capsys, "eval", "--model", lm_path, *extra, "--data", data, "--output", tmp_path / name,
+                               "--mc-scoring", "loglik", "--no-progress")
+        assert code == 0, err
+        outs[name] = [json.loads(x)["logliks"] for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+    assert outs["base"] != outs["adapter"]  # the adapter is applied
+
+
+def test_routing_overview_and_overall_shares():
+    from selfmoe.stats import RoutingStats, format_routing_overview, overall_shares, routing_overview
+
+    # two layers seeing 4 tokens; shares weighted by tokens (equal here: the plain mean over layers)
+    mc = {"l0": {"tokens": 4, "usage": {"x": 1.0, "y": 0.0}}, "l1": {"tokens": 4, "usage": {"x": 0.5, "y": 0.5}}}
+    num = {"l0": {"tokens": 12, "usage": {"x": 0.0, "y": 1.0}}, "l1": {"tokens": 12, "usage": {"x": 0.0, "y": 1.0}}}
+    assert overall_shares(mc) == pytest.approx({"x": 0.75, "y": 0.25})
+    ov = routing_overview({"multiple_choice": mc, "numeric": num}, {"math": num, "trivia": mc})
+    assert ov["tasks"]["multiple_choice"] == {"tokens": 4, "shares": pytest.approx({"x": 0.75, "y": 0.25})}
+    # overall: (4 * 0.75 + 12 * 0) / 16 for x
+    assert ov["overall"]["tokens"] == 16 and ov["overall"]["shares"] == pytest.approx({"x": 0.1875, "y": 0.8125})
+    assert set(ov["domains"]) == {"math", "trivia"}
+    text = format_routing_overview(ov)
+    lines = text.splitlines()
+    assert lines[1].split() == ["task/domain", "tokens", "x", "y"]
+    row = next(line for line in lines if line.startswith("multiple_choice"))
+    assert row.split() == ["multiple_choice", "4", "75.0", "#", "25.0", ":"]
+    assert next(line for line in lines if line.startswith("overall")).split()[:3] == ["overall", "16", "18.8"]
+    assert len(lines) < 12
+    # RoutingStats.overall(): the same over what it counted
+    stats = RoutingStats(["x", "y"])
+    stats.update("l0", torch.tensor([[0], [0], [1], [0]]), torch.ones(4, 1))
+    stats.update("l1", torch.tensor([[1], [1], [1], [0]]), torch.ones(4, 1))
+    assert stats.overall() == pytest.approx({"x": 0.5, "y": 0.5})
+    assert stats.overall("mean_gate") == pytest.approx({"x": 0.5, "y": 0.5})
+
+
+def test_domains_and_sources_in_the_summary(tmp_path):
+    recs = [dict(RECORDS[5], domain="add"), dict(RECORDS[6], domain="sub"), dict(RECORDS[7], domain="add")]
+    a = write_lines(tmp_path / "a.jsonl", [json.dumps(r) for r in recs[:2]])
+    b = write_lines(tmp_path / "b.jsonl", [json.dumps(recs[2])])
+    examples = load_eval_records(a) + load_eval_records(b)
+    gen = ScriptedGenerator(SCRIPT)
+    result = evaluate(None, None, examples, generator=gen, chunk_size=8)
+    # chunks never mix domains: "add" (2 prompts), then "sub"
+    assert [len(p) for p, _ in gen.calls] == [2, 1]
+    summary = result.summary()
+    assert summary["domains"] == {"add": {"n": 2, "correct": 1, "accuracy": 0.5}, "sub": {"n": 1, "correct": 1, "accuracy": 1.0}}
+    assert summary["sources"] == {str(a): {"n": 2, "correct": 2, "accuracy": 1.0}, str(b): {"n": 1, "correct": 0, "accuracy": 0.0}}
+    assert result.predictions[1]["domain"] == "sub"
+    assert "domain" in result.table() and "add" in result.table()
+    with pytest.raises(DataFormatError, match="'domain' must be a non-empty string"):
+        validate_eval_record(dict(RECORDS[5], domain=""))
+    # records without domains or files: no such keys (summaries stay as they were)
+    plain = evaluate(None, None, RECORDS[:3], generator=ScriptedGenerator(SCRIPT)).summary()
+    assert "domains" not in plain and "sources" not in plain
+
+
+# ------------------------------------------------------------------------------- a finished --output
+
+
+def test_cli_eval_finished_output_is_reused_refused_or_overwritten(lm_path, tmp_path, capsys, monkeypatch):
+    import selfmoe.cli_eval as cli_eval
+
+    recs = [dict(RECORDS[5], domain="z"), dict(RECORDS[0], domain="a"), RECORDS[6]]  # the table's order != sorted keys
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps(r) for r in recs])
+    out = tmp_path / "out"
+    args = ["eval", "--model", lm_path, "--data", data, "--output", out, "--batch-size", "2", "--no-progress"]
+    code, first, err = run_cli(capsys, *args, "--max-new-tokens", "2")
+    assert code == 0, err
+    summary = (out / "summary.json").read_text()
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_eval, "load_runner", no_model)
+    # same settings, finished: the table again, nothing recomputed
+    code, stdout, err = run_cli(capsys, *args, "--max-new-tokens", "2")
+    assert code == 0 and "already holds this evaluation" in err and "--overwrite" in err
+    assert stdout == first and "multiple_choice" in stdout and "domain" in stdout
+    assert (out / "summary.json").read_text() == summary
+    # other settings: refused in one line, naming what differs
+    code, _, err = run_cli(capsys, *args, "--max-new-tokens", "3")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "finished evaluation with other settings: sampling.max_new_tokens (2, now 3)" in err and "--overwrite" in err
+    code, _, err = run_cli(capsys, *args, "--max-new-tokens", "2", "--mc-scoring", "loglik")
+    assert code == 2 and 'mc_scoring ("generate", now "loglik")' in err
+    assert (out / "summary.json").read_text() == summary
+    # a summary without recorded settings (an older selfmoe): refused too
+    old = json.loads(summary)
+    del old["settings"]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "summary.json").write_text(json.dumps(old))
+    code, _, err = run_cli(capsys, *args[:-5], "--output", tmp_path / "old", "--batch-size", "2", "--no-progress")
+    assert code == 2 and "settings were not recorded" in err
+    # --overwrite recomputes with the new settings
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, *args, "--max-new-tokens", "3", "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["sampling"]["max_new_tokens"] == 3
+    assert not (out / "predictions.partial.jsonl").exists()
