@@ -34,6 +34,8 @@ setup(
     ],
     entry_points={"console_scripts": ["selfmoe=selfmoe.cli:main"]},
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.17"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.17", "gguf>=0.10", "accelerate>=1.1"],
+        # the built-in model (a GGUF converted on first use) and the demo's plots
+        "demo": ["gguf>=0.10", "accelerate>=1.1", "matplotlib"],
     },
 )

@@ -19,6 +19,8 @@ __all__ = [
     "MIXED_PRECISIONS",
     "GENERATION_BACKENDS",
     "DTYPES",
+    "MC_SCORING",
+    "COMPARE_BY",
     "check_aux_loss",
 ]
 
@@ -40,6 +42,11 @@ MIXED_PRECISIONS: Tuple[str, ...] = ("auto", "no", "bf16")
 GENERATION_BACKENDS: Tuple[str, ...] = ("hf", "vllm", "auto")
 #: Weights dtypes a model can be loaded in; ``auto`` keeps the checkpoint's.
 DTYPES: Tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+#: How ``selfmoe eval`` scores multiple choice: generate an answer and read its letter, or compare the
+#: log-likelihood of each option letter (:mod:`selfmoe.eval_scoring`).
+MC_SCORING: Tuple[str, ...] = ("generate", "loglik")
+#: The columns of ``selfmoe compare``: task kinds, source files or record domains (:mod:`selfmoe.compare`).
+COMPARE_BY: Tuple[str, ...] = ("task", "source", "domain")
 
 
 def check_aux_loss(aux_loss: Any) -> Dict[str, float]:

@@ -62,7 +62,8 @@ def add_command(sub: Any, name: str, *, help: str, description: str, epilog: str
 
 
 def add_model_args(p: argparse.ArgumentParser, *, required: bool = True,
-                   help: str = "base model: a local directory or a hub name") -> None:
+                   help: str = "base model: a local directory, a built-in name (smollm2-135m: fetched and "
+                               "converted on first use, needs .[demo]) or a hub name") -> None:
     """``--model``, ``--dtype`` and ``--device`` (read by :func:`load_model`)."""
     p.add_argument("--model", required=required, metavar="PATH", help=help)
     p.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default: transformers' default)")

@@ -27,7 +27,7 @@ Reads each folder's summary.json (and predictions.jsonl for per-source/per-domai
 evaluations written before summary.json recorded them). Torch-free.
 """
 
-BY_CHOICES = ("task", "source", "domain")  # selfmoe.compare.COMPARE_BY (not imported here: --help stays light)
+from .choices import COMPARE_BY as BY_CHOICES  # defined once, torch-free
 
 
 def _add_compare(sub: Any) -> argparse.ArgumentParser:

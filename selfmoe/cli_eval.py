@@ -7,7 +7,7 @@ import os
 import pathlib
 from typing import Any, List
 
-from .choices import EVAL_TASKS
+from .choices import EVAL_TASKS, MC_SCORING
 from .cli_common import CLIError, add_command, add_runner_args, load_runner, say
 
 __all__ = ["EVAL_DESCRIPTION", "EVAL_EPILOG", "_add_eval", "_cmd_eval"]
@@ -68,7 +68,7 @@ def _add_eval(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per code example")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="run the programs of code records (sandboxed; without it code records are refused)")
-    p.add_argument("--mc-scoring", choices=("generate", "loglik"), default="generate",
+    p.add_argument("--mc-scoring", choices=MC_SCORING, default="generate",
                    help="multiple choice: letter from the generated response, or the option letter with the "
                         "highest log-likelihood after the prompt (no generation)")
     p.add_argument("--restart", action="store_true",

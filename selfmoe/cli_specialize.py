@@ -88,10 +88,13 @@ def _cmd_specialize(args: argparse.Namespace) -> int:
     if backend == "vllm":
         from transformers import AutoTokenizer
 
+        from .builtin_models import resolve_model
+
         # vLLM loads the model itself; the tokenizer only counts tokens for the length filters.
-        generator = make_generator(args.model, backend="vllm", progress=not args.no_progress,
+        path = resolve_model(args.model)  # a built-in name becomes its converted folder
+        generator = make_generator(path, backend="vllm", progress=not args.no_progress,
                                    **({"dtype": args.dtype} if args.dtype else {}))
-        model, tok = None, AutoTokenizer.from_pretrained(args.model)
+        model, tok = None, AutoTokenizer.from_pretrained(path)
     else:
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device or default_device())
     stats = specialize(model, tok, seeds, args.output, num_pairs=args.num_pairs, config=cfg, generator=generator)

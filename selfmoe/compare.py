@@ -29,12 +29,9 @@ import os
 import pathlib
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .choices import EVAL_TASKS
+from .choices import COMPARE_BY, EVAL_TASKS  # defined once, torch-free (the CLI offers them too)
 
 __all__ = ["COMPARE_BY", "compare_results", "format_markdown", "cell"]
-
-#: What the columns of a comparison can be (see the module docstring).
-COMPARE_BY: Tuple[str, ...] = ("task", "source", "domain")
 
 PathLike = Union[str, "os.PathLike[str]"]
 

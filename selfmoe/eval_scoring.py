@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from .choices import EVAL_TASKS
+from .choices import MC_SCORING as CHOICE_MC_SCORING
 from .sandbox import SandboxConfig, run_python
 
 if TYPE_CHECKING:  # eval_records reads gold answers with extract_number: a runtime import would be a cycle
@@ -56,7 +57,7 @@ __all__ = [
 #: The kinds of example, one scoring rule each (in the order results are reported).
 TASKS = EVAL_TASKS  # defined once, torch-free (the CLI offers them too)
 #: How multiple-choice examples are scored: from a generated response, or by option log-likelihood.
-MC_SCORING = ("generate", "loglik")
+MC_SCORING = CHOICE_MC_SCORING  # defined once, torch-free (the CLI offers them too)
 
 
 _ANSWER_LETTER = re.compile(r"(?i:answer)(?:\s+(?i:is))?\s*[:=]?\s*(?:(?i:option)\s+)?\(?([A-Z])\)?(?![A-Za-z0-9])")
