@@ -507,3 +507,5 @@ def test_evaluate_end_to_end_on_written_files(tmp_path):
         result = evaluate(None, None, examples, generator=Scripted(script), allow_code_execution=True, code_timeout=10)
         assert {t: v["accuracy"] for t, v in result.tasks.items()} == {t: accuracy for t in TASK_OF.values()}
         assert result.n == 16
+        # the records' domain gives the per-domain rows of the summary
+        assert {d: v["n"] for d, v in result.summary()["domains"].items()} == {d: 4 for d in DOMAINS}
