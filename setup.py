@@ -18,9 +18,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["selfmoe", "selfmoe.kernels"],
+    packages=["selfmoe", "selfmoe.kernels", "selfmoe.benchmark"],
     package_dir={"selfmoe": "selfmoe", "selfmoe.kernels": "kernels"},
-    package_data={"selfmoe": ["seeds/*.jsonl"]},
+    package_data={"selfmoe": ["seeds/*.jsonl"], "selfmoe.benchmark": ["*.jsonl"]},
     install_requires=[
         # The floors are what CI's second stage installs and tests (.ci/run): nn.Module.set_submodule
         # needs torch 2.5; transformers and peft below these fail the model-layer tests.
