@@ -21,6 +21,7 @@ __all__ = [
     "DTYPES",
     "MC_SCORING",
     "COMPARE_BY",
+    "PROMPT_FORMATS",
     "check_aux_loss",
 ]
 
@@ -47,6 +48,10 @@ DTYPES: Tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
 MC_SCORING: Tuple[str, ...] = ("generate", "loglik")
 #: The columns of ``selfmoe compare``: task kinds, source files or record domains (:mod:`selfmoe.compare`).
 COMPARE_BY: Tuple[str, ...] = ("task", "source", "domain")
+#: How an instruction becomes a prompt (:mod:`selfmoe.prompt_format`): ``auto`` = ``chat`` when the
+#: tokenizer has a chat template, else ``alpaca``; ``chat`` = the tokenizer's chat template;
+#: ``alpaca`` = the Alpaca template the paper trains with.
+PROMPT_FORMATS: Tuple[str, ...] = ("auto", "chat", "alpaca")
 
 
 def check_aux_loss(aux_loss: Any) -> Dict[str, float]:

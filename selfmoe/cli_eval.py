@@ -7,7 +7,7 @@ import os
 import pathlib
 from typing import Any, List
 
-from .choices import EVAL_TASKS, MC_SCORING
+from .choices import EVAL_TASKS, MC_SCORING, PROMPT_FORMATS
 from .cli_common import CLIError, add_command, add_runner_args, load_runner, say
 
 __all__ = ["EVAL_DESCRIPTION", "EVAL_EPILOG", "_add_eval", "_cmd_eval"]
@@ -27,7 +27,8 @@ examples:
 
 record kinds ("task"): multiple_choice {"instruction", "answer": "B"}; exact_match {"instruction",
 "answer"}; numeric {"instruction", "answer": "42"}; code {"instruction", "tests", "entry_point"}
-(optional: "input", "id"). Greedy decoding in the Alpaca template; scoring rules: selfmoe.evaluation.
+(optional: "input", "id"). Greedy decoding in the model's chat template when its tokenizer has one, else
+the Alpaca template (--prompt-format; use the one the experts were trained with); scoring rules: selfmoe.evaluation.
 output: <output>/predictions.jsonl (one row per example: source, task, response, prediction, correct)
 and <output>/summary.json (per-task n/correct/accuracy, overall, sampling, routing per task).
 
@@ -71,6 +72,9 @@ def _add_eval(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--mc-scoring", choices=MC_SCORING, default="generate",
                    help="multiple choice: letter from the generated response, or the option letter with the "
                         "highest log-likelihood after the prompt (no generation)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="chat: the tokenizer's chat template; alpaca: the Alpaca template; auto: chat when the "
+                        "tokenizer has a chat template (default: %(default)s)")
     p.add_argument("--restart", action="store_true",
                    help="discard completions saved by an interrupted run with other settings, start over")
     p.add_argument("--overwrite", action="store_true",
@@ -143,6 +147,28 @@ def _finished(out: pathlib.Path, settings: Any, overwrite: bool) -> Any:
     return summary
 
 
+def _resolve_format(fmt: str, tok: Any) -> str:
+    from .prompt_format import resolve_prompt_format
+
+    return resolve_prompt_format(fmt, tok)
+
+
+def _early_tokenizer(model: str) -> Any:
+    """The model's tokenizer, without the model; None when it cannot be read here (the caller then
+    loads the model first, which reports why)."""
+    try:
+        from .builtin_models import resolve_model
+
+        path = os.path.expanduser(model)
+        if not os.path.isdir(path):
+            path = resolve_model(model)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - any failure: load_runner reports it properly
+        return None
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluation import (PartialMismatchError, check_partial, code_execution_allowed, default_sampling, eval_settings,
                              evaluate, format_summary, write_results)
@@ -164,8 +190,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     partial = out / "predictions.partial.jsonl"
     run_info = {"model": args.model, "mixse": args.mixse, "adapter": args.adapter, "dtype": args.dtype,
                 "route_top_k": args.route_top_k}
+    restart = args.restart or args.overwrite
+    # The prompts (so the settings) depend on the tokenizer unless the format is alpaca: read it first
+    # (cheap) so a finished or mismatched run is still recognised before the model loads.
+    tok = None if args.prompt_format == "alpaca" else _early_tokenizer(args.model)
+    runner = None
+    if tok is None and args.prompt_format != "alpaca":
+        _check_writable(out)
+        runner, tok = load_runner(args)
+    try:
+        fmt = _resolve_format(args.prompt_format, tok)
+    except ValueError as exc:
+        raise CLIError(f"--prompt-format: {exc}") from None
+    sampling = default_sampling(args.max_new_tokens, fmt)
     settings = eval_settings(records, sampling=sampling, run_info=run_info, routing_stats=args.routing_stats,
-                             mc_scoring=args.mc_scoring)
+                             mc_scoring=args.mc_scoring, prompt_format=fmt, tokenizer=tok)
     finished = _finished(out, settings, args.overwrite)
     if finished is not None:
         say(f"--output {out} already holds this evaluation (same settings, finished): not recomputed; pass "
@@ -173,17 +212,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(format_summary(finished), flush=True)
         return 0
     _check_writable(out)
-    restart = args.restart or args.overwrite
     if not restart:
         try:
             saved = check_partial(partial, records, sampling=sampling, run_info=run_info,
-                                  routing_stats=args.routing_stats, mc_scoring=args.mc_scoring)
+                                  routing_stats=args.routing_stats, mc_scoring=args.mc_scoring, prompt_format=fmt,
+                                  tokenizer=tok)
         except PartialMismatchError as exc:
             raise CLIError(f"{exc.reason}; rerun with the same settings to continue it, or pass --restart to "
                            "discard it") from None
         if saved:
             say(f"resuming: {saved} of {len(records)} completions already saved in {partial}")
-    runner, tok = load_runner(args)
+    if runner is None:
+        runner, tok = load_runner(args)
     if args.overwrite:  # once the model loaded: no longer finished, so an interrupted overwrite resumes like any run
         for name in ("summary.json", "predictions.jsonl"):
             (out / name).unlink(missing_ok=True)
@@ -191,7 +231,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         result = evaluate(runner, tok, records, sampling=sampling, batch_size=args.batch_size,
                           progress=not args.no_progress, routing_stats=args.routing_stats,
                           code_timeout=args.code_timeout, allow_code_execution=allowed, partial_path=partial,
-                          restart=restart, run_info=run_info, mc_scoring=args.mc_scoring)
+                          restart=restart, run_info=run_info, mc_scoring=args.mc_scoring, prompt_format=fmt)
     except KeyboardInterrupt:
         if partial.is_file():
             say(f"completions so far are saved in {partial}: rerun the same command to continue")

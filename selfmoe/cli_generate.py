@@ -6,6 +6,7 @@ import json
 import pathlib
 from typing import Any, Dict, List
 
+from .choices import PROMPT_FORMATS
 from .cli_common import CLIError, add_command, add_runner_args, load_runner, say
 
 __all__ = ["GENERATE_DESCRIPTION", "GENERATE_EPILOG", "_add_generate", "_cmd_generate"]
@@ -18,7 +19,8 @@ examples:
   selfmoe generate --model ./llama-7b --adapter experts/math --input questions.jsonl --output answers.jsonl
   selfmoe generate --model ./llama-7b --prompt "def fib(n):" --raw --max-new-tokens 64
 
-Prompts are wrapped in the Alpaca template the experts were trained with (--raw: sent as they are).
+Prompts are wrapped in the template the experts were trained with (--prompt-format, default auto: the
+model's chat template when its tokenizer has one, else the Alpaca template; --raw: sent as they are).
 --input: JSONL records with "instruction" (and optional "input"), or a .txt file with one prompt per line.
 --output: JSONL, each input record with "output" set (raw prompts: {"prompt", "output"}).
 """
@@ -31,7 +33,11 @@ def _add_generate(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat)")
     p.add_argument("--input", default=None, metavar="FILE", help="JSONL records or a .txt file of prompts")
     p.add_argument("--output", default=None, metavar="FILE", help="write JSONL here instead of printing")
-    p.add_argument("--raw", action="store_true", help="send prompts as they are (no Alpaca template, no stop marks)")
+    p.add_argument("--raw", action="store_true", help="send prompts as they are (no template, no stop marks)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="chat: the tokenizer's chat template (the turn ends at its end-of-turn token); alpaca: the "
+                        "Alpaca template, cut at its '### ' marks; auto: chat when the tokenizer has a chat template "
+                        "(default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -68,11 +74,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .generate import HFGenerator, SamplingConfig
     from .prompts import STOP_MARKS
 
+    from .prompt_format import resolve_prompt_format
+
     items = _read_prompts(args)
     runner, tok = load_runner(args)
-    prompts = [it["instruction"] if args.raw else format_prompt(it["instruction"], it.get("input", "")) for it in items]
+    try:
+        fmt = resolve_prompt_format(args.prompt_format, tok)
+    except ValueError as exc:
+        raise CLIError(f"--prompt-format: {exc}") from None
+    prompts = [it["instruction"] if args.raw else format_prompt(it["instruction"], it.get("input", ""), fmt=fmt, tokenizer=tok)
+               for it in items]
+    # A chat turn ends at the model's end-of-turn token (an EOS id); the Alpaca marks only cut Alpaca text.
+    stop = () if args.raw or fmt == "chat" else STOP_MARKS
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
-                            top_p=args.top_p, seed=args.seed, stop=() if args.raw else STOP_MARKS)
+                            top_p=args.top_p, seed=args.seed, stop=stop)
     gen = HFGenerator(runner, tok, batch_size=args.batch_size, progress=False)
     if args.routing_stats and args.mixse:
         with runner.routing_stats() as stats:

@@ -9,7 +9,7 @@ import argparse
 import pathlib
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .choices import AUX_LOSS_NAMES, LR_SCHEDULERS, MIXED_PRECISIONS, ROUTER_KINDS
+from .choices import AUX_LOSS_NAMES, LR_SCHEDULERS, MIXED_PRECISIONS, PROMPT_FORMATS, ROUTER_KINDS
 from .cli_common import PROG, CLIError, HelpFormatter, add_command, add_model_args, load_model, say
 from .names import is_safe_name
 
@@ -68,6 +68,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     _config_flag(g, "--scheduler", dest="lr_scheduler", choices=LR_SCHEDULERS, help="learning-rate decay after warm-up")
     _config_flag(g, "--mixed-precision", dest="mixed_precision", choices=MIXED_PRECISIONS,
                  help="auto: bf16 autocast on a GPU that has it, float32 otherwise")
+    _config_flag(g, "--prompt-format", dest="prompt_format", choices=PROMPT_FORMATS,
+                 help="how records become prompts: the tokenizer's chat template (chat) or the Alpaca template; "
+                      "auto: chat when the tokenizer has a chat template. Evaluate and generate with the same one")
     g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g.add_argument("--accelerate", action="store_true",
@@ -83,7 +86,7 @@ def _train_config(args: argparse.Namespace, extra: Mapping[str, Any]):
 
     fields = {dest: getattr(args, dest) for _, dest, _, _ in _TRAIN_FLAGS}
     fields.update(lr_scheduler=args.lr_scheduler, mixed_precision=args.mixed_precision,
-                  gradient_checkpointing=args.gradient_checkpointing, **extra)
+                  prompt_format=args.prompt_format, gradient_checkpointing=args.gradient_checkpointing, **extra)
     fields = {k: v for k, v in fields.items() if v is not None}
     fields["progress"] = not args.no_progress
     return TrainConfig(**fields)

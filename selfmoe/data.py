@@ -1,4 +1,4 @@
-"""Instruction data: JSONL records, the Alpaca prompt, response-only labels, length bucketing.
+"""Instruction data: JSONL records, the prompt (Alpaca or chat template), response-only labels, length bucketing.
 
 A **record** is a JSON object on one line of a ``.jsonl`` file::
 
@@ -310,8 +310,19 @@ def load_seeds(path: PathLike, *, domains: Optional[Sequence[str]] = None) -> Di
 # Prompt and tokenisation
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The Alpaca prompt for an instruction (and optional input), ending in ``"### Response:\\n"``."""
+def format_prompt(instruction: str, input: str = "", *, fmt: str = "alpaca", tokenizer: Any = None) -> str:
+    """The prompt for an instruction (and optional input).
+
+    ``fmt="alpaca"`` (default): the Alpaca prompt, ending in ``"### Response:\\n"``. ``fmt="chat"``: the
+    tokenizer's chat template with one user message (the instruction, then the input after a blank
+    line) and the generation prompt. ``fmt="auto"``: chat when ``tokenizer`` has a chat template.
+    See :mod:`selfmoe.prompt_format`.
+    """
+    if fmt != "alpaca":
+        from .prompt_format import chat_prompt, resolve_prompt_format
+
+        if resolve_prompt_format(fmt, tokenizer) == "chat":
+            return chat_prompt(tokenizer, instruction, input or "")
     if input and input.strip():
         return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
@@ -323,7 +334,13 @@ def encode_prompt(tokenizer: Any, text: str) -> List[int]:
     Some tokenizers' post-processors append EOS when ``add_special_tokens=True``; a prompt that ends in
     EOS would tell the model the text is over before its answer starts. Both training and generation
     encode prompts through this function so they see the same ids.
+
+    A text that already starts with the tokenizer's BOS string (chat templates that write it, like
+    Llama 3's) is encoded without special tokens, so BOS is not doubled.
     """
+    bos = getattr(tokenizer, "bos_token", None)
+    if isinstance(bos, str) and bos and text.startswith(bos):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
     with_sp = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     core = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     n = len(core)
@@ -335,13 +352,18 @@ def encode_prompt(tokenizer: Any, text: str) -> List[int]:
 
 
 def tokenize_example(record: Mapping[str, Any], tokenizer: Any, *, max_length: Optional[int] = None,
-                     overflow: str = "truncate") -> Optional[Dict[str, List[int]]]:
+                     overflow: str = "truncate", prompt_format: str = "auto") -> Optional[Dict[str, List[int]]]:
     """``input_ids``, ``attention_mask`` and ``labels`` for one record; loss only on the response.
 
     ``labels`` is ``-100`` on every prompt token, the response ids followed by EOS elsewhere. The prompt
     plus response is tokenised as one text when that keeps the prompt's ids as a prefix (then the ids
     equal what a model sees when it generates after the prompt); when a tokenizer merges across the
     boundary, the two parts are tokenised separately and concatenated so the mask stays exact.
+
+    ``prompt_format`` (``auto``/``chat``/``alpaca``, see :mod:`selfmoe.prompt_format`): with ``chat``
+    the prompt is the chat template's user turn plus generation prompt and the response is the
+    assistant turn as the template renders it, cut after its last EOS (the end-of-turn token, e.g.
+    ``<|im_end|>``), or with EOS appended when the rendering holds none.
 
     ``max_length``: with ``overflow="truncate"`` the response is cut at the end (its EOS then goes too);
     with ``overflow="drop"`` an overlong example returns ``None``. An example whose prompt alone leaves
@@ -352,15 +374,30 @@ def tokenize_example(record: Mapping[str, Any], tokenizer: Any, *, max_length: O
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id: responses need an EOS to learn where to stop")
-    prompt = format_prompt(record["instruction"], record.get("input", "") or "")
-    response = record["output"]
+    from .prompt_format import resolve_prompt_format
+
+    fmt = resolve_prompt_format(prompt_format, tokenizer)
+    instruction, inp = record["instruction"], record.get("input", "") or ""
+    if fmt == "chat":
+        from .prompt_format import chat_target
+
+        prompt = format_prompt(instruction, inp, fmt="chat", tokenizer=tokenizer)
+        target = chat_target(tokenizer, instruction, inp, record["output"])
+        response = record["output"] if target is None else target
+    else:
+        prompt = format_prompt(instruction, inp)
+        response = record["output"]
     prompt_ids = encode_prompt(tokenizer, prompt)
     full_ids = encode_prompt(tokenizer, prompt + response)
     if len(full_ids) > len(prompt_ids) and full_ids[:len(prompt_ids)] == prompt_ids:
         response_ids = full_ids[len(prompt_ids):]
     else:
         response_ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    response_ids = response_ids + [eos]
+    if fmt == "chat" and eos in response_ids:
+        last = len(response_ids) - 1 - response_ids[::-1].index(eos)
+        response_ids = response_ids[:last + 1]  # through the end-of-turn token; what follows it is never generated
+    else:
+        response_ids = response_ids + [eos]
     ids = prompt_ids + response_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
     if max_length is not None and len(ids) > max_length:
@@ -375,16 +412,17 @@ class SFTDataset(torch.utils.data.Dataset):
 
     ``lengths[i]`` is the token count of example ``i`` (for :class:`LengthGroupedBatchSampler`);
     ``num_dropped`` counts records left out because they did not fit ``max_length``.
+    ``prompt_format``: see :func:`tokenize_example` (``auto``: the chat template when the tokenizer has one).
     """
 
     def __init__(self, records: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_length: Optional[int] = None,
-                 overflow: str = "truncate", progress: bool = False) -> None:
+                 overflow: str = "truncate", progress: bool = False, prompt_format: str = "auto") -> None:
         from tqdm.auto import tqdm
 
         self.examples: List[Dict[str, List[int]]] = []
         self.num_dropped = 0
         for rec in tqdm(records, desc="tokenize", disable=not progress, unit="ex"):
-            ex = tokenize_example(rec, tokenizer, max_length=max_length, overflow=overflow)
+            ex = tokenize_example(rec, tokenizer, max_length=max_length, overflow=overflow, prompt_format=prompt_format)
             if ex is None:
                 self.num_dropped += 1
             else:

@@ -11,17 +11,18 @@ Data: JSONL, one example per line, each with a ``task`` kind (or one given for t
 Optional keys: ``input`` (Alpaca input), ``id`` (copied to the predictions), ``domain`` (a non-empty
 string, e.g. the MMLU subject or the BBH subtask: the summary then reports accuracy, and routing
 statistics, per domain too). Few-shot examples, when
-wanted, go into the instruction. Every prompt is the Alpaca template the experts were trained with
-(:attr:`EvalExample.prompt`). Gold answers are checked here, where the file and line are known: a
+wanted, go into the instruction. Every prompt is the template the experts were trained with
+(:attr:`EvalExample.prompt`): Alpaca, or the model's chat template (:meth:`EvalExample.with_format`). Gold answers are checked here, where the file and line are known: a
 multiple-choice answer must be one option letter, a numeric one must hold a finite number (read with
 :func:`selfmoe.eval_scoring.extract_number`, like responses), so a record that could never be scored
 correct is an error naming ``file:line``, not a silent zero.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional
 
 # data's "file:line: " / "record N: " prefix, so eval records and training records report errors alike.
@@ -35,7 +36,8 @@ __all__ = ["EvalExample", "validate_eval_record", "load_eval_records"]
 class EvalExample:
     """One validated example. ``answer``: the normalised gold answer (a letter for multiple choice, the
     text for exact match, a float for numeric, None for code). ``source``: ``file:line`` or ``record N``;
-    ``file``: the file it came from (None for records given in Python); ``domain``: the record's own."""
+    ``file``: the file it came from (None for records given in Python); ``domain``: the record's own.
+    ``formatted``: the prompt rendered in another format than Alpaca (see :meth:`with_format`)."""
 
     task: str
     instruction: str
@@ -48,10 +50,24 @@ class EvalExample:
     raw_answer: Any = None
     domain: Optional[str] = None
     file: Optional[str] = None
+    formatted: Optional[str] = field(default=None, repr=False)
 
     @property
     def prompt(self) -> str:
+        """The model's prompt: the Alpaca template unless :meth:`with_format` rendered another."""
+        if self.formatted is not None:
+            return self.formatted
         return format_prompt(self.instruction, self.input)
+
+    def with_format(self, fmt: str, tokenizer: Any = None) -> "EvalExample":
+        """This example prompted in ``fmt`` (``"alpaca"``, ``"chat"``: ``tokenizer``'s chat template, or
+        ``"auto"``; see :mod:`selfmoe.prompt_format`)."""
+        from .prompt_format import resolve_prompt_format
+
+        if resolve_prompt_format(fmt, tokenizer) == "alpaca":
+            return dataclasses.replace(self, formatted=None)
+        return dataclasses.replace(self, formatted=format_prompt(self.instruction, self.input, fmt="chat",
+                                                                 tokenizer=tokenizer))
 
 
 def _nonempty_str(rec: Mapping[str, Any], key: str, where: str) -> str:

@@ -12,8 +12,9 @@ so ``selfmoe.evaluation`` is the one import a user needs:
 - :mod:`selfmoe.eval_partial`: the partial-predictions file that lets an interrupted run resume;
 - :mod:`selfmoe.sandbox`: where the programs of code examples run, and what it does and does not contain.
 
-Every prompt is the Alpaca template the experts were trained with, decoded greedily by default (the
-paper's evaluation is greedy), cut at the template's stop marks.
+Every prompt is the template the experts were trained with (``prompt_format``: Alpaca, or the model's
+chat template), decoded greedily by default (the paper's evaluation is greedy), cut at the Alpaca
+template's stop marks (a chat turn ends at the model's end-of-turn token instead).
 
 Multiple choice by log-likelihood (``mc_scoring="loglik"``, the way lm-evaluation-harness scores MMLU):
 nothing is generated for those examples; :class:`LoglikScorer` runs batched forward passes and each
@@ -97,11 +98,31 @@ def _refusal(n_code: int) -> str:
 # Running an evaluation
 
 
-def default_sampling(max_new_tokens: int = 256) -> SamplingConfig:
-    """Greedy decoding cut at the Alpaca template's stop marks (the paper evaluates greedily)."""
+def default_sampling(max_new_tokens: int = 256, prompt_format: str = "alpaca") -> SamplingConfig:
+    """Greedy decoding (the paper evaluates greedily), cut at the Alpaca template's stop marks; with
+    ``prompt_format="chat"`` no stop strings (a chat turn ends at the model's end-of-turn token)."""
     from .prompts import STOP_MARKS
 
-    return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, stop=STOP_MARKS)
+    stop = () if prompt_format == "chat" else STOP_MARKS
+    return SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False, stop=stop)
+
+
+def _formatted(examples: List[EvalExample], prompt_format: str, tokenizer: Any) -> Tuple[str, List[EvalExample]]:
+    """The resolved prompt format and the examples prompted in it (see :mod:`selfmoe.prompt_format`)."""
+    from .prompt_format import resolve_prompt_format
+
+    fmt = resolve_prompt_format(prompt_format, tokenizer)
+    return fmt, [e.with_format(fmt, tokenizer) for e in examples]
+
+
+def _settings(examples: List[EvalExample], config: SamplingConfig, run_info: Optional[Mapping[str, Any]],
+              routing_stats: bool, mc_scoring: str, fmt: str) -> Dict[str, Any]:
+    """:func:`partial_settings` plus the prompt format when it is not Alpaca (so files written before
+    the format existed still match; the records' hash covers the prompts themselves)."""
+    settings = partial_settings(examples, config, run_info, routing_stats, mc_scoring)
+    if fmt != "alpaca":
+        settings["prompt_format"] = fmt
+    return settings
 
 
 @dataclass
@@ -348,12 +369,14 @@ def _takes_logits_to_keep(model: Any) -> bool:
 
 def eval_settings(records: Iterable[Union[EvalExample, Mapping[str, Any]]], *, sampling: Optional[SamplingConfig] = None,
                   max_new_tokens: int = 256, run_info: Optional[Mapping[str, Any]] = None, routing_stats: bool = False,
-                  mc_scoring: str = "generate") -> Dict[str, Any]:
+                  mc_scoring: str = "generate", prompt_format: str = "auto", tokenizer: Any = None) -> Dict[str, Any]:
     """What an evaluation with these arguments depends on, as JSON (the ``settings`` of its summary and
-    of its partial file); :func:`settings_differences` names what differs between two of them."""
+    of its partial file); :func:`settings_differences` names what differs between two of them.
+    ``prompt_format``/``tokenizer``: as for :func:`evaluate`."""
     examples = [validate_eval_record(r, line=i) for i, r in enumerate(records)]
-    config = sampling if sampling is not None else default_sampling(max_new_tokens)
-    return partial_settings(examples, config, run_info, routing_stats, _check_mc_scoring(mc_scoring))
+    fmt, examples = _formatted(examples, prompt_format, tokenizer)
+    config = sampling if sampling is not None else default_sampling(max_new_tokens, fmt)
+    return _settings(examples, config, run_info, routing_stats, _check_mc_scoring(mc_scoring), fmt)
 
 
 def _check_mc_scoring(mc_scoring: str) -> str:
@@ -369,7 +392,7 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
              allow_code_execution: Optional[bool] = None, sandbox: Optional[SandboxConfig] = None,
              partial_path: Optional[PathLike] = None, restart: bool = False,
              run_info: Optional[Mapping[str, Any]] = None, chunk_size: Optional[int] = None,
-             mc_scoring: str = "generate", scorer: Optional[Any] = None) -> EvalResult:
+             mc_scoring: str = "generate", scorer: Optional[Any] = None, prompt_format: str = "auto") -> EvalResult:
     """Generate a response per example (one task, and within it one domain, at a time) and score it.
 
     Args:
@@ -377,7 +400,12 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
             LoRA adapter attached, or a :class:`selfmoe.MiXSE`); unused when ``generator`` (and, for
             ``mc_scoring="loglik"``, ``scorer``) is given.
         records: :class:`EvalExample` objects or record dicts (validated here; dicts need ``task``).
-        sampling: decoding; default :func:`default_sampling` with ``max_new_tokens`` (greedy).
+        prompt_format: ``"auto"`` (default: the tokenizer's chat template when it has one, else the
+            Alpaca template; Alpaca without a tokenizer), ``"chat"`` or ``"alpaca"``
+            (:mod:`selfmoe.prompt_format`); use the format the model was trained with. Part of the
+            settings a resumed run must match.
+        sampling: decoding; default :func:`default_sampling` with ``max_new_tokens`` (greedy; stop
+            strings only with the Alpaca template).
         generator: any object with ``.generate(prompts, config)`` returning
             :class:`selfmoe.generate.Completion` objects (tests, vLLM); default an ``HFGenerator``.
         mc_scoring: ``"generate"`` (default: the letter is read from the greedy response) or
@@ -405,6 +433,7 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
     if not examples:
         raise ValueError("no examples to evaluate")
     _check_mc_scoring(mc_scoring)
+    fmt, examples = _formatted(examples, prompt_format, tokenizer)
     box = sandbox if sandbox is not None else SandboxConfig()
     if not isinstance(box, SandboxConfig):
         raise ValueError(f"sandbox must be a selfmoe.sandbox.SandboxConfig, got {type(box).__name__}")
@@ -419,14 +448,14 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
     chunk = 4 * batch_size if chunk_size is None else chunk_size
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
-    config = sampling if sampling is not None else default_sampling(max_new_tokens)
+    config = sampling if sampling is not None else default_sampling(max_new_tokens, fmt)
     if routing_stats and not hasattr(model, "routing_stats"):
         raise ValueError(f"routing statistics need a MiXSE model, got {type(model).__name__}")
     loglik = mc_scoring == "loglik"
     if loglik and scorer is None and model is None:
         raise ValueError("mc_scoring='loglik' needs a model (or a scorer)")
     box_info = _code_sandbox(examples, allow_code_execution, box)
-    settings = partial_settings(examples, config, run_info, routing_stats, mc_scoring)
+    settings = _settings(examples, config, run_info, routing_stats, mc_scoring, fmt)
     writer = PartialWriter(partial_path, settings, restart) if partial_path is not None else None
 
     def make_generator() -> Any:
@@ -614,17 +643,18 @@ def _predictions(examples: List[EvalExample], done: Dict[int, Completion], box: 
 def check_partial(path: PathLike, records: Iterable[Union[EvalExample, Mapping[str, Any]]], *,
                   sampling: Optional[SamplingConfig] = None, max_new_tokens: int = 256,
                   run_info: Optional[Mapping[str, Any]] = None, routing_stats: bool = False,
-                  mc_scoring: str = "generate") -> int:
+                  mc_scoring: str = "generate", prompt_format: str = "auto", tokenizer: Any = None) -> int:
     """How many completions :func:`evaluate` would reuse from ``path`` with these arguments (0 when the
     file does not exist); changes nothing but a torn last line (as :func:`evaluate` would). Raises
     :class:`PartialMismatchError` when the file was made with other settings, so a caller can refuse
-    before loading a model."""
+    before loading a model (``tokenizer``: the model's, for ``prompt_format`` ``auto``/``chat``)."""
     examples = [validate_eval_record(r, line=i) for i, r in enumerate(records)]
-    config = sampling if sampling is not None else default_sampling(max_new_tokens)
+    fmt, examples = _formatted(examples, prompt_format, tokenizer)
+    config = sampling if sampling is not None else default_sampling(max_new_tokens, fmt)
     p = pathlib.Path(path)
     if p.is_file():
         repair_jsonl_tail(p)
-    saved = read_partial(p, partial_settings(examples, config, run_info, routing_stats, _check_mc_scoring(mc_scoring)))
+    saved = read_partial(p, _settings(examples, config, run_info, routing_stats, _check_mc_scoring(mc_scoring), fmt))
     return 0 if saved is None else len(saved[0])
 
 

@@ -55,6 +55,7 @@ from .data import LengthGroupedBatchSampler, PathLike, Record, SFTCollator, SFTD
 from .lm_loss import evaluate_loss, response_tokens_per_example, token_loss_sum
 from .lora import LoRALinear, add_lora, attach_lora_adapter, lora_weights, remove_lora
 from .model import MiXSE
+from .prompt_format import resolve_prompt_format
 from .routers import check_top_k
 from .run_dir import (CHECKPOINT_DIR, FINAL_NAMES, LOG_NAME, RUN_CONFIG_NAME, RUN_NAMES, append_log, base_signature,
                       data_info, file_sha256, prepare_output_dir, publish, run_record, truncate_log)
@@ -472,6 +473,12 @@ def _check_records(records: Sequence[Record]) -> List[Record]:
     return recs
 
 
+def _format_info(fmt: str) -> Dict[str, Any]:
+    """What the run records about its prompt format: ``{"prompt_format": "chat"}``, nothing for Alpaca
+    (the only format before the field existed, so those runs still resume)."""
+    return {"prompt_format": fmt} if fmt != "alpaca" else {}
+
+
 def train_expert(base_model: nn.Module, tokenizer: Any, records: Sequence[Record], output_dir: PathLike,
                  config: Optional[TrainConfig] = None, *, resume: bool = False, overwrite: bool = False,
                  callbacks: Sequence[Callback] = (), accelerate: Optional[bool] = None,
@@ -485,9 +492,10 @@ def train_expert(base_model: nn.Module, tokenizer: Any, records: Sequence[Record
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     recs = _check_records(records)
-    dataset = SFTDataset(recs, tokenizer, max_length=cfg.max_length, progress=cfg.progress)
+    fmt = resolve_prompt_format(cfg.prompt_format, tokenizer)
+    dataset = SFTDataset(recs, tokenizer, max_length=cfg.max_length, progress=cfg.progress, prompt_format=fmt)
     run_info = {"kind": "expert", "data": data_info(recs, dataset), "base": base_signature(base_model),
-                "base_model": getattr(getattr(base_model, "config", None), "_name_or_path", None)}
+                "base_model": getattr(getattr(base_model, "config", None), "_name_or_path", None), **_format_info(fmt)}
     set_seed(cfg.seed)  # the LoRA init is part of the run
     add_lora(base_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     base_name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
@@ -524,10 +532,11 @@ def train_router(base_model: nn.Module, tokenizer: Any, experts: Mapping[str, Pa
         if not weights.is_file():
             raise FileNotFoundError(f"expert {name!r}: {weights} not found (is {os.fspath(path)} a PEFT adapter directory?)")
         expert_info[name] = file_sha256(weights)
-    dataset = SFTDataset(recs, tokenizer, max_length=cfg.max_length, progress=cfg.progress)
+    fmt = resolve_prompt_format(cfg.prompt_format, tokenizer)
+    dataset = SFTDataset(recs, tokenizer, max_length=cfg.max_length, progress=cfg.progress, prompt_format=fmt)
     run_info = {"kind": "router", "data": data_info(recs, dataset), "experts": expert_info,
                 "base": base_signature(base_model),
-                "base_model": getattr(getattr(base_model, "config", None), "_name_or_path", None)}
+                "base_model": getattr(getattr(base_model, "config", None), "_name_or_path", None), **_format_info(fmt)}
     set_seed(cfg.seed)  # the router init is part of the run
     model = MiXSE.from_adapters(base_model, dict(experts), top_k=cfg.top_k, router=cfg.router, aux_loss=dict(cfg.aux_loss))
     try:

@@ -16,13 +16,17 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from .io_utils import PathLike
 from .choices import LR_SCHEDULERS as SCHEDULERS
 from .choices import MIXED_PRECISIONS as PRECISIONS
-from .choices import ROUTER_KINDS, check_aux_loss
+from .choices import PROMPT_FORMATS, ROUTER_KINDS, check_aux_loss
 
 __all__ = ["TrainConfig", "TrainState", "TrainResult", "TrainingInterrupted", "CheckpointError", "NonFiniteLossError",
            "SCHEDULERS", "PRECISIONS", "BOOKKEEPING_FIELDS"]
 
 # Fields that change how a run is reported or saved, never what it computes: they may differ on resume.
-BOOKKEEPING_FIELDS = frozenset({"save_steps", "logging_steps", "progress"})
+# ``prompt_format`` is what was asked for ("auto" may mean either format): the format it resolved to is
+# part of the run's identity instead (``run_info["prompt_format"]`` when chat, and the data fingerprint,
+# which covers every token), so "auto" and the format it picks resume each other, a switch is refused, and
+# runs saved before the field existed (all Alpaca) still resume.
+BOOKKEEPING_FIELDS = frozenset({"save_steps", "logging_steps", "progress", "prompt_format"})
 
 
 @dataclass
@@ -38,6 +42,8 @@ class TrainConfig:
     down to 0 (``cosine``/``linear``) or stays (``constant``). ``max_grad_norm=None`` disables clipping
     (the norm is still computed, logged and checked for NaN). ``mixed_precision``: ``"auto"`` = bf16
     autocast on a GPU that supports it, float32 otherwise; ``"no"``; ``"bf16"``.
+    ``prompt_format``: how records become prompts (:mod:`selfmoe.prompt_format`): ``"auto"`` = the
+    tokenizer's chat template when it has one, else Alpaca; ``"chat"``; ``"alpaca"``.
     ``lora_*``/``target_modules`` apply to expert training (``target_modules``: ``"all-linear"`` = every
     ``nn.Linear`` in the decoder layers, a list of names/suffixes, or a full-match regex); ``router``,
     ``top_k``, ``aux_loss`` to router training. ``save_steps``/``logging_steps``/``progress`` are
@@ -57,6 +63,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: Optional[float] = 1.0
     max_length: int = 1024
+    prompt_format: str = "auto"
     seed: int = 0
     mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
@@ -101,6 +108,7 @@ class TrainConfig:
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "must be None or > 0")
         need(is_int(self.max_length) and self.max_length >= 2, "max_length", "must be an int >= 2")
         need(is_int(self.seed), "seed", "must be an int")
+        need(self.prompt_format in PROMPT_FORMATS, "prompt_format", f"must be one of {PROMPT_FORMATS}")
         need(self.mixed_precision in PRECISIONS, "mixed_precision", f"must be one of {PRECISIONS}")
         need(is_int(self.lora_r) and self.lora_r >= 1, "lora_r", "must be an int >= 1")
         need(isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "must be > 0")
