@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .choices import GENERATION_BACKENDS
-from .cli_common import add_command, add_model_args, default_device, load_model, say
+from .choices import GENERATION_BACKENDS, PROMPT_FORMATS
+from .cli_common import CLIError, add_command, add_model_args, default_device, load_model, say
 
 __all__ = ["SPECIALIZE_DESCRIPTION", "SPECIALIZE_EPILOG", "_add_specialize", "_cmd_specialize"]
 
@@ -49,6 +49,10 @@ def _add_specialize(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--near-dup-threshold", type=float, default=0.7, help="ROUGE-L F for near duplicates; 0 turns the check off")
     p.add_argument("--keep-unfinished", action="store_true", help="keep texts that hit the token limit")
     p.add_argument("--templates", default=None, metavar="JSON", help="prompt template overrides (see selfmoe.prompts)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
+                   help="chat: the brainstorm and response prompts in the tokenizer's chat template (system message, "
+                        "few-shot turns); alpaca: few-shot '### Instruction:' continuation text; auto: chat when the "
+                        "tokenizer has a chat template (default: %(default)s)")
     p.add_argument("--backend", choices=GENERATION_BACKENDS, default="hf", help="generation backend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="start the domains' files over instead of continuing them")
@@ -72,6 +76,7 @@ def _cmd_specialize(args: argparse.Namespace) -> int:
         response=base.response.replace(max_new_tokens=args.response_max_new_tokens),
         prompts_per_round=args.prompts_per_round, batch_size=args.batch_size, max_attempts=args.max_attempts,
         seed=args.seed, templates=args.templates, overwrite=args.overwrite, progress=not args.no_progress,
+        prompt_format=args.prompt_format,
         filters=FilterConfig(min_instruction_words=args.min_instruction_words, min_response_words=args.min_response_words,
                              drop_unfinished=not args.keep_unfinished,
                              near_dup_threshold=args.near_dup_threshold or None),
@@ -97,6 +102,12 @@ def _cmd_specialize(args: argparse.Namespace) -> int:
         model, tok = None, AutoTokenizer.from_pretrained(path)
     else:
         model, tok = load_model(args.model, dtype=args.dtype, device=args.device or default_device())
+    from .prompt_format import resolve_prompt_format
+
+    try:
+        resolve_prompt_format(args.prompt_format, tok)
+    except ValueError as exc:
+        raise CLIError(f"--prompt-format: {exc}") from None
     stats = specialize(model, tok, seeds, args.output, num_pairs=args.num_pairs, config=cfg, generator=generator)
     for domain, st in stats.items():
         dropped = ", ".join(f"{k}={v}" for k, v in st["removed"].items() if v) or "none"

@@ -13,6 +13,14 @@ functions with tests); the wording is ours. Override any of them, or add domains
 JSON file of the same shape (:func:`load_templates`). A domain without a template gets a generic one
 with its name filled in. Templates are plain text: ``{domain}`` is the only placeholder, replaced
 literally, so braces in a template (code!) are safe.
+
+Prompt formats (``fmt``, see :mod:`selfmoe.prompt_format`): ``"alpaca"`` (default) builds the few-shot
+continuation texts above; ``"chat"`` renders the same content with the tokenizer's chat template: the
+brainstorm header, the seed instructions as a numbered list and a request for one new instruction in
+one user message; the response prompt as the system prompt (a system message where the template
+renders one, else the head of the first user message), the seed pairs as earlier user/assistant turns
+and the new instruction as the last user turn. Both end in the generation prompt; the model's turn
+ends at its end-of-turn token.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ __all__ = [
     "seed_instruction_text",
     "build_brainstorm_prompt",
     "build_response_prompt",
+    "BRAINSTORM_REQUEST",
 ]
 
 INSTRUCTION_MARK = "### Instruction:"
@@ -41,6 +50,9 @@ RESPONSE_MARK = "### Response:"
 # Generation stops at the start of the next section; without the colon so "### Instruction 2" and
 # "### Response" spelled slightly differently by a small model still end the text.
 STOP_MARKS = ("### Instruction", "### Response")
+#: The end of the chat-format brainstorm message, after the numbered seed instructions.
+BRAINSTORM_REQUEST = ("Write one new instruction in the style of these examples, different from all of them. "
+                      "Reply with the new instruction only.")
 
 
 @dataclass(frozen=True)
@@ -173,8 +185,16 @@ def seed_instruction_text(record: Mapping[str, Any]) -> str:
     return f"{instruction}\n\n{inp}" if inp else instruction
 
 
-def build_brainstorm_prompt(template: DomainTemplate, seeds: Sequence[Mapping[str, Any]]) -> str:
-    """Header, the seed instructions, then an open instruction slot for the model to fill."""
+def build_brainstorm_prompt(template: DomainTemplate, seeds: Sequence[Mapping[str, Any]], *, fmt: str = "alpaca",
+                            tokenizer: Any = None) -> str:
+    """Header, the seed instructions, then an open instruction slot for the model to fill (``fmt="chat"``:
+    one user message asking for a new instruction, and the generation prompt)."""
+    if _is_chat(fmt, tokenizer):
+        from .prompt_format import render_chat
+
+        examples = "\n\n".join(f"{i}. {seed_instruction_text(s)}" for i, s in enumerate(seeds, 1))
+        content = f"{template.brainstorm.strip()}\n\n{examples}\n\n{BRAINSTORM_REQUEST}"
+        return render_chat(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
     parts = [template.brainstorm.strip(), ""]
     for s in seeds:
         parts += [INSTRUCTION_MARK, seed_instruction_text(s), ""]
@@ -182,10 +202,30 @@ def build_brainstorm_prompt(template: DomainTemplate, seeds: Sequence[Mapping[st
     return "\n".join(parts) + "\n"
 
 
-def build_response_prompt(template: DomainTemplate, seeds: Sequence[Mapping[str, Any]], instruction: str) -> str:
-    """Expert system prompt, the seed pairs, then the new instruction and an open response slot."""
+def build_response_prompt(template: DomainTemplate, seeds: Sequence[Mapping[str, Any]], instruction: str, *,
+                          fmt: str = "alpaca", tokenizer: Any = None) -> str:
+    """Expert system prompt, the seed pairs, then the new instruction and an open response slot
+    (``fmt="chat"``: system message, the pairs as user/assistant turns, the instruction as the last
+    user turn, and the generation prompt)."""
+    if _is_chat(fmt, tokenizer):
+        from .prompt_format import render_chat, with_system
+
+        messages = []
+        for s in seeds:
+            messages += [{"role": "user", "content": seed_instruction_text(s)},
+                         {"role": "assistant", "content": str(s["output"]).strip()}]
+        messages.append({"role": "user", "content": instruction.strip()})
+        return render_chat(tokenizer, with_system(tokenizer, template.system, messages), add_generation_prompt=True)
     parts = [template.system.strip(), ""]
     for s in seeds:
         parts += [INSTRUCTION_MARK, seed_instruction_text(s), "", RESPONSE_MARK, str(s["output"]).strip(), ""]
     parts += [INSTRUCTION_MARK, instruction.strip(), "", RESPONSE_MARK]
     return "\n".join(parts) + "\n"
+
+
+def _is_chat(fmt: str, tokenizer: Any) -> bool:
+    if fmt == "alpaca":
+        return False
+    from .prompt_format import resolve_prompt_format
+
+    return resolve_prompt_format(fmt, tokenizer) == "chat"

@@ -28,6 +28,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from .names import check_safe_name
 from .data import DataFormatError, append_jsonl, iter_json_lines, repair_jsonl_tail, validate_record
 from .filters import FilterConfig, NearDuplicateIndex, check_text, empty_stats, normalize_tokens
 from .generate import HFGenerator, SamplingConfig, TextGenerator
+from .prompt_format import check_prompt_format, resolve_prompt_format
 from .prompts import (STOP_MARKS, TemplateSource, build_brainstorm_prompt, build_response_prompt, get_template,
                       load_templates, seed_instruction_text)
 
@@ -66,6 +68,8 @@ class SpecializeConfig:
     ``seed`` fields of ``brainstorm``/``response`` are ignored: each round derives its own).
     ``templates``: overrides for :mod:`selfmoe.prompts` (dict or JSON file path).
     ``overwrite``: start over when ``out_path`` exists (required if it holds another domain).
+    ``prompt_format``: ``auto`` (the tokenizer's chat template when it has one, else the Alpaca-style
+    few-shot prompts), ``chat`` or ``alpaca`` (:mod:`selfmoe.prompts`, :mod:`selfmoe.prompt_format`).
     """
 
     brainstorm_shots: int = 3
@@ -80,6 +84,7 @@ class SpecializeConfig:
     templates: TemplateSource = None
     overwrite: bool = False
     progress: bool = True
+    prompt_format: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("brainstorm_shots", "response_shots", "prompts_per_round", "batch_size"):
@@ -87,6 +92,7 @@ class SpecializeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1 or None, got {self.max_attempts}")
+        check_prompt_format(self.prompt_format)
 
     @property
     def min_seeds(self) -> int:
@@ -100,12 +106,23 @@ def stats_path(out_path: PathLike) -> pathlib.Path:
     return p.with_name(stem + ".stats.json")
 
 
-def parse_completion(text: str) -> str:
+# What a chat model may put before the instruction it was asked for: a list number ("4. "), a bullet,
+# a label ("New instruction:"), a leading Alpaca mark ("### Instruction:").
+_CHAT_LEAD = re.compile(r"^\s*(?:###\s*)?(?:(?:new\s+)?instruction\s*(?:\d+\s*)?:\s*|\d{1,3}[.)]\s+|[-*\u2022]\s+)",
+                        re.IGNORECASE)
+
+
+def parse_completion(text: str, *, fmt: str = "alpaca", kind: str = "response") -> str:
     """The usable part of a completion: text before the next prompt section mark, stripped.
 
     Backends already stop at these marks; cutting again makes a custom backend that ignores ``stop``
-    safe. Garbage is returned as-is (the filters judge it), never raises.
+    safe. Garbage is returned as-is (the filters judge it), never raises. ``fmt="chat"`` and
+    ``kind="instruction"`` (a brainstormed instruction in the chat format): a leading list number,
+    bullet or "Instruction:" label is removed first (the chat turn itself ends at the model's
+    end-of-turn token, which the backend stops at and drops).
     """
+    if fmt == "chat" and kind == "instruction":
+        text = _CHAT_LEAD.sub("", text, count=1)
     cut = min((i for i in (text.find(m) for m in STOP_MARKS) if i >= 0), default=len(text))
     return text[:cut].strip()
 
@@ -191,6 +208,7 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
             raise ValueError("pass model and tokenizer, or a generator")
         generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=cfg.progress)
     template = get_template(domain, load_templates(cfg.templates))
+    fmt = resolve_prompt_format(cfg.prompt_format, tokenizer)
     count_tokens = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer is not None else None
 
     out = pathlib.Path(out_path)
@@ -224,7 +242,7 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
         "config": json.loads(json.dumps({
             "brainstorm_shots": cfg.brainstorm_shots, "response_shots": cfg.response_shots,
             "brainstorm": dataclasses.asdict(cfg.brainstorm), "response": dataclasses.asdict(cfg.response),
-            "filters": dataclasses.asdict(cfg.filters), "seed": cfg.seed})),
+            "filters": dataclasses.asdict(cfg.filters), "seed": cfg.seed, "prompt_format": fmt})),
     }
 
     index = NearDuplicateIndex(cfg.filters.near_dup_threshold)
@@ -250,7 +268,8 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
             # The round counts its drops separately and they are merged only once its records are on
             # disk: a round cut short by Ctrl-C leaves no trace, so attempts = kept + removed + surplus.
             round_removed = empty_stats()
-            new = _run_round(generator, template, seeds, cfg, rng, k, index, round_removed, count_tokens, domain)
+            new = _run_round(generator, template, seeds, cfg, rng, k, index, round_removed, count_tokens, domain,
+                             fmt, tokenizer)
             # Pairs beyond the target are discarded but counted, so attempts = kept + removed + surplus.
             stats["surplus"] += max(0, len(new) - (num_pairs - stats["kept"]))
             new = new[: num_pairs - stats["kept"]]
@@ -304,17 +323,18 @@ def _warn_if_slow(domain: str, elapsed: float, kept: int, attempts: int, remaini
 
 def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str, Any]], cfg: SpecializeConfig,
                rng: random.Random, k: int, index: NearDuplicateIndex, removed: Dict[str, int],
-               count_tokens: Any, domain: str) -> List[Dict[str, Any]]:
+               count_tokens: Any, domain: str, fmt: str = "alpaca", tokenizer: Any = None) -> List[Dict[str, Any]]:
     """One brainstorm -> filter -> respond -> filter round; returns the kept records (not yet written)."""
     fc = cfg.filters
-    prompts = [build_brainstorm_prompt(template, rng.sample(seeds, cfg.brainstorm_shots)) for _ in range(k)]
+    prompts = [build_brainstorm_prompt(template, rng.sample(seeds, cfg.brainstorm_shots), fmt=fmt, tokenizer=tokenizer)
+               for _ in range(k)]
     comps = generator.generate(prompts, cfg.brainstorm.replace(seed=rng.getrandbits(31)), desc=f"{domain}: instructions")
     # Duplicates within the round are checked against a round-local index, so an instruction whose
     # response is later dropped does not block its near-copies in later rounds.
     local = NearDuplicateIndex(fc.near_dup_threshold)
     instructions: List[Tuple[str, List[str]]] = []
     for c in comps:
-        text = parse_completion(c.text)
+        text = parse_completion(c.text, fmt=fmt, kind="instruction")
         reason = check_text(text, "instruction", fc, finished=c.finish_reason == "stop", count_tokens=count_tokens)
         toks = normalize_tokens(text)
         if reason is None:
@@ -326,12 +346,12 @@ def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str
         instructions.append((text, toks))
     if not instructions:
         return []
-    resp_prompts = [build_response_prompt(template, rng.sample(seeds, cfg.response_shots), text)
-                    for text, _ in instructions]
+    resp_prompts = [build_response_prompt(template, rng.sample(seeds, cfg.response_shots), text, fmt=fmt,
+                                          tokenizer=tokenizer) for text, _ in instructions]
     answers = generator.generate(resp_prompts, cfg.response.replace(seed=rng.getrandbits(31)), desc=f"{domain}: responses")
     kept = []
     for (text, _), a in zip(instructions, answers):
-        resp = parse_completion(a.text)
+        resp = parse_completion(a.text, fmt=fmt)
         reason = check_text(resp, "response", fc, finished=a.finish_reason == "stop", count_tokens=count_tokens)
         if reason is not None:
             removed[reason] += 1

@@ -279,7 +279,7 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
-@pytest.mark.parametrize("command", ["generate", "eval", "train-expert", "train-router"])
+@pytest.mark.parametrize("command", ["generate", "eval", "train-expert", "train-router", "specialize"])
 def test_every_command_offers_prompt_format(command, capsys):
     from selfmoe.cli import build_parser
 
@@ -311,3 +311,98 @@ def test_cli_eval_records_the_format_and_refuses_to_mix(chat_lm_path, tmp_path, 
     code, _, err = run_cli(capsys, "eval", "--model", chat_lm_path, "--data", data, "--output", out,
                            "--max-new-tokens", "2", "--no-progress", "--prompt-format", "alpaca")
     assert code == 2 and "prompt_format" in err
+
+
+# ------------------------------------------------------------------------------------------ specialization
+
+SEEDS = [{"instruction": f"Seed question number {w}?", "input": "", "output": f"Seed answer {w}.", "domain": "math"}
+         for w in ("one", "two", "three")]
+
+
+def test_chat_response_prompt_has_the_system_message_and_few_shot_turns():
+    from selfmoe.prompts import build_response_prompt, get_template
+
+    tok = chat_tokenizer()
+    t = get_template("math")
+    text = build_response_prompt(t, SEEDS[:2], "  What is 7 * 6?  ", fmt="chat", tokenizer=tok)
+    msgs = [{"role": "system", "content": t.system.strip()}]
+    for s in SEEDS[:2]:
+        msgs += [{"role": "user", "content": s["instruction"]}, {"role": "assistant", "content": s["output"]}]
+    msgs.append({"role": "user", "content": "What is 7 * 6?"})
+    assert text == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n" + t.system.strip() + "<|im_end|>")
+    assert text.endswith("<|im_start|>user\nWhat is 7 * 6?<|im_end|>\n<|im_start|>assistant\n")
+    assert "### " not in text
+    # alpaca (the default) is the few-shot continuation text as before
+    assert build_response_prompt(t, SEEDS[:2], "What is 7 * 6?").endswith("### Instruction:\nWhat is 7 * 6?\n\n### Response:\n")
+    assert build_response_prompt(t, SEEDS[:2], "What is 7 * 6?", fmt="alpaca", tokenizer=tok) == build_response_prompt(
+        t, SEEDS[:2], "What is 7 * 6?")
+
+
+def test_a_template_without_system_role_gets_the_system_prompt_in_the_first_user_message():
+    from selfmoe.prompts import build_response_prompt, get_template
+
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+                 + CHATML)
+    tok = chat_tokenizer(no_system)
+    t = get_template("math")
+    text = build_response_prompt(t, SEEDS[:1], "What is 7 * 6?", fmt="chat", tokenizer=tok)
+    assert text.startswith("<|im_start|>user\n" + t.system.strip() + "\n\n" + SEEDS[0]["instruction"] + "<|im_end|>")
+    assert "<|im_start|>system" not in text
+
+
+def test_chat_brainstorm_prompt_lists_the_seeds_and_asks_for_one_instruction():
+    from selfmoe.prompts import BRAINSTORM_REQUEST, build_brainstorm_prompt, get_template
+
+    tok = chat_tokenizer()
+    t = get_template("math")
+    text = build_brainstorm_prompt(t, SEEDS, fmt="chat", tokenizer=tok)
+    content = t.brainstorm.strip() + "\n\n" + "\n\n".join(f"{i}. {s['instruction']}" for i, s in enumerate(SEEDS, 1))
+    content += "\n\n" + BRAINSTORM_REQUEST
+    assert text == tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    assert build_brainstorm_prompt(t, SEEDS).endswith("### Instruction:\n")  # alpaca unchanged
+
+
+def test_parse_completion_in_both_formats():
+    from selfmoe.specialization import parse_completion
+
+    assert parse_completion("4. Compute the area of a circle.", fmt="chat", kind="instruction") == "Compute the area of a circle."
+    assert parse_completion("New instruction: Find x if 2x = 8.\n### Response: x", fmt="chat", kind="instruction") == "Find x if 2x = 8."
+    assert parse_completion("### Instruction: Sort a list.", fmt="chat", kind="instruction") == "Sort a list."
+    assert parse_completion("1. First add.\n2. Then divide.", fmt="chat") == "1. First add.\n2. Then divide."  # responses keep lists
+    assert parse_completion("Add them.\n\n### Instruction:\nMore") == "Add them."
+    assert parse_completion("4. Compute it.") == "4. Compute it."  # alpaca: as before
+
+
+def test_specialize_in_chat_format_end_to_end(tmp_path):
+    from selfmoe.prompts import BRAINSTORM_REQUEST
+    from selfmoe.specialization import specialize_domain
+
+    questions = iter(["3. Compute the perimeter of a square with side five.",
+                      "Instruction: How many minutes are in three hours and a half?",
+                      "Find the smallest prime number larger than forty.",
+                      "- Divide one hundred apples among seven children fairly."] * 5)
+
+    class Scripted:
+        def __init__(self):
+            self.prompts = []
+
+        def generate(self, prompts, config, *, desc=None):
+            self.prompts += prompts
+            return [Completion(next(questions) if BRAINSTORM_REQUEST in p else "The result is 20.", "stop") for p in prompts]
+
+    tok, gen = chat_tokenizer(), Scripted()
+    out = tmp_path / "math.jsonl"
+    stats = specialize_domain(None, tok, SEEDS, "math", out, num_pairs=3, generator=gen, brainstorm_shots=2,
+                              response_shots=2, prompts_per_round=4, progress=False)
+    assert stats["config"]["prompt_format"] == "chat" and stats["kept"] >= 3
+    assert all(p.startswith("<|im_start|>") and p.endswith("<|im_start|>assistant\n") for p in gen.prompts)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["instruction"] for r in recs[:3]] == ["Compute the perimeter of a square with side five.",
+                                                    "How many minutes are in three hours and a half?",
+                                                    "Find the smallest prime number larger than forty."]
+    assert all(r["output"] == "The result is 20." for r in recs)
+    resp = [p for p in gen.prompts if BRAINSTORM_REQUEST not in p]
+    assert resp and all(p.startswith("<|im_start|>system\n") and p.count("<|im_start|>assistant\n") == 3 for p in resp)
+    assert resp[0].endswith("<|im_start|>user\nCompute the perimeter of a square with side five.<|im_end|>\n"
+                            "<|im_start|>assistant\n")
