@@ -12,9 +12,10 @@ from .cli_common import CLIError, add_command, add_runner_args, load_runner, say
 
 __all__ = ["EVAL_DESCRIPTION", "EVAL_EPILOG", "_add_eval", "_cmd_eval"]
 
-EVAL_DESCRIPTION = ("Greedy generation on multiple-choice (MMLU), exact-match (BBH), numeric (GSM8K) and code "
-                    "(HumanEval, run in a subprocess) examples (multiple choice optionally by option log-likelihood); accuracy per "
-                    "task.")
+EVAL_DESCRIPTION = ("Greedy generation, in the model's chat template or the Alpaca template (--prompt-format), on "
+                    "multiple-choice (MMLU), exact-match (BBH), numeric (GSM8K) and code (HumanEval, run sandboxed "
+                    "with --allow-code-execution) examples (multiple choice optionally by option log-likelihood); "
+                    "accuracy per task and domain.")
 EVAL_EPILOG = """\
 examples:
   # the MiXSE on four benchmarks converted to selfmoe's JSONL (each record carries "task")

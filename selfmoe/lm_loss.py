@@ -33,9 +33,10 @@ def response_tokens_per_example(dataset: SFTDataset) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, tokenizer: Any, records: Sequence[Record], *, max_length: int = 1024,
-                  batch_size: int = 8) -> float:
-    """Mean per-token response loss of ``model`` on ``records`` (eval mode, no gradients)."""
-    ds = SFTDataset(records, tokenizer, max_length=max_length)
+                  batch_size: int = 8, prompt_format: str = "auto") -> float:
+    """Mean per-token response loss of ``model`` on ``records`` (eval mode, no gradients), the records
+    encoded in ``prompt_format`` (``auto``/``chat``/``alpaca``, as in training)."""
+    ds = SFTDataset(records, tokenizer, max_length=max_length, prompt_format=prompt_format)
     collate = SFTCollator.for_tokenizer(tokenizer)
     device = model_device(model)
     was_training = model.training
