@@ -28,6 +28,7 @@ from typing import Optional, Sequence, Tuple
 
 from .cli_bench import _add_bench, _cmd_bench
 from .cli_compare import _add_compare, _cmd_compare
+from .cli_demo import _add_demo, _cmd_demo
 from .cli_common import PROG, CLIError, check_device, describe, load_model, say
 from .cli_eval import _add_eval, _cmd_eval
 from .cli_generate import _add_generate, _cmd_generate
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub).set_defaults(func=_cmd_generate)
     _add_eval(sub).set_defaults(func=_cmd_eval)
     _add_compare(sub).set_defaults(func=_cmd_compare)
+    _add_demo(sub).set_defaults(func=_cmd_demo)
     _add_bench(sub)  # main() runs bench before parsing
     return parser
 

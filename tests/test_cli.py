@@ -76,7 +76,7 @@ def test_every_subcommand_has_help_with_examples(capsys, cmd):
 # Each help below runs in one fresh interpreter, in order; the script prints whether torch was loaded
 # after each step. STUB: register a bare ``selfmoe`` package, so that only the CLI's own modules load
 # (not selfmoe/__init__.py, which imports the whole library).
-HELP_STEPS = ["--help", "specialize --help", "merge --help", "generate --help", "eval --help",
+HELP_STEPS = ["--help", "specialize --help", "merge --help", "generate --help", "eval --help", "demo --help",
               "train-expert --help", "train-router --help"]
 HELP_SCRIPT = """
 import json, sys, types

@@ -1,0 +1,107 @@
+"""``selfmoe demo --quick``: the whole pipeline on the package's tiny random Llama, then a rerun that skips it all."""
+import json
+import time
+
+import pytest
+
+from selfmoe.cli import main
+from selfmoe.demo import DOMAINS, SYSTEMS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STAGES = (["model", "specialize"] + [f"expert-{d}" for d in DOMAINS] + ["union", "ties", "dare", "mixse", "benchmark"]
+          + [f"eval-{s}" for s in SYSTEMS] + ["compare", "heatmap"])
+
+
+def _expected_files(out):
+    files = [out / "tiny-llama" / "config.json", out / "results.md", out / "results.json", out / "timings.json",
+             out / "routing_heatmap.txt", out / "mixse" / "mixse_config.json", out / "mixse" / "router.safetensors"]
+    for d in DOMAINS:
+        files += [out / "data" / f"{d}.jsonl", out / "data" / f"{d}.stats.json", out / "bench" / f"{d}.jsonl"]
+    for name in list(DOMAINS) + ["union"]:
+        files += [out / "experts" / name / "adapter_config.json", out / "experts" / name / "adapter_model.safetensors"]
+    for m in ("ties", "dare"):
+        files += [out / "merged" / m / "adapter_config.json", out / "merged" / m / "adapter_model.safetensors"]
+    files += [out / "eval" / s / "summary.json" for s in SYSTEMS]
+    return files
+
+
+def test_demo_quick_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = main(["demo", "--quick", "--output", str(out), "--no-progress"])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    for i, name in enumerate(STAGES, 1):
+        assert f"[{i}/{len(STAGES)}] {name} ..." in err
+    missing = [str(p) for p in _expected_files(out) if not p.is_file()]
+    assert not missing, missing
+    assert f"output: {out}" in err
+
+    table = json.loads((out / "results.json").read_text())
+    text = json.dumps(table)
+    for system in SYSTEMS:
+        assert f"| {system} |" in stdout  # every row printed
+        assert f'"{system}"' in text
+    header = stdout.splitlines()[0]
+    for d in DOMAINS:
+        assert d in header
+    assert "average" in header and "±" in stdout
+    # the routing heat map: benchmark domains x the four experts, printed too
+    heat = (out / "routing_heatmap.txt").read_text()
+    assert all(d in heat for d in DOMAINS) and heat.strip() in stdout
+    timings = json.loads((out / "timings.json").read_text())["stages"]
+    assert list(timings) == STAGES and not any(t["skipped"] for t in timings.values())
+    # the stage commands' own output went to stderr: stdout holds the table and the heat map only
+    assert stdout.count("| system |") == 1
+
+    start = time.perf_counter()
+    code = main(["demo", "--quick", "--output", str(out), "--no-progress"])
+    elapsed = time.perf_counter() - start
+    stdout2, err2 = capsys.readouterr()
+    assert code == 0, err2
+    assert all(f"{name}: done already, skipped" in err2 for name in STAGES)
+    assert "$ selfmoe" not in err2  # no command ran
+    assert elapsed < 10
+    assert stdout2 == stdout  # same table, same heat map
+    rerun = json.loads((out / "timings.json").read_text())["stages"]
+    assert all(t["skipped"] for t in rerun.values())
+    assert {k: t["seconds"] for k, t in rerun.items()} == {k: t["seconds"] for k, t in timings.items()}
+
+
+def test_demo_resumes_an_unfinished_stage(tmp_path, capsys):
+    """A deleted eval output (as after an interruption before its summary) is redone on rerun, the rest skipped;
+    an interrupted stage exits 130 naming it."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--output", str(out), "--no-progress", "--eval-size", "2"]) == 0
+    capsys.readouterr()
+    (out / "eval" / "dare" / "summary.json").unlink()
+    (out / "results.md").unlink()
+
+    import selfmoe.demo as demo
+
+    real = demo._cli
+
+    def interrupt_compare(stage, argv):
+        if stage == "compare":
+            raise KeyboardInterrupt
+        return real(stage, argv)
+
+    demo._cli = interrupt_compare
+    try:
+        code = main(["demo", "--quick", "--output", str(out), "--no-progress", "--eval-size", "2"])
+    finally:
+        demo._cli = real
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted in stage compare" in err
+    assert "[19/23] eval-dare ..." in err and "eval-base: done already, skipped" in err
+    assert (out / "eval" / "dare" / "summary.json").is_file()
+
+    assert main(["demo", "--quick", "--output", str(out), "--no-progress", "--eval-size", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "[22/23] compare ..." in err and "eval-dare: done already, skipped" in err
+    assert (out / "results.md").is_file()
+
+
+def test_demo_rejects_bad_sizes(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output", str(tmp_path / "d"), "--eval-size", "0"]) == 2
+    assert "--eval-size must be >= 1" in capsys.readouterr().err
