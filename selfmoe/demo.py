@@ -41,6 +41,10 @@ QUICK = {"num_pairs": 4, "epochs": None, "eval_size": 4}
 _SPECIALIZE_QUICK = ["--prompts-per-round", "4", "--batch-size", "4", "--max-attempts", "40",
                      "--brainstorm-max-new-tokens", "12", "--response-max-new-tokens", "12",
                      "--min-instruction-words", "1", "--keep-unfinished"]
+# The real run on a CPU: small rounds (progress is saved per round) and bounded generations, so that a
+# laptop sees pairs within minutes instead of the library defaults' 64 x 512-token rounds.
+_SPECIALIZE_REAL = ["--prompts-per-round", "8", "--batch-size", "8", "--brainstorm-max-new-tokens", "96",
+                    "--response-max-new-tokens", "192"]
 _TRAIN_QUICK = ["--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
                 "--logging-steps", "1"]
 _TRAIN_REAL = ["--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3"]
@@ -187,7 +191,7 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
     def specialize_run() -> None:  # continues the domains' files by itself when rerun
         _cli("specialize", ["specialize", "--model", base["path"], *dev, "--seeds", "builtin", "--output", data,
                             "--domains", ",".join(DOMAINS), "--num-pairs", num_pairs,
-                            *(_SPECIALIZE_QUICK if quick else []), *nop])
+                            *(_SPECIALIZE_QUICK if quick else _SPECIALIZE_REAL), *nop])
 
     def expert_stage(domain: str) -> Stage:
         d = experts[domain]
