@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 from .names import check_safe_name
-from .routers import ROUTER_KINDS, ROUTING_MODES, check_aux_loss, check_top_k
+from .choices import ROUTER_KINDS, ROUTING_MODES, check_aux_loss
+from .routers import check_top_k
 from .version import __version__
 
 __all__ = ["MiXSEConfig", "CONFIG_NAME", "EXPERTS_NAME", "ROUTER_NAME", "FORMAT_VERSION"]

@@ -39,6 +39,7 @@ __all__ = [
     "RouterState",
     "GateSlot",
     "TopKRouter",
+    "check_aux_loss",
     "check_top_k",
     "load_balancing_loss",
     "router_z_loss",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from selfmoe.choices import PROMPT_FORMATS
 from selfmoe.data import IGNORE_INDEX, encode_prompt, format_prompt, tokenize_example
