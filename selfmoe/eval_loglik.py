@@ -7,11 +7,12 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .data import encode_prompt
+from .generate import BatchedRunner
 
 __all__ = ["LoglikScorer"]
 
 
-class LoglikScorer:
+class LoglikScorer(BatchedRunner):
     """Summed log-probabilities of continuations given prompts, from batched forward passes (no
     generation): what ``mc_scoring="loglik"`` runs.
 
@@ -29,12 +30,7 @@ class LoglikScorer:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = False) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.progress = progress
+        super().__init__(model, tokenizer, batch_size=batch_size, progress=progress)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0  # masked out: any id will do
         self._keep = _takes_logits_to_keep(model)

@@ -104,7 +104,20 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-class HFGenerator:
+class BatchedRunner:
+    """A model and its tokenizer run over prompts ``batch_size`` at a time (optionally with a progress bar):
+    the shared part of :class:`HFGenerator` and :class:`selfmoe.eval_loglik.LoglikScorer`."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int, progress: bool) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+
+
+class HFGenerator(BatchedRunner):
     """Batched ``model.generate`` with left padding (see the module docstring).
 
     ``batch_size`` prompts per ``generate`` call; ``progress`` shows a tqdm bar over the sequences.
@@ -112,12 +125,7 @@ class HFGenerator:
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = True,
                  sort_by_length: bool = True) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.progress = progress
+        super().__init__(model, tokenizer, batch_size=batch_size, progress=progress)
         self.sort_by_length = sort_by_length
         self.eos_ids = _eos_ids(model, tokenizer)
         if not self.eos_ids:
