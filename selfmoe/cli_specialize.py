@@ -48,6 +48,18 @@ def _add_specialize(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--min-response-words", type=int, default=1)
     p.add_argument("--near-dup-threshold", type=float, default=0.7, help="ROUGE-L F for near duplicates; 0 turns the check off")
     p.add_argument("--keep-unfinished", action="store_true", help="keep texts that hit the token limit")
+    p.add_argument("--no-code-parse-check", action="store_true",
+                   help="coding domain: keep responses whose code does not parse (by default they are dropped, "
+                        "counted as code_syntax)")
+    p.add_argument("--run-code-asserts", action="store_true",
+                   help="coding domain: RUN the model-written code of each response, plus the 'assert' lines its "
+                        "instruction states, in the sandbox (selfmoe.sandbox: resource limits, isolation where the "
+                        "machine allows it) and drop pairs that fail (code_asserts); off by default")
+    p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per program with --run-code-asserts")
+    p.add_argument("--max-answer-letter-share", type=float, default=0.5,
+                   help="multiple-choice instructions ('(A) ... (B) ...'): the largest share one answer letter may "
+                        "hold among a domain's kept answers, enforced once 8 are kept (answer_letter_share); "
+                        "0 turns it off (default: %(default)s)")
     p.add_argument("--templates", default=None, metavar="JSON", help="prompt template overrides (see selfmoe.prompts)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="auto",
                    help="chat: the brainstorm and response prompts in the tokenizer's chat template (system message, "
@@ -79,9 +91,14 @@ def _cmd_specialize(args: argparse.Namespace) -> int:
         prompt_format=args.prompt_format,
         filters=FilterConfig(min_instruction_words=args.min_instruction_words, min_response_words=args.min_response_words,
                              drop_unfinished=not args.keep_unfinished,
-                             near_dup_threshold=args.near_dup_threshold or None),
+                             near_dup_threshold=args.near_dup_threshold or None,
+                             code_must_parse=not args.no_code_parse_check, run_code_asserts=args.run_code_asserts,
+                             code_timeout=args.code_timeout,
+                             max_answer_letter_share=args.max_answer_letter_share or None),
     )
     check_seed_counts(seeds, cfg)  # before the (slow) model load
+    if args.run_code_asserts and "coding" in seeds:
+        say("--run-code-asserts: model-written code of the coding domain will run in the sandbox")
     backend = args.backend
     if backend == "auto":
         import torch

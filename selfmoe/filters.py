@@ -16,6 +16,16 @@ under exactly one key (the first filter it fails), in this order:
 ``near_dup``           ROUGE-L F >= ``near_dup_threshold`` against an instruction kept earlier
 ``response_empty`` / ``response_short`` / ``response_long`` / ``response_unfinished`` / ``response_format``
                        the same checks on the response
+``code_syntax``        domain ``coding``: the response's code (its first fenced block, else the whole
+                       response) does not parse (``ast.parse``); ``code_must_parse``, on by default.
+                       A response that was cut off (and kept: ``drop_unfinished=False``) is not judged
+``code_asserts``       domain ``coding``, opt-in (``run_code_asserts``): the instruction states
+                       ``assert`` lines and the response's code plus those lines fails in the sandbox
+                       (:func:`selfmoe.eval_scoring.run_program`: this RUNS MODEL-WRITTEN CODE)
+``answer_letter_share``  an instruction with lettered options ("(A) ... (B) ..."): the answer's letter
+                       would hold more than ``max_answer_letter_share`` of the domain's kept answers
+                       (checked once ``answer_balance_min_kept`` answers are kept), so the data
+                       cannot teach "always answer (C)"
 =====================  ===========================================================================
 
 "Normalised" = Unicode NFKC, lower case, runs of word characters (``\\w+``) as tokens, so case,
@@ -32,6 +42,7 @@ instructions that is seconds in total, not the 12.5M Python LCS runs of the naiv
 """
 from __future__ import annotations
 
+import ast
 import re
 import unicodedata
 from collections import Counter
@@ -41,12 +52,14 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 __all__ = ["FilterConfig", "FILTER_KEYS", "empty_stats", "normalize_tokens", "lcs_length", "rouge_l_f",
-           "NearDuplicateIndex", "check_text", "filter_records"]
+           "NearDuplicateIndex", "check_text", "filter_records", "assert_lines", "check_code", "AnswerBalance",
+           "check_domain"]
 
 FILTER_KEYS: Tuple[str, ...] = (
     "instruction_empty", "instruction_short", "instruction_long", "instruction_unfinished", "instruction_format",
     "seed_exact", "exact_dup", "seed_near", "near_dup",
     "response_empty", "response_short", "response_long", "response_unfinished", "response_format",
+    "code_syntax", "code_asserts", "answer_letter_share",
 )
 
 # Markers that mean the model wrote past its slot into the next prompt section, or decoding broke.
@@ -64,6 +77,13 @@ class FilterConfig:
     pipeline; whitespace words when there is none). ``near_dup_threshold=None`` turns near-duplicate
     search off (exact duplicates are still dropped). ``drop_unfinished=False`` keeps texts that hit
     the generation limit.
+
+    Domain-aware filters (see the module docstring): ``code_must_parse`` (domain ``coding``: the
+    response's code must parse), ``run_code_asserts`` (opt-in: run the response's code plus the
+    instruction's ``assert`` lines in the sandbox, ``code_timeout`` seconds each; this executes
+    model-written code), ``max_answer_letter_share`` (``None`` = off: the largest share one option
+    letter may hold among a domain's kept multiple-choice answers, enforced once
+    ``answer_balance_min_kept`` of them are kept).
     """
 
     min_instruction_words: int = 3
@@ -72,11 +92,23 @@ class FilterConfig:
     max_response_tokens: int = 2048
     drop_unfinished: bool = True
     near_dup_threshold: Optional[float] = 0.7
+    code_must_parse: bool = True
+    run_code_asserts: bool = False
+    code_timeout: float = 10.0
+    max_answer_letter_share: Optional[float] = 0.5
+    answer_balance_min_kept: int = 8
 
     def __post_init__(self) -> None:
         t = self.near_dup_threshold
         if t is not None and not 0 < t <= 1:
             raise ValueError(f"near_dup_threshold must be in (0, 1] or None, got {t}")
+        share = self.max_answer_letter_share
+        if share is not None and not 0 < share <= 1:
+            raise ValueError(f"max_answer_letter_share must be in (0, 1] or None, got {share}")
+        if not (isinstance(self.code_timeout, (int, float)) and self.code_timeout > 0):
+            raise ValueError(f"code_timeout must be > 0 seconds, got {self.code_timeout!r}")
+        if self.answer_balance_min_kept < 0:
+            raise ValueError(f"answer_balance_min_kept must be >= 0, got {self.answer_balance_min_kept}")
         for name in ("min_instruction_words", "min_response_words", "max_instruction_tokens", "max_response_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -113,6 +145,108 @@ def check_text(text: str, kind: str, config: FilterConfig, *, finished: bool = T
         return f"{kind}_unfinished"
     if any(m in text for m in _FORMAT_MARKERS):
         return f"{kind}_format"
+    return None
+
+
+_ASSERT_LINE = re.compile(r"^\s*assert\b.*$", re.M)
+
+
+def assert_lines(instruction: str) -> List[str]:
+    """The instruction's lines that are ``assert`` statements (as the built-in coding seeds state their
+    tests), stripped; only those that parse on their own."""
+    out = []
+    for m in _ASSERT_LINE.finditer(instruction or ""):
+        line = m.group(0).strip()
+        try:
+            ast.parse(line)
+        except (SyntaxError, ValueError):
+            continue
+        out.append(line)
+    return out
+
+
+def check_code(instruction: str, response: str, config: FilterConfig) -> Optional[str]:
+    """``code_syntax`` / ``code_asserts`` for a coding pair (see the module docstring), or ``None``.
+
+    With ``config.run_code_asserts`` this runs the response's code in :mod:`selfmoe.sandbox`;
+    :class:`selfmoe.sandbox.SandboxError` (the sandbox cannot run here) propagates.
+    """
+    if not (config.code_must_parse or config.run_code_asserts):
+        return None
+    from .eval_scoring import extract_code
+
+    code = extract_code(response)
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError):  # ValueError: NUL bytes
+        return "code_syntax" if config.code_must_parse else "code_asserts"
+    if config.run_code_asserts:
+        tests = assert_lines(instruction)
+        if tests:
+            from .eval_scoring import run_program
+
+            program = code.rstrip() + "\n\n\n" + "\n".join(tests) + "\n"
+            if not run_program(program, timeout=config.code_timeout).passed:
+                return "code_asserts"
+    return None
+
+
+class AnswerBalance:
+    """Option letters of a domain's kept multiple-choice answers, for the ``answer_letter_share`` filter.
+
+    ``letter(instruction, response)``: the answer's letter, or ``None`` when the instruction has no
+    lettered options ("(A)", "(B)", ...) or the response picks none. ``check(letter)``: the filter key
+    if keeping one more answer with that letter would put its share above ``max_share`` while at least
+    ``min_kept`` answers are already kept. ``add(letter)`` records a kept answer.
+    """
+
+    def __init__(self, max_share: Optional[float] = 0.5, min_kept: int = 8) -> None:
+        self.max_share = max_share
+        self.min_kept = min_kept
+        self.counts: Counter = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @staticmethod
+    def letter(instruction: str, response: str) -> Optional[str]:
+        from .eval_scoring import _PAREN_LETTER, extract_choice
+
+        if len(set(_PAREN_LETTER.findall(instruction or ""))) < 2:
+            return None
+        return extract_choice(response, instruction)
+
+    def check(self, letter: Optional[str]) -> Optional[str]:
+        if self.max_share is None or letter is None:
+            return None
+        n = self.total
+        if n < self.min_kept:
+            return None
+        return "answer_letter_share" if (self.counts[letter] + 1) / (n + 1) > self.max_share + 1e-12 else None
+
+    def add(self, letter: Optional[str]) -> None:
+        if letter is not None:
+            self.counts[letter] += 1
+
+    def copy(self) -> "AnswerBalance":
+        new = AnswerBalance(self.max_share, self.min_kept)
+        new.counts = Counter(self.counts)
+        return new
+
+
+def check_domain(domain: str, instruction: str, response: str, config: FilterConfig,
+                 balance: Optional[AnswerBalance] = None, *, finished: bool = True) -> Optional[str]:
+    """The domain-aware filters for one pair that passed :func:`check_text`: the first failed key or ``None``.
+
+    Does not record the pair in ``balance`` (call ``balance.add`` once it is kept).
+    """
+    if domain == "coding" and finished:
+        reason = check_code(instruction, response, config)
+        if reason is not None:
+            return reason
+    if balance is not None:
+        return balance.check(balance.letter(instruction, response))
     return None
 
 
@@ -266,9 +400,10 @@ def filter_records(records: Iterable[Mapping[str, Any]], seeds: Iterable[Mapping
 
     Records are judged one by one against the seeds and the records kept before them, the same rules
     the generation pipeline applies online (the ``*_unfinished`` filters need generation metadata and
-    never fire here).
+    never fire here). The domain-aware filters use each record's ``domain`` (letter balance per domain).
     """
     stats = empty_stats()
+    balances: Dict[str, AnswerBalance] = {}
     index = NearDuplicateIndex(config.near_dup_threshold)
     for s in seeds:
         index.add(normalize_tokens(_dedup_text(s)), "seed")
@@ -280,9 +415,15 @@ def filter_records(records: Iterable[Mapping[str, Any]], seeds: Iterable[Mapping
             reason = index.check(toks)
         if reason is None:
             reason = check_text(str(rec.get("output", "")), "response", config, count_tokens=count_tokens)
+        domain = str(rec.get("domain", "") or "")
+        balance = balances.setdefault(domain, AnswerBalance(config.max_answer_letter_share,
+                                                            config.answer_balance_min_kept))
+        if reason is None:
+            reason = check_domain(domain, _dedup_text(rec), str(rec.get("output", "")), config, balance)
         if reason is not None:
             stats[reason] += 1
             continue
+        balance.add(balance.letter(_dedup_text(rec), str(rec.get("output", ""))))
         index.add(toks, "generated")
         kept.append(dict(rec))
     return kept, stats

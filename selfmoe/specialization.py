@@ -9,7 +9,9 @@ Per round (paper defaults, all in :class:`SpecializeConfig`):
    exact/near copies of a seed or of an instruction kept earlier (or earlier in the same round).
 3. **Respond**: the domain's expert system prompt, ``response_shots=5`` random seed pairs, the new
    instruction; greedy.
-4. **Filter responses**, then append the kept pairs to ``out_path`` (flushed and fsynced per round)
+4. **Filter responses** (the text checks, then the domain-aware ones of :mod:`selfmoe.filters`: coding
+   code must parse, optionally pass the instruction's asserts in the sandbox; multiple-choice answer
+   letters stay balanced across the domain's file), then append the kept pairs to ``out_path`` (flushed and fsynced per round)
    and rewrite the stats file next to it.
 
 Rounds repeat until ``num_pairs`` records are in the file or ``max_attempts`` instructions were
@@ -36,7 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .names import check_safe_name
 from .data import DataFormatError, append_jsonl, iter_json_lines, repair_jsonl_tail, validate_record
-from .filters import FilterConfig, NearDuplicateIndex, check_text, empty_stats, normalize_tokens
+from .filters import AnswerBalance, FilterConfig, NearDuplicateIndex, check_domain, check_text, empty_stats, normalize_tokens
 from .generate import HFGenerator, SamplingConfig, TextGenerator
 from .prompt_format import check_prompt_format, resolve_prompt_format
 from .prompts import (STOP_MARKS, TemplateSource, build_brainstorm_prompt, build_response_prompt, get_template,
@@ -250,6 +252,10 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
         index.add(normalize_tokens(seed_instruction_text(s)), "seed")
     for r in existing:
         index.add(normalize_tokens(seed_instruction_text(r)), "generated")
+    # Option letters of the kept multiple-choice answers: the file so far, then each written round.
+    balance = AnswerBalance(cfg.filters.max_answer_letter_share, cfg.filters.answer_balance_min_kept)
+    for r in existing:
+        balance.add(balance.letter(seed_instruction_text(r), r["output"]))
 
     budget = cfg.max_attempts if cfg.max_attempts is not None else 20 * max(0, num_pairs - len(existing))
     attempts_this_call = 0
@@ -269,13 +275,14 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
             # disk: a round cut short by Ctrl-C leaves no trace, so attempts = kept + removed + surplus.
             round_removed = empty_stats()
             new = _run_round(generator, template, seeds, cfg, rng, k, index, round_removed, count_tokens, domain,
-                             fmt, tokenizer)
+                             fmt, tokenizer, balance=balance)
             # Pairs beyond the target are discarded but counted, so attempts = kept + removed + surplus.
             stats["surplus"] += max(0, len(new) - (num_pairs - stats["kept"]))
             new = new[: num_pairs - stats["kept"]]
             append_jsonl(out, new)  # records first, stats second: the JSONL is the truth on a crash
             for r in new:
                 index.add(normalize_tokens(r["instruction"]), "generated")
+                balance.add(balance.letter(r["instruction"], r["output"]))
             for key, v in round_removed.items():
                 removed[key] += v
             attempts_this_call += k
@@ -323,9 +330,14 @@ def _warn_if_slow(domain: str, elapsed: float, kept: int, attempts: int, remaini
 
 def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str, Any]], cfg: SpecializeConfig,
                rng: random.Random, k: int, index: NearDuplicateIndex, removed: Dict[str, int],
-               count_tokens: Any, domain: str, fmt: str = "alpaca", tokenizer: Any = None) -> List[Dict[str, Any]]:
-    """One brainstorm -> filter -> respond -> filter round; returns the kept records (not yet written)."""
+               count_tokens: Any, domain: str, fmt: str = "alpaca", tokenizer: Any = None, *,
+               balance: Optional[AnswerBalance] = None) -> List[Dict[str, Any]]:
+    """One brainstorm -> filter -> respond -> filter round; returns the kept records (not yet written).
+
+    ``balance``: the domain's kept answer letters (not changed here: the caller adds the records it
+    writes); the round judges its pairs against it plus the pairs it kept before them."""
     fc = cfg.filters
+    local_balance = (balance or AnswerBalance(fc.max_answer_letter_share, fc.answer_balance_min_kept)).copy()
     prompts = [build_brainstorm_prompt(template, rng.sample(seeds, cfg.brainstorm_shots), fmt=fmt, tokenizer=tokenizer)
                for _ in range(k)]
     comps = generator.generate(prompts, cfg.brainstorm.replace(seed=rng.getrandbits(31)), desc=f"{domain}: instructions")
@@ -352,10 +364,14 @@ def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str
     kept = []
     for (text, _), a in zip(instructions, answers):
         resp = parse_completion(a.text, fmt=fmt)
-        reason = check_text(resp, "response", fc, finished=a.finish_reason == "stop", count_tokens=count_tokens)
+        finished = a.finish_reason == "stop"
+        reason = check_text(resp, "response", fc, finished=finished, count_tokens=count_tokens)
+        if reason is None:
+            reason = check_domain(domain, text, resp, fc, local_balance, finished=finished)
         if reason is not None:
             removed[reason] += 1
             continue
+        local_balance.add(local_balance.letter(text, resp))
         kept.append({"instruction": text, "input": "", "output": resp, "domain": domain})
     return kept
 
