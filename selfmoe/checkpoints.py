@@ -248,13 +248,16 @@ def _check_trainer_state(raw: Any, sp: pathlib.Path, total_steps: int, steps_per
     state = TrainState.from_dict(raw)
     if state.step > total_steps:
         raise CheckpointError(f"{sp}: step {state.step} is beyond this run's last step {total_steps}", sp)
-    if state.world_size == world_size:  # the plan depends on the number of processes
-        spe = steps_per_epoch
-        if state.total_steps != total_steps:
-            raise CheckpointError(f"{sp}: total_steps {state.total_steps} does not match this run's {total_steps}", sp)
-        if state.step_in_epoch > spe or state.epoch * spe + state.step_in_epoch != state.step:
-            raise CheckpointError(f"{sp}: step {state.step} does not match epoch {state.epoch} and step_in_epoch "
-                                  f"{state.step_in_epoch} ({spe} steps per epoch)", sp)
+    # The plan (steps per epoch, total steps) depends on the number of processes when the last step of an
+    # epoch is cut to a multiple of it: a checkpoint of another world size resumes only where the plans agree.
+    spe = steps_per_epoch
+    other = (f" (the checkpoint was written by {state.world_size} process(es), this run has {world_size}: resume "
+             f"with {state.world_size})" if state.world_size != world_size else "")
+    if state.total_steps != total_steps:
+        raise CheckpointError(f"{sp}: total_steps {state.total_steps} does not match this run's {total_steps}{other}", sp)
+    if state.step_in_epoch > spe or state.epoch * spe + state.step_in_epoch != state.step:
+        raise CheckpointError(f"{sp}: step {state.step} does not match epoch {state.epoch} and step_in_epoch "
+                              f"{state.step_in_epoch} ({spe} steps per epoch){other}", sp)
     return state
 
 

@@ -93,8 +93,12 @@ def _train_config(args: argparse.Namespace, extra: Mapping[str, Any]):
 
 
 def _run_training(args: argparse.Namespace, what: str, fn: Any) -> int:
-    from .train_config import CheckpointError, NonFiniteLossError, TrainingInterrupted
+    from .train_config import CheckpointError, DistributedError, NonFiniteLossError, TrainingInterrupted
+    from .train_runtime import process_rank
 
+    # Under a launcher every process runs this command: the outcome is told once, by rank 0 (errors that
+    # concern one process only, such as a failed collective, by that process).
+    main = process_rank() == 0
     try:
         result = fn()
     except FileExistsError as exc:  # the library says "resume"/"overwrite": name the flags
@@ -102,15 +106,21 @@ def _run_training(args: argparse.Namespace, what: str, fn: Any) -> int:
     except CheckpointError as exc:  # a damaged checkpoint: the way out is the --overwrite flag
         raise CLIError(str(exc).replace("pass overwrite", "pass --overwrite")) from exc
     except TrainingInterrupted as exc:
-        say(f"{PROG} {args.command}: {exc}")
-        if exc.checkpoint is not None:
-            say(f"continue with the same command plus --resume (output: {args.output})")
+        if main:
+            say(f"{PROG} {args.command}: {exc}")
+            if exc.checkpoint is not None:
+                say(f"continue with the same command plus --resume (output: {args.output})")
         return 130
     except NonFiniteLossError as exc:
-        say(f"{PROG} {args.command}: error: {exc}")
+        if main:
+            say(f"{PROG} {args.command}: error: {exc}")
         return 1
-    loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
-    say(f"{what} -> {result.output_dir} (step {result.step}/{result.total_steps}, last step loss {loss})")
+    except DistributedError as exc:  # not a bug here: another process failed; this one says so and stops
+        say(f"{PROG} {args.command}: error: {exc}".replace("rerun with resume", "rerun with --resume"))
+        return 3
+    if main:
+        loss = f"{result.loss:.4f}" if result.loss is not None else "n/a"
+        say(f"{what} -> {result.output_dir} (step {result.step}/{result.total_steps}, last step loss {loss})")
     return 0
 
 
@@ -134,8 +144,9 @@ examples:
   # interrupted (Ctrl-C writes a checkpoint)? rerun the same command with --resume
   selfmoe train-expert --model ./llama-7b --data data/ --domain math --output experts/math --resume
 
-  # several GPUs
+  # several GPUs (or CPU processes over gloo: accelerate launch --multi_gpu --num_processes 2 ..., or torchrun)
   accelerate launch -m selfmoe train-expert --model ./llama-7b --data data/ --domain math --output experts/math
+  torchrun --nproc_per_node 8 -m selfmoe train-expert --model ./llama-7b --data data/ --domain math --output experts/math
 
 output: a PEFT adapter directory (adapter_config.json, adapter_model.safetensors; loads with
 peft.PeftModel.from_pretrained) plus train_config.json, log.jsonl and checkpoint/.

@@ -27,7 +27,12 @@ writes a checkpoint of the last completed step and raises :class:`TrainingInterr
 model is written.
 
 Multi-GPU (:mod:`selfmoe.train_runtime`): every process reads the same deterministic list of
-micro-batches and takes its share, so no sampler needs preparing.
+micro-batches and takes its share, so no sampler needs preparing; the gradients of the trainable
+parameters are all-reduced once per optimizer step (DDP, skipped on the accumulation micro-batches), and
+the step's loss sums, token counts and Ctrl-C requests travel in one more all-reduce. Only rank 0 writes
+the log, checkpoints and the final model. Ctrl-C (any process, or the launcher) stops every process at the
+end of the same step with one checkpoint; a process that dies or hangs makes the others raise
+:class:`DistributedError` after the collective timeout.
 
 This module also re-exports (``__all__``) the names that were defined here before the layer, the data
 loading, the config and errors, the runtime, the run directory and the checkpoints got their own modules,
@@ -59,10 +64,11 @@ from .prompt_format import resolve_prompt_format
 from .routers import check_top_k
 from .run_dir import (CHECKPOINT_DIR, FINAL_NAMES, LOG_NAME, RUN_CONFIG_NAME, RUN_NAMES, append_log, base_signature,
                       data_info, file_sha256, prepare_output_dir, publish, run_record, truncate_log)
-from .train_config import (BOOKKEEPING_FIELDS, PRECISIONS, SCHEDULERS, CheckpointError, NonFiniteLossError, TrainConfig,
-                           TrainingInterrupted, TrainResult, TrainState)
+from .train_config import (BOOKKEEPING_FIELDS, PRECISIONS, SCHEDULERS, CheckpointError, DistributedError,
+                           NonFiniteLossError, TrainConfig, TrainingInterrupted, TrainResult, TrainState)
 from .train_data import load_records, select_domain
-from .train_runtime import InterruptGuard, SingleProcess, capture_rng, make_runtime, set_seed
+from .train_runtime import (COLLECTIVE_TIMEOUT_ENV, InterruptGuard, SingleProcess, capture_rng, collective_failure,
+                            collective_timeout, make_runtime, set_seed)
 
 Callback = Callable[["TrainState", nn.Module], None]
 
@@ -79,6 +85,7 @@ __all__ = [
     "TrainingInterrupted",
     "NonFiniteLossError",
     "CheckpointError",
+    "DistributedError",
     "LoRALinear",
     "add_lora",
     "attach_lora_adapter",
@@ -198,7 +205,9 @@ class _Loop:
         self.checkpoint: Optional[pathlib.Path] = None
         self.history: List[Dict[str, Any]] = []
         self.consistent = True  # False while an optimizer update is half applied
-        self.guard = InterruptGuard()
+        # Several processes: a Ctrl-C reaches each twice (terminal + launcher); 2 s apart is still one press.
+        self.guard = InterruptGuard(same_press=2.0 if runtime.world_size > 1 else 0.0)
+        self.agreed_stop = False  # every process stops at this step (multi-process Ctrl-C)
         self._window = {"loss": 0.0, "aux": 0.0, "targets": 0, "tokens": 0, "seconds": 0.0, "steps": 0}
 
         params = [p for _, p in trainable_parameters(model)]
@@ -278,6 +287,7 @@ class _Loop:
             bar.close()
             restore_gc()
             self.raw_model.train(was_training)
+            self.raw_model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)  # set by the runtime for DDP
         if self.state.step and (self.checkpoint is None or checkpoints.checkpoint_step(self.out) != self.state.step):
             self._save()
 
@@ -287,8 +297,11 @@ class _Loop:
         mine = group[rt.rank::rt.world_size]
         group_targets = int(self.targets[[i for b in group for i in b]].sum())
         scale = rt.world_size / max(1, group_targets)
-        # CE sum, aux (token-weighted), tokens; float64 so long accumulations stay exact (MPS has none)
-        sums = torch.zeros(3, dtype=torch.float32 if rt.device.type == "mps" else torch.float64, device=rt.device)
+        # CE sum, aux (token-weighted), tokens, Ctrl-C requests; float64 so long accumulations stay exact (MPS has none)
+        sums = torch.zeros(4, dtype=torch.float32 if rt.device.type == "mps" else torch.float64, device=rt.device)
+        # One process alone stops at the end of any micro-batch; several must stop at the same step, which
+        # they agree on through sums[3] (one more reduction would cost a collective per step).
+        alone = rt.world_size == 1
         for i, idx in enumerate(mine):
             batch = {k: v.to(rt.device, non_blocking=True) for k, v in self.collate([self.dataset[j] for j in idx]).items()}
             mb_targets = int(self.targets[idx].sum())
@@ -306,9 +319,11 @@ class _Loop:
             if aux is not None:
                 sums[1] += aux.detach().to(sums.dtype) * mb_targets
             sums[2] += batch["attention_mask"].sum()
-            self.guard.check()
+            if alone:
+                self.guard.check()
+        sums[3] = float(self.guard.requested)
         sums = rt.all_sum(sums)
-        ce_sum, aux_sum, tokens = (float(v) for v in sums.tolist())
+        ce_sum, aux_sum, tokens, stops = (float(v) for v in sums.tolist())
         step_loss = ce_sum / max(1, group_targets)
         step_no = st.step + 1
         if not math.isfinite(step_loss) or not math.isfinite(aux_sum):
@@ -346,7 +361,11 @@ class _Loop:
             self._save()
         for cb in self.callbacks:
             cb(st, self.rt.unwrap(self.model))
-        self.guard.check()
+        if alone:
+            self.guard.check()
+        elif stops:
+            self.agreed_stop = True
+            raise KeyboardInterrupt
 
     # -- bookkeeping --------------------------------------------------------------------------------
 
@@ -384,8 +403,9 @@ class _Loop:
                    f"interrupted during the optimizer update of step {st.step + 1}; no checkpoint was written")
             return TrainingInterrupted(msg, checkpoints.checkpoint_step(self.out), self.checkpoint)
         # Parameters, optimizer and scheduler are those of the last completed step, and self.rng was taken
-        # right after it: a resumed run replays the interrupted step exactly.
-        self._save(gather=False)
+        # right after it: a resumed run replays the interrupted step exactly. Every process's RNG is gathered
+        # only when they all stopped here together (otherwise the others may be inside a collective).
+        self._save(gather=self.agreed_stop)
         self._log({"event": "interrupted", "step": st.step})
         return TrainingInterrupted(f"interrupted after step {st.step}/{self.plan.total_steps}; checkpoint saved to "
                                    f"{self.checkpoint}", st.step, self.checkpoint)
@@ -424,12 +444,34 @@ def fit(model: nn.Module, tokenizer: Any, dataset: SFTDataset, output_dir: PathL
 
     Raises :class:`TrainingInterrupted`, :class:`NonFiniteLossError`, ``FileExistsError`` (run dir),
     :class:`CheckpointError` (no usable checkpoint to resume from), :class:`~selfmoe.io_utils.WriteError`
-    (a write failed, e.g. a full disk).
+    (a write failed, e.g. a full disk), :class:`DistributedError` (several processes: another one died or
+    hung; raised after the collective timeout at most).
     """
     config.validate()
     runtime = make_runtime(config.mixed_precision, accelerate, device)
     out = pathlib.Path(os.fspath(output_dir))
     record = run_record(config, run_info)
+    if runtime.world_size == 1:
+        return _fit(model, tokenizer, dataset, out, config, record, export, resume, overwrite, callbacks, runtime)
+    try:
+        return _fit(model, tokenizer, dataset, out, config, record, export, resume, overwrite, callbacks, runtime)
+    except RuntimeError as exc:
+        if isinstance(exc, DistributedError) or not collective_failure(exc):
+            raise
+        step = checkpoints.checkpoint_step(out)
+        where = f"the last checkpoint is {out / CHECKPOINT_DIR} (step {step}); rerun with resume" if step >= 0 else \
+            "no checkpoint was written"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedError(
+            f"process {runtime.rank} of {runtime.world_size}: a collective operation failed ({first}). Another process "
+            f"of this run died, hung or was stopped (collectives wait at most {collective_timeout():.0f} s, "
+            f"{COLLECTIVE_TIMEOUT_ENV}); the launcher names the process that failed first; {where}",
+            runtime.rank, runtime.world_size, out / CHECKPOINT_DIR if step >= 0 else None) from exc
+
+
+def _fit(model: nn.Module, tokenizer: Any, dataset: SFTDataset, out: pathlib.Path, config: TrainConfig,
+         record: Dict[str, Any], export: Callable[[nn.Module, pathlib.Path], None], resume: bool, overwrite: bool,
+         callbacks: Sequence[Callback], runtime: SingleProcess) -> TrainResult:
     ckpts: List[pathlib.Path] = []
     if runtime.is_main and prepare_output_dir(out, record, resume=resume, overwrite=overwrite):
         ckpts = checkpoints.checkpoint_candidates(out)

@@ -1,7 +1,7 @@
 """What a training run is told and what it reports: :class:`TrainConfig` (the hyper-parameters, checked),
 :class:`TrainState` (where a run is; saved in every checkpoint), :class:`TrainResult` (what :func:`selfmoe.train.fit`
 returns) and the errors that stop a run (:class:`TrainingInterrupted`, :class:`CheckpointError`,
-:class:`NonFiniteLossError`).
+:class:`NonFiniteLossError`, :class:`DistributedError`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .choices import MIXED_PRECISIONS as PRECISIONS
 from .choices import PROMPT_FORMATS, ROUTER_KINDS, check_aux_loss
 
 __all__ = ["TrainConfig", "TrainState", "TrainResult", "TrainingInterrupted", "CheckpointError", "NonFiniteLossError",
-           "SCHEDULERS", "PRECISIONS", "BOOKKEEPING_FIELDS"]
+           "DistributedError", "SCHEDULERS", "PRECISIONS", "BOOKKEEPING_FIELDS"]
 
 # Fields that change how a run is reported or saved, never what it computes: they may differ on resume.
 # ``prompt_format`` is what was asked for ("auto" may mean either format): the format it resolved to is
@@ -217,4 +217,19 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, step: int, checkpoint: Optional[pathlib.Path]) -> None:
         super().__init__(message)
         self.step = step
+        self.checkpoint = checkpoint
+
+
+class DistributedError(RuntimeError):
+    """A collective of a multi-process run failed: another process died, hung past the collective timeout
+    (``SELFMOE_COLLECTIVE_TIMEOUT``) or closed its connection. This process stopped instead of waiting.
+
+    ``rank``/``world_size``: this process; ``checkpoint``: the last checkpoint of the run (or ``None``),
+    from which ``resume`` continues.
+    """
+
+    def __init__(self, message: str, rank: int, world_size: int, checkpoint: Optional[pathlib.Path]) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.world_size = world_size
         self.checkpoint = checkpoint

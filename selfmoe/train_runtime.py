@@ -4,17 +4,26 @@
 (:func:`set_seed`, :func:`capture_rng`, :func:`restore_rng`).
 
 Multi-GPU: under ``accelerate launch`` / ``torchrun`` (or with ``accelerate=True``) the loop uses
-``accelerate.Accelerator`` for processes, DDP and autocast. The single-process path needs neither
-accelerate nor torch.distributed.
+``accelerate.Accelerator`` for processes, DDP and autocast (gloo on CPUs, NCCL on GPUs). The single-process
+path needs neither accelerate nor torch.distributed.
+
+Several processes: collectives time out after :func:`collective_timeout` seconds (``SELFMOE_COLLECTIVE_TIMEOUT``,
+default 600), so a process that dies or hangs makes the others stop with :class:`~selfmoe.train_config.DistributedError`
+(see :func:`collective_failure`) instead of waiting forever. ``accelerate launch --cpu --num_processes N`` starts
+one process only (accelerate runs several CPU processes only through ``--mpirun_hostfile``): that case is
+detected and warned about (:func:`accelerate_cpu_single_process`).
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
+import re
 import signal
 import sys
 import threading
+import time
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -22,8 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["set_seed", "capture_rng", "restore_rng", "launched_distributed", "SingleProcess", "AccelerateRuntime",
-           "make_runtime", "InterruptGuard"]
+__all__ = ["set_seed", "capture_rng", "restore_rng", "launched_distributed", "process_rank", "SingleProcess",
+           "AccelerateRuntime", "make_runtime", "InterruptGuard", "COLLECTIVE_TIMEOUT_ENV", "DEFAULT_COLLECTIVE_TIMEOUT",
+           "collective_timeout", "collective_failure", "accelerate_cpu_single_process"]
+
+COLLECTIVE_TIMEOUT_ENV = "SELFMOE_COLLECTIVE_TIMEOUT"
+# Long enough for rank 0 to write a checkpoint or the final model of a 7B run while the others wait at a
+# barrier; short enough that a dead peer is reported within minutes rather than torch's 30.
+DEFAULT_COLLECTIVE_TIMEOUT = 600.0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,6 +94,52 @@ def launched_distributed() -> bool:
     """Whether ``accelerate launch`` or ``torchrun`` started this process."""
     env = os.environ
     return int(env.get("WORLD_SIZE", "1") or 1) > 1 or "LOCAL_RANK" in env or "ACCELERATE_MIXED_PRECISION" in env
+
+
+def process_rank() -> int:
+    """This process's global rank as the launcher set it (``RANK``; 0 when not launched distributed)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def collective_timeout() -> float:
+    """Seconds a collective (all-reduce, barrier) may wait for the other processes: ``SELFMOE_COLLECTIVE_TIMEOUT``
+    or :data:`DEFAULT_COLLECTIVE_TIMEOUT`. ``ValueError`` naming the variable when it is not a positive number."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_COLLECTIVE_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={raw!r}: must be a positive number of seconds")
+    return value
+
+
+# What gloo and NCCL say when a peer is gone or silent (they raise plain RuntimeErrors).
+_COLLECTIVE_FAILURE = re.compile(r"\bgloo\b|\bnccl\b|timed out|connection (closed|reset|refused)|broken pipe|"
+                                 r"\bpeer\b|TCPStore|ProcessGroup", re.IGNORECASE)
+
+
+def collective_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed collective (a peer that died, hung or closed its connection), as opposed to
+    an error of this process's own computation."""
+    dist_error = getattr(getattr(torch, "distributed", None), "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_COLLECTIVE_FAILURE.search(str(exc).split("\n", 1)[0]))
+
+
+def accelerate_cpu_single_process() -> bool:
+    """Whether ``accelerate launch --cpu --num_processes N`` (N > 1) started this process alone: without
+    ``--mpirun_hostfile`` accelerate's CPU launcher runs one process, setting ``MASTER_ADDR`` but no ``WORLD_SIZE``."""
+    env = os.environ
+    mpi = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK")
+    return (env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") and "MASTER_ADDR" in env
+            and "WORLD_SIZE" not in env and not any(k in env for k in mpi))
 
 
 def _resolve_precision(setting: str, device: torch.device) -> str:
@@ -146,7 +207,13 @@ class AccelerateRuntime(SingleProcess):
             precision = env if env in ("no", "bf16") else _resolve_precision("auto", probe)
         if precision not in ("no", "bf16"):
             raise ValueError(f"mixed_precision {precision!r} is not supported (use 'no' or 'bf16')")
-        self.acc = Accelerator(mixed_precision=precision, cpu=(device is not None and torch.device(device).type == "cpu"))
+        from accelerate.utils import InitProcessGroupKwargs
+
+        self.timeout = collective_timeout()
+        # The timeout applies when accelerate creates the process group (not to one the caller made).
+        handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=self.timeout))]
+        self.acc = Accelerator(mixed_precision=precision, cpu=(device is not None and torch.device(device).type == "cpu"),
+                               kwargs_handlers=handlers)
         self.device = self.acc.device
         self.precision = precision
         self.world_size = self.acc.num_processes
@@ -154,6 +221,10 @@ class AccelerateRuntime(SingleProcess):
         self.is_main = self.acc.is_main_process
 
     def prepare(self, model, optimizer):
+        if self.world_size > 1:
+            # DDP broadcasts every parameter from rank 0 when it wraps the model: for a frozen 7B base that is
+            # 14 GB sent for nothing (every process loaded the same files). Only what trains needs syncing.
+            model._ddp_params_and_buffers_to_ignore = [n for n, p in model.named_parameters() if not p.requires_grad]
         return self.acc.prepare(model, optimizer)
 
     def autocast(self):
@@ -188,6 +259,10 @@ def make_runtime(precision: str, accelerate: Optional[bool],
                  device: Optional[Union[str, torch.device]]) -> SingleProcess:
     """``AccelerateRuntime`` when ``accelerate`` (``None``: when a launcher started this process), else
     ``SingleProcess``; ``precision`` is :attr:`TrainConfig.mixed_precision`."""
+    if accelerate_cpu_single_process():
+        warnings.warn("accelerate launch --cpu started this process alone (accelerate runs several CPU processes only "
+                      "with --mpirun_hostfile): training in one process. For N processes on CPUs (gloo) use "
+                      "`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`", RuntimeWarning)
     use = launched_distributed() if accelerate is None else bool(accelerate)
     return AccelerateRuntime(device, precision) if use else SingleProcess(device, precision)
 
@@ -197,12 +272,20 @@ def make_runtime(precision: str, accelerate: Optional[bool],
 
 
 class InterruptGuard:
-    """Turn the first Ctrl-C into a request honoured at the next safe point (end of a micro-batch), so an
-    optimizer update is never cut in half; a second Ctrl-C raises at once. Only the main thread can
-    install signal handlers; elsewhere this does nothing and Ctrl-C behaves as usual."""
+    """Turn the first Ctrl-C into a request honoured at the next safe point (end of a micro-batch; with
+    several processes the end of the step they all agree on), so an optimizer update is never cut in half;
+    a second Ctrl-C raises at once. Only the main thread can install signal handlers; elsewhere this does
+    nothing and Ctrl-C behaves as usual.
 
-    def __init__(self) -> None:
+    ``same_press``: a second SIGINT within this many seconds of the first counts as the same Ctrl-C. Under a
+    launcher a terminal's Ctrl-C reaches every process twice, at once: from the terminal (the whole process
+    group) and forwarded by ``torchrun``/``accelerate launch``; taking the second for "stop now" would lose
+    the checkpoint."""
+
+    def __init__(self, same_press: float = 0.0) -> None:
         self.requested = False
+        self.same_press = same_press
+        self._first = 0.0
         self._old: Any = None
         self._installed = False
 
@@ -219,8 +302,11 @@ class InterruptGuard:
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested:
+            if time.monotonic() - self._first < self.same_press:
+                return
             raise KeyboardInterrupt
         self.requested = True
+        self._first = time.monotonic()
         print("\nselfmoe: stopping after the current micro-batch and saving a checkpoint (Ctrl-C again to stop now)",
               file=sys.stderr, flush=True)
 
