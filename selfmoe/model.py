@@ -349,6 +349,30 @@ class MiXSE(nn.Module):
         """The router parameters (what Self-MoE trains)."""
         return [p for rt in self._placement.routers(self) for p in rt.parameters()]
 
+    def router_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The router tensors under their names in ``router.safetensors`` (``router.<name>`` or
+        ``<module>.router.<name>``); they share storage with the live routers."""
+        self._check_attached()
+        return self._placement.router_tensors(self)
+
+    @torch.no_grad()
+    def load_router_state_dict(self, state: Mapping[str, torch.Tensor], where: str = "router state") -> None:
+        """Copy router tensors saved by :meth:`save_pretrained` (``router.safetensors``) into this model's
+        router(s) in place, e.g. to resume training. Names and shapes must match exactly and values be
+        finite; ``ValueError`` (prefixed with ``where``) names the tensor otherwise, and nothing is changed."""
+        own = self.router_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{where}: router tensors do not match this MiXSE (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        for name, t in own.items():
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise ValueError(f"{where}: {name} has shape {list(state[name].shape)}, this MiXSE's {list(t.shape)}")
+            if state[name].is_floating_point() and not torch.isfinite(state[name]).all():
+                raise ValueError(f"{where}: {name} holds NaN or inf")
+        for name, t in own.items():
+            t.copy_(state[name])
+
     def num_parameters_summary(self) -> Dict[str, int]:
         """``{"trainable", "router", "experts", "total"}`` parameter counts."""
         total = sum(p.numel() for p in self.parameters())
