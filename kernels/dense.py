@@ -16,7 +16,8 @@ exist. The second kernel runs one K loop over ``d_in`` (base GEMM) and then ``ER
 rank columns: the routed layer costs one base GEMM plus ``ER/d_in`` of a K loop, plus the shrink,
 which is one more read of x.
 
-Decode (one launch, ``DECODE`` / ``lora_mix_decode``, meant for T <= 64 and ``ER <= 128``):
+Decode (one launch, ``DECODE`` / ``lora_mix_decode``, for T <= 64 and a rank tile ``pow2(E) * pow2(r) <= 128``;
+wider raises ``ValueError``):
 ``_decode_fused_fwd_kernel`` tiles N only (BLOCK_M covers the tokens) and computes the shrink in the
 *same* K loop as the base GEMM, from the x tile it already loaded. Every N tile recomputes
 ``x @ A_all.T``: at decode sizes the kernel is bound by streaming W from HBM, the ``ER x d_in`` expert
@@ -52,6 +53,7 @@ import torch
 import triton
 
 from .contract import Backend, LoRAMixInputs, ScaleArgs, entry_point
+from .dispatch import DECODE_MAX_RANK_COLS, ENV_PATH, decode_rank_tile
 from .dense_kernels import (
     _decode_fused_fwd_kernel,
     _dhg_bwd_kernel,
@@ -148,7 +150,15 @@ def decode_fused_fwd(
     E, r, _ = lora_A.shape
     N = lora_B.shape[1]
     r_pad = triton.next_power_of_2(r)
-    block_c = max(16, triton.next_power_of_2(E) * r_pad)  # every expert in one tile
+    block_c = decode_rank_tile(E, r)  # every expert in one tile
+    if block_c > DECODE_MAX_RANK_COLS:
+        # The [BLOCK_M, BLOCK_C] shrink accumulator and a [BLOCK_K, BLOCK_C] slice of A_all per pipeline
+        # stage must fit beside the W tiles: at E*r = 1024 no config fits in shared memory.
+        raise ValueError(
+            f"lora_mix_decode: the decode kernel keeps every expert's rank columns in one tile of at most "
+            f"{DECODE_MAX_RANK_COLS}; lora_A {list(lora_A.shape)} (E={E}, r={r}) needs {block_c} "
+            f"(pow2(E) * pow2(r)). Use lora_mix_dense or lora_mix_grouped (lora_mix picks one when "
+            f"{ENV_PATH} is unset or 'auto')")
     block_m = min(64, max(16, triton.next_power_of_2(T)))
     y = poisoned_empty((T, N), x.dtype, x.device)
     h = poisoned_empty((T, E * r), torch.float32, x.device) if save_h else None  # fp32: feeds the gate grads
@@ -335,9 +345,10 @@ lora_mix_dense = entry_point(DENSE, "lora_mix_dense", """\
     """)
 
 lora_mix_decode = entry_point(DECODE, "lora_mix_decode", """\
-    Same contract as ``lora_mix_dense`` with a one-launch forward for decode (T <= 64, ``E*r`` <= 128).
+    Same contract as ``lora_mix_dense`` with a one-launch forward for decode (T <= 64).
 
     Each N tile recomputes the shrink in the base GEMM's K loop (see the module docstring for why that
-    is cheap at decode sizes). Correct for any T and ``E*r``, only slow outside that range; the backward
-    is the dense-rank backward.
+    is cheap at decode sizes). Correct for any T (slow past 64); the rank tile ``pow2(E) * pow2(r)``
+    must be at most 128 (``dispatch.DECODE_MAX_RANK_COLS``), else ``ValueError``: wider tiles do not
+    fit the kernel's shared memory and registers. The backward is the dense-rank backward.
     """)

@@ -18,33 +18,34 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tuning import select_configs
+from .tuning import autotune, pipeline_buffers
 
 # --------------------------------------------------------------------------------------------------
-# Config factories (first entry = default; ``select_configs`` applies the pin and interpreter policy)
+# Config tables (first entry = default; ``tuning.autotune`` applies the pin, the interpreter policy
+# and the shared-memory pruning with the estimates below)
 # --------------------------------------------------------------------------------------------------
 
 
 def _shrink_configs():
     # The shrink is [T, K] x [K, <=128]: wide K tiles, modest M; it is bandwidth-bound on x.
-    return select_configs([
+    return [
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    ])
+    ]
 
 
 def _fused_configs():
     # The base GEMM with a longer K loop: standard large-tile GEMM configs.
-    return select_configs([
+    return [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ])
+    ]
 
 
 def _decode_configs():
@@ -52,32 +53,77 @@ def _decode_configs():
     # Shared memory per stage is BLOCK_K * (BLOCK_M + BLOCK_N + BLOCK_C) elements with BLOCK_M, BLOCK_C
     # up to 64 and 128: the first (default / pinned) config fits fp32 at the largest tile (192 KB);
     # the deeper ones are for half inputs at small T (configs that do not fit are skipped by autotune).
-    return select_configs([
+    return [
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=2, num_stages=5),
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    ])
+    ]
 
 
 def _dhg_configs():
-    return select_configs([
+    return [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    ])
+    ]
 
 
 def _tn_configs():
     # Weight gradients reduce over T: tall BLOCK_T, output tiles sized for [ER, K] / [N, ER] / [N, K].
-    return select_configs([
+    return [
         triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_T": 32, "GROUP_P": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=4),
-    ])
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared-memory estimates (bytes) for the pruning: Triton's software pipeliner keeps
+# ``tuning.pipeline_buffers`` copies (num_stages with wgmma, num_stages - 1 with mma.sync) of every tile
+# a K loop loads for a dot; after the loop the buffers are free again, so an epilogue dot or layout
+# conversion needs only the max. ``p``: the launch's constexprs and the config
+# (``tuning.config_params``); ``e``: bytes per input element. Checked against the compiled kernels by
+# compile_check.py.
+# --------------------------------------------------------------------------------------------------
+
+
+def shrink_smem(p, e):
+    return pipeline_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_C"]) * e
+
+
+def fused_smem(p, e):
+    return pipeline_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_N"]) * e
+
+
+def decode_smem(p, e):
+    loop = pipeline_buffers(p, e, p["BLOCK_M"]) * p["BLOCK_K"] * (p["BLOCK_M"] + p["BLOCK_N"] + p["BLOCK_C"]) * e
+    return max(loop, (p["BLOCK_M"] * p["BLOCK_C"] + p["BLOCK_C"] * p["BLOCK_N"]) * e)
+
+
+def dhg_smem(p, e):
+    # Fitted to the compiled kernel: with a rank tile narrower than 64 the nested loop's dot stays on
+    # mma.sync (num_stages - 1 copies) and the [BM, BC] epilogue tile is staged once more.
+    stage = (p["BLOCK_M"] * p["BLOCK_N"] + p["BLOCK_N"] * p["BLOCK_C"]) * e
+    if p["BLOCK_C"] < 64:
+        return max(1, p["num_stages"] - 1) * stage + p["BLOCK_M"] * p["BLOCK_C"] * e
+    return pipeline_buffers(p, e, p["BLOCK_M"]) * stage
+
+
+def dhg_regs_ok(p):
+    # the [BM, BC] fp32 dHg accumulator lives through the gate epilogue next to the dy tiles: at more
+    # than 32 fp32 values per thread ptxas spills (compile report, E*r >= 128 with 4 warps)
+    return p["BLOCK_M"] * p["BLOCK_C"] <= 32 * 32 * p["num_warps"]
+
+
+def tn_smem(p, e):
+    # the [BP, BQ] fp32 accumulator goes through shared memory for the (expert, rank) scattered store
+    loop = pipeline_buffers(p, e, p["BLOCK_P"]) * (p["BLOCK_P"] * p["BLOCK_T"] + p["BLOCK_T"] * p["BLOCK_Q"]) * e
+    return max(loop, p["BLOCK_P"] * p["BLOCK_Q"] * 4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,36 +143,41 @@ def _swizzle_pid(i_pid, n_rows, n_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _gate_scale_cols(
-    ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_ce, m_c, K_TOP,
+def _gate_scale_tile(
+    ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_e0, E, K_TOP,
     stride_idm, stride_idk, stride_gm, stride_gk,
-    PER_EXPERT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    PER_EXPERT_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, EPC: tl.constexpr, R_PAD: tl.constexpr,
 ):
-    """Gate x scaling of each (token, rank column) tile entry, fp32 ``[BLOCK_M, BLOCK_C]``.
+    """Gate x scaling of each (token, rank column) of a tile holding experts ``i_e0 .. i_e0 + EPC - 1``
+    (``R_PAD`` columns each), fp32 ``[BLOCK_M, EPC * R_PAD]``.
 
     Rebuilt from the top-k ids/gates (k compares per tile) instead of reading a [T, E] gate tensor:
-    cheaper than a scatter launch plus a round-trip, and duplicate ids add up by construction.
-    ``i_ce`` is the expert of each tile column, ``m_c`` its validity.
+    cheaper than a scatter launch plus a round-trip, and duplicate ids add up by construction. The
+    compares run per (token, expert), ``[BM, EPC]``, and only then widen to the rank columns: built
+    directly as ``[BM, BC]`` the tile took a layout where every thread held all BM rows (255
+    registers and spills on sm_90 at ``E*r >= 128``).
     """
-    b_g = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    o_e = i_e0 + tl.arange(0, EPC)  # [EPC] experts of the tile
+    b_g = tl.zeros([BLOCK_M, EPC], dtype=tl.float32)
     for j in range(K_TOP):
         b_id = tl.load(ids_ptr + o_m * stride_idm + j * stride_idk, mask=m_m, other=-1)  # [BM]
         b_w = tl.load(gate_ptr + o_m * stride_gm + j * stride_gk, mask=m_m, other=0.0).to(tl.float32)  # [BM]
-        b_g += tl.where(b_id[:, None] == i_ce[None, :], b_w[:, None], 0.0)  # [BM, BC]
+        b_g += tl.where(b_id[:, None] == o_e[None, :], b_w[:, None], 0.0)  # [BM, EPC]
     if PER_EXPERT_SCALE:
-        b_s = tl.load(scale_ptr + i_ce, mask=m_c, other=0.0)  # [BC] fp32
+        b_s = tl.load(scale_ptr + o_e, mask=o_e < E, other=0.0)  # [EPC] fp32
         b_g = b_g * b_s[None, :]
     else:
         b_g = b_g * scale_val
-    return b_g
+    # every rank column of expert e takes e's gate: [BM, EPC] -> [BM, EPC, R_PAD] -> [BM, BC]
+    return tl.reshape(tl.broadcast_to(b_g[:, :, None], (BLOCK_M, EPC, R_PAD)), (BLOCK_M, EPC * R_PAD))
 
 
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C"])
-@triton.jit
+@autotune(_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C"], smem=shrink_smem)
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _shrink_gate_fwd_kernel(
     x_ptr, a_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
     T, K, E, r, K_TOP, scale_val, T_BUCKET,
@@ -157,8 +208,8 @@ def _shrink_gate_fwd_kernel(
                       mask=m_c[None, :] & (o_k[:, None] < K), other=0.0)  # [BK, BC]
         b_acc = tl.dot(b_x, b_a, b_acc, input_precision=DOT_PRECISION)
 
-    b_g = _gate_scale_cols(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_ce, m_c, K_TOP,
-                           stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, BLOCK_C)
+    b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_c * EPC, E, K_TOP,
+                           stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, EPC, R_PAD)
     o_col = i_ce * r + i_cj  # [BC] column in the [T, ER] layout
     p_out = o_m.to(tl.int64)[:, None] * stride_hm + o_col[None, :] * stride_hc
     m_out = m_m[:, None] & m_c[None, :]
@@ -167,8 +218,8 @@ def _shrink_gate_fwd_kernel(
     tl.store(hg_ptr + p_out, (b_acc * b_g).to(hg_ptr.dtype.element_ty), mask=m_out)
 
 
-@triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"])
-@triton.jit
+@autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"], smem=fused_smem)
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fused_base_lora_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr,
     M, N, K1, K2, r, M_BUCKET,
@@ -218,8 +269,8 @@ def _fused_base_lora_kernel(
              b_acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.autotune(configs=_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE"])
-@triton.jit
+@autotune(_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE"], smem=decode_smem)
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _decode_fused_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, y_ptr,
     T, K, N, E, r, K_TOP, scale_val, T_BUCKET,
@@ -259,8 +310,9 @@ def _decode_fused_fwd_kernel(
                       mask=m_c[None, :] & m_k[:, None], other=0.0)  # [BK, BC]
         b_h = tl.dot(b_x, b_a, b_h, input_precision=DOT_PRECISION)
 
-    b_g = _gate_scale_cols(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_ce, m_c, K_TOP,
-                           stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, BLOCK_C)
+    b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, 0, E, K_TOP,
+                           stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M,
+                           BLOCK_C // R_PAD, R_PAD)
     # Round Hg to the input dtype like the two-kernel path (which stores it) so both paths agree.
     b_hg = (b_h * b_g).to(x_ptr.dtype.element_ty)  # [BM, BC]
     if SAVE_H or SAVE_HG:
@@ -281,8 +333,9 @@ def _decode_fused_fwd_kernel(
              b_y.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@triton.autotune(configs=_dhg_configs(), key=["T_BUCKET", "N", "E", "r", "NEED_DW", "STORE_DH"])
-@triton.jit
+@autotune(_dhg_configs(), key=["T_BUCKET", "N", "E", "r", "NEED_DW", "STORE_DH"], smem=dhg_smem,
+          regs=dhg_regs_ok)
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _dhg_bwd_kernel(
     dy_ptr, b_ptr, h_ptr, ids_ptr, gate_ptr, scale_ptr, dh_ptr, dg_ptr, dw_ptr,
     T, N, E, r, K_TOP, scale_val, T_BUCKET,
@@ -319,8 +372,8 @@ def _dhg_bwd_kernel(
         o_col = i_ce * r + i_cj
         m_out = m_m[:, None] & m_c[None, :]
         if STORE_DH:
-            b_g = _gate_scale_cols(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_ce, m_c, K_TOP,
-                                   stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, BLOCK_C)
+            b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_e0, E, K_TOP,
+                                   stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, EPC, R_PAD)
             tl.store(dh_ptr + o_row[:, None] * stride_hm + o_col[None, :] * stride_hc,
                      (b_dhg * b_g).to(dh_ptr.dtype.element_ty), mask=m_out)
         if NEED_DW:
@@ -350,8 +403,8 @@ def _dhg_bwd_kernel(
             tl.store(dw_ptr + o_m * stride_dwm + j * stride_dwk, b_v.to(dw_ptr.dtype.element_ty), mask=m_m)
 
 
-@triton.autotune(configs=_tn_configs(), key=["T_BUCKET", "P", "Q", "SPLIT"])
-@triton.jit
+@autotune(_tn_configs(), key=["T_BUCKET", "P", "Q"], smem=tn_smem)  # SPLIT follows from T_BUCKET, P, Q
+@triton.jit(do_not_specialize=["T", "T_PER_SPLIT", "T_BUCKET", "SPLIT"])
 def _matmul_tn_kernel(
     a_ptr, b_ptr, out_ptr,
     T, P, Q, QR, T_PER_SPLIT, T_BUCKET, SPLIT,

@@ -63,9 +63,16 @@ HBM_BW = 2.8e12  # bytes/s
 L2_BW = 8.0e12  # bytes/s
 LAUNCH_S = 4.0e-6  # per kernel launch, including the ramp-up/tail of a small grid
 
-# Decode kernel limits: its per-program [BLOCK_M, E*r] shrink accumulator lives in registers.
+# Decode kernel limits: its per-program [BLOCK_M, BLOCK_C] shrink accumulator lives in registers and a
+# [BLOCK_K, BLOCK_C] slice of A_all sits in every pipeline stage. BLOCK_C = pow2(E) * pow2(r): at 256
+# the default config spills, at 1024 no config fits in shared memory (compile report).
 DECODE_MAX_T = 64
 DECODE_MAX_RANK_COLS = 128
+
+
+def decode_rank_tile(E: int, r: int) -> int:
+    """The decode kernel's rank tile ``BLOCK_C``: every expert, each padded to a power of two, >= 16."""
+    return max(16, (1 << max(0, E - 1).bit_length()) * (1 << max(0, r - 1).bit_length()))
 _DECODE_BLOCK_N = 64  # the decode kernel's default BLOCK_N (its first autotune config)
 
 
@@ -177,8 +184,9 @@ def choose_lora_path(
 ) -> str:
     """Pick ``"dense"``, ``"decode"`` or ``"grouped"`` (or what ``SELFMOE_LORA_PATH`` forces).
 
-    Decode is only a candidate for ``T <= DECODE_MAX_T`` and ``E*r <= DECODE_MAX_RANK_COLS`` (its shrink
-    accumulator is in registers); grouped only when ``grouped_ok`` (default: the module imports).
+    Decode is only a candidate for ``T <= DECODE_MAX_T`` and ``decode_rank_tile(E, r) <=
+    DECODE_MAX_RANK_COLS`` (its shrink accumulator is in registers); grouped only when ``grouped_ok``
+    (default: the module imports).
     ``"torch"`` is returned only when forced by the environment.
     """
     forced = path_override()
@@ -195,7 +203,7 @@ def _model_choice(T: int, d_in: int, d_out: int, E: int, r: int, k: int, has_bas
     # Cached: the same layer shapes come back every step, and decode steps are microseconds long.
     cost = estimate_seconds(T, d_in, d_out, E, r, k, has_base=has_base, dtype_bytes=dtype_bytes)
     candidates = {"dense": cost["dense"]}
-    if T <= DECODE_MAX_T and E * r <= DECODE_MAX_RANK_COLS:
+    if T <= DECODE_MAX_T and decode_rank_tile(E, r) <= DECODE_MAX_RANK_COLS:
         candidates["decode"] = cost["decode"]
     if grouped_ok:
         candidates["grouped"] = cost["grouped"]

@@ -6,16 +6,17 @@ grouped.py. Notation: T tokens, K = d_in, N = d_out, E experts of rank r, S = T*
 rows; ``i_`` program and gathered indices, ``o_`` offsets, ``m_`` masks, ``b_`` blocks of values, ``p_``
 pointers, with ``# [BM, BK]`` shape comments (the dense kernels follow the same style).
 
-Config tables are filtered by ``select_configs`` (pin, interpreter); the shrink and outer-product
-kernels also drop configs whose software pipeline would not fit in the device's shared memory.
+Config tables go through ``tuning.autotune`` (pin, interpreter, no tuning during graph capture); the
+shrink and outer-product kernels also drop configs whose software pipeline would not fit in the
+device's shared memory. The split factors are run-time arguments: a sweep of token counts compiles
+one binary per config for them, not one per split value.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .tuning import select_configs
-from .utils import max_smem
+from .tuning import autotune, pipeline_buffers
 
 # ----------------------------------------------------------------------------------------------------
 # Config tables (first entry = default; ``select_configs`` applies the pin and interpreter policy)
@@ -52,40 +53,25 @@ def _outer_configs():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autotune pruning: drop configs whose pipelined tiles do not fit in shared memory
+# Shared-memory estimates (bytes) for the autotune pruning (``tuning.autotune``): Triton's software
+# pipeliner keeps ``tuning.pipeline_buffers`` copies of every tile a loop loads for a dot (num_stages
+# with wgmma, not num_stages - 1 as this estimate assumed before: the compiled kernels show it).
+# ``p``: the launch's constexprs and the config; ``e``: bytes per element of the first pointer
+# argument. Checked against the compiled kernels by compile_check.py.
 # ----------------------------------------------------------------------------------------------------
 
 
-def shrink_smem_estimate(block_m: int, block_k: int, block_r: int, num_stages: int, elem_bytes: int) -> int:
-    """Bytes of shared memory the shrink's software pipeline holds: (stages - 1) buffered copies of the
-    x tile [BM, BK] and the weight tile [BK, BR] (matches what Triton 3.x allocates on sm_90)."""
-    return max(1, num_stages - 1) * (block_m * block_k + block_k * block_r) * elem_bytes
+def shrink_smem(p, e):
+    """x tile [BM, BK] and weight tile [BK, BR] per stage."""
+    return pipeline_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_R"]) * e
 
 
-def outer_smem_estimate(block_m: int, block_d: int, block_r: int, num_stages: int, elem_bytes: int) -> int:
-    """Upper bound for the dA/dB kernel: buffered fp32 rank tile [BR, BM] and wide tile [BM, BD]."""
-    return max(1, num_stages - 1) * (block_r * block_m * 4 + block_m * block_d * elem_bytes)
-
-
-def _keep_fitting(configs, t, estimate):
-    """The configs whose ``estimate(config)`` fits t's device; if none does, the smallest (so the launch
-    error names it)."""
-    limit = max_smem(t.device)
-    est = [(estimate(c), i) for i, c in enumerate(configs)]
-    keep = [configs[i] for e, i in est if e <= limit]
-    return keep or [configs[min(est)[1]]]
-
-
-def _prune_shrink(configs, named_args, **kwargs):
-    x = named_args["x_ptr"]
-    return _keep_fitting(configs, x, lambda c: shrink_smem_estimate(
-        kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], kwargs["BLOCK_R"], c.num_stages, x.element_size()))
-
-
-def _prune_outer(configs, named_args, **kwargs):
-    wide = named_args["wide_ptr"]
-    return _keep_fitting(configs, wide, lambda c: outer_smem_estimate(
-        kwargs["BLOCK_M"], c.kwargs["BLOCK_D"], kwargs["BLOCK_R"], c.num_stages, wide.element_size()))
+def outer_smem(p, e):
+    """The wide tile [BM, BD] (rows gathered by token: double-buffered only when the dot is a wgmma,
+    M = BR >= 64), the rank tile [BR, BM] in fp32 and as the dot operand, and 8 bytes of row indices
+    per row (fitted to the compiled kernels; e: the wide operand's bytes)."""
+    wide = 2 if (p["capability"] >= 90 and e == 2 and p["BLOCK_R"] >= 64 and p["num_warps"] % 4 == 0) else 1
+    return wide * p["BLOCK_M"] * p["BLOCK_D"] * e + p["BLOCK_M"] * p["BLOCK_R"] * (4 + e) + 8 * p["BLOCK_M"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,8 +116,7 @@ def _gate_grad_epilogue(
     tl.store(dw_ptr + i_slot, b_dw.to(dw_ptr.dtype.element_ty), mask=m_m)
 
 
-@triton.autotune(configs=select_configs(_shrink_configs()), key=["K", "r", "T_BUCKET", "SPLIT", "BLOCK_M"],
-                 prune_configs_by={"early_config_prune": _prune_shrink})
+@autotune(_shrink_configs(), key=["K", "r", "T_BUCKET", "SPLIT", "BLOCK_M"], smem=shrink_smem)
 @triton.jit(do_not_specialize=["T_BUCKET"])
 def _grouped_shrink_kernel(
     x_ptr,  # [T, K] rows gathered by token (x in forward, dy in backward)
@@ -147,7 +132,8 @@ def _grouped_shrink_kernel(
     T_BUCKET,  # autotune key only
     stride_xt, stride_xk,
     stride_we, stride_wr, stride_wk,
-    SPLIT: tl.constexpr, DW_EPILOGUE: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT,  # run-time: split-K factor (1 is specialised by Triton; others share one binary)
+    DW_EPILOGUE: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # out[i_s, p, :] = x[tok(p)] @ W[e(p)][:, K range of split i_s].T for the BLOCK_M rows p of one tile.
@@ -188,8 +174,8 @@ def _split_reduce_kernel(
     out_ptr,  # [CAP, r] fp32
     sorted_slots_ptr, block_expert_ptr,
     h_ptr, dw_ptr, scale_ptr, scale_val,  # gate grad epilogue (DW_EPILOGUE only)
-    r, CAP,
-    SPLIT: tl.constexpr, DW_EPILOGUE: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr,
+    r, CAP, SPLIT,
+    DW_EPILOGUE: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # fixed-order sum of the split-K partials of one tile (deterministic, unlike atomics)
@@ -200,7 +186,7 @@ def _split_reduce_kernel(
     o_m, i_slot, m_m, o_r, m_r = _tile_prologue(sorted_slots_ptr, i_m, r, BLOCK_M, BLOCK_R)
     o_tile = o_m[:, None] * r + o_r[None, :]  # [BM, BR]
     b_acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for i_s in tl.static_range(SPLIT):
+    for i_s in range(SPLIT):
         b_acc += tl.load(part_ptr + i_s * CAP * r + o_tile, mask=m_r[None, :], other=0.0)
     tl.store(out_ptr + o_tile, b_acc, mask=m_r[None, :])
     if DW_EPILOGUE:
@@ -208,8 +194,8 @@ def _split_reduce_kernel(
                             PER_EXPERT_SCALE)
 
 
-@triton.autotune(
-    configs=select_configs(_expand_configs()),
+@autotune(
+    _expand_configs(),
     key=["N", "r", "T_BUCKET", "SPLIT", "ACCUMULATE", "BLOCK_M"],
     # ACCUMULATE adds into out: benchmarking several configs must start from the same out each time
     restore_value=["out_ptr"],
@@ -227,7 +213,8 @@ def _grouped_expand_kernel(
     T_BUCKET,  # autotune key only
     stride_we, stride_wn, stride_wr,
     stride_ot, stride_on,
-    SPLIT: tl.constexpr, STORE_H: tl.constexpr, ACCUMULATE: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr,
+    SPLIT,
+    STORE_H: tl.constexpr, ACCUMULATE: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # out[slot(p), n] (+)= g(p) * (h[p] @ W[e].T)[n] for one tile of BLOCK_M rows and BLOCK_N columns.
@@ -243,7 +230,7 @@ def _grouped_expand_kernel(
     o_tile = o_m[:, None] * r + o_r[None, :]  # [BM, BR]
     m_tile = m_m[:, None] & m_r[None, :]
     b_h = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for i_s in tl.static_range(SPLIT):
+    for i_s in range(SPLIT):
         b_h += tl.load(h_ptr + i_s * CAP * r + o_tile, mask=m_tile, other=0.0)
     if STORE_H:
         if i_n == 0:
@@ -292,8 +279,7 @@ def _combine_slots_kernel(
     tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_n)
 
 
-@triton.autotune(configs=select_configs(_outer_configs()), key=["D", "r", "T_BUCKET", "SPLIT", "BLOCK_M"],
-                 prune_configs_by={"early_config_prune": _prune_outer})
+@autotune(_outer_configs(), key=["D", "r", "T_BUCKET", "SPLIT", "BLOCK_M"], smem=outer_smem, elem_arg="wide_ptr")
 @triton.jit(do_not_specialize=["T_BUCKET"])
 def _grouped_outer_kernel(
     lr_ptr,  # [CAP, r] fp32 rank-space rows in padded sorted order (dh for dA, h for dB)
@@ -306,7 +292,8 @@ def _grouped_outer_kernel(
     T_BUCKET,  # autotune key only
     stride_wt, stride_wd,
     stride_os, stride_oe, stride_or, stride_od,
-    SPLIT: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT,
+    PER_EXPERT_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # out[i_s, e, :, d range] = sum over the tiles of expert e in chunk i_s of (g * lr)^T @ wide[tok].
@@ -346,11 +333,11 @@ def _grouped_outer_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _sum_splits_kernel(part_ptr, out_ptr, numel, SPLIT, BLOCK: tl.constexpr):
     # out[i] = part[0, i] + part[1, i] + ... in split order
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = o < numel
     b_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for i_s in tl.static_range(SPLIT):
+    for i_s in range(SPLIT):
         b_acc += tl.load(part_ptr + i_s * numel + o, mask=m, other=0.0)
     tl.store(out_ptr + o, b_acc.to(out_ptr.dtype.element_ty), mask=m)

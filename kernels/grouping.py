@@ -279,10 +279,10 @@ _PREFIX_LOOP_MAX_BLOCKS = 32
 
 
 def _grouping_block_s(num_slots: int, e_pad: int) -> int:
-    # [BLOCK_S, E_P] one-hot tiles: keep them <= 16K elements (registers), and blocks few enough that the
-    # prefix stays cheap.
+    # [BLOCK_S, E_P] one-hot tiles: keep them <= 8K elements (registers: 16K spilled with 8 warps too),
+    # and blocks few enough that the prefix stays cheap.
     want = triton.next_power_of_2(max(1, triton.cdiv(num_slots, _PREFIX_LOOP_MAX_BLOCKS)))
-    return max(32, min(want, max(32, 16384 // e_pad)))
+    return max(32, min(want, max(32, 8192 // e_pad)))
 
 
 def grouping_metadata_triton(
@@ -313,10 +313,12 @@ def grouping_metadata_triton(
         _grouping_count_kernel[(nb,)](ids, blk_counts, S, BLOCK_S=BS, E_P=e_pad)
         blk_incl = blk_counts if prefix_in_kernel else torch.cumsum(blk_counts, 0, dtype=i32)
         grid = (max(nb, triton.cdiv(capacity, BS)),)
+        # several [BS, E_P] int32 one-hot tiles are live: 8 warps above 4K elements (4 spilled at 64K slots)
+        warps = 8 if BS * e_pad > 4096 else 4
         _grouping_place_kernel[grid](
             ids, blk_counts, blk_incl, sorted_slots, slot_to_sorted, block_expert, expert_offsets, padded_offsets,
             S, num_experts, nb, capacity, num_blocks,
-            BLOCK_M=block_m, BLOCK_S=BS, E_P=e_pad, PREFIX_IN_KERNEL=prefix_in_kernel,
+            BLOCK_M=block_m, BLOCK_S=BS, E_P=e_pad, PREFIX_IN_KERNEL=prefix_in_kernel, num_warps=warps,
         )
     return GroupingMeta(
         sorted_slots, slot_to_sorted, block_expert, expert_offsets, padded_offsets, S, k, num_experts, block_m,

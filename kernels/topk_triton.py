@@ -19,17 +19,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import select_configs, token_bucket
+from .tuning import autotune, token_bucket
 from .utils import device_guard
 
 
 def _configs():
-    return select_configs([
+    return [
         triton.Config({"BLOCK_T": 32}, num_warps=4),
         triton.Config({"BLOCK_T": 64}, num_warps=4),
         triton.Config({"BLOCK_T": 16}, num_warps=2),
         triton.Config({"BLOCK_T": 128}, num_warps=8),
-    ])
+        # wide routers (E = 256): few tokens per program, or the [BT, E] tiles spill
+        triton.Config({"BLOCK_T": 8}, num_warps=4),
+        triton.Config({"BLOCK_T": 16}, num_warps=8),
+    ]
+
+
+def _regs_ok(p):
+    # several [BLOCK_T, BLOCK_E] fp32 tiles are live at once (probabilities, the running selection, the
+    # gradient scatter): keep each to 16 values per thread (E = 256 spilled 0.7-5 KB past that)
+    return p["BLOCK_T"] * p["BLOCK_E"] <= 16 * 32 * p["num_warps"]
 
 
 @triton.jit
@@ -58,8 +67,8 @@ def _token_block(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
     return o_t, m_t, o_e, m_e
 
 
-@triton.autotune(configs=_configs(), key=["T_BUCKET", "E", "K_TOP", "RENORM"])
-@triton.jit
+@autotune(_configs(), key=["T_BUCKET", "E", "K_TOP", "RENORM"], regs=_regs_ok)
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _route_topk_fwd_kernel(
     logits_ptr, w_ptr, ids_ptr,
     T, E, T_BUCKET,
@@ -90,8 +99,8 @@ def _route_topk_fwd_kernel(
     tl.store(ids_ptr + o_row * stride_it + o_k[None, :] * stride_ik, b_i.to(tl.int64), mask=m_out)
 
 
-@triton.autotune(configs=_configs(), key=["T_BUCKET", "E", "K_TOP", "RENORM"])
-@triton.jit
+@autotune(_configs(), key=["T_BUCKET", "E", "K_TOP", "RENORM"], regs=_regs_ok)
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def _route_topk_bwd_kernel(
     logits_ptr, ids_ptr, dw_ptr, dl_ptr,
     T, E, T_BUCKET,

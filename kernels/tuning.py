@@ -1,6 +1,22 @@
 """Autotuning policy shared by every Triton kernel in selfmoe.kernels.
 
-- Keys bucket the token count (``token_bucket``) so changing batch sizes do not re-tune.
+- ``autotune(configs, key, smem=...)`` is the one decorator the kernels use. It returns a ``Tuner``
+  (Triton's ``Autotuner`` with two rules added):
+
+  * **shared-memory pruning**: ``smem(params, elem_bytes)`` estimates the bytes a config's software
+    pipeline allocates (``params``: the launch's constexprs merged with the config's, plus
+    ``num_stages``/``num_warps``); configs over the device's opt-in limit are dropped before anything
+    compiles them. If none fits, the smallest stays so the launch error names it. The estimates are
+    checked against the compiled kernels by the compile check (``compile_check.py``: within 10%).
+  * **no autotuning inside CUDA-graph capture**: benchmarking a config syncs the device and launches
+    the kernel several times, which is illegal while a stream is being captured. A key first seen
+    during capture takes the *first config that survives pruning* (the table's default, which the
+    pruning makes fit the device class: same on every H100/H200, A100...) and keeps it for the
+    process; warm up eagerly with the shapes you capture to get tuned configs in the graph.
+
+- Keys bucket the token count (``token_bucket``: 1, 16, 64, ..., 65536: 8 buckets) so a sweep of batch
+  sizes re-tunes at most 8 times per kernel and shape; the kernels take the bucket with
+  ``do_not_specialize`` so it never forks a compile.
 - ``SELFMOE_TRITON_CONFIG`` pins one config for every kernel, e.g.
   ``SELFMOE_TRITON_CONFIG="BLOCK_M=64,BLOCK_N=128,BLOCK_K=32,num_warps=4,num_stages=3"``
   (keys a kernel does not take are ignored; its own defaults fill the rest).
@@ -10,18 +26,25 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
+import torch
 import triton
+from triton.runtime.autotuner import Autotuner
 
-from .utils import interpreting
+from .utils import capability, interpreting, max_smem
+
+# Token-count buckets: powers of 4 from 16 (T = 1 alone: the decode step), capped at 65536.
+_BUCKETS = (1, 16, 64, 256, 1024, 4096, 16384, 65536)
 
 
 def token_bucket(T: int) -> int:
-    """Power-of-two bucket of the token count (1, 2, 4, ..., 65536), used as an autotune key."""
-    if T <= 1:
-        return 1
-    return min(1 << (int(T) - 1).bit_length(), 1 << 16)
+    """Bucket of the token count used as an autotune key: 1, then 16, 64, ..., 65536 (8 values)."""
+    T = int(T)
+    for b in _BUCKETS:
+        if T <= b:
+            return b
+    return _BUCKETS[-1]
 
 
 def pinned_config() -> Optional[Dict[str, int]]:
@@ -62,3 +85,96 @@ def select_configs(configs: List[triton.Config]) -> List[triton.Config]:
     if interpreting():
         return configs[:1]
     return configs
+
+
+# (params, elem_bytes) -> bytes; params: the launch's keyword args and the config's kwargs, num_stages,
+# num_warps. elem_bytes: bytes per element of the kernel's first pointer argument (its input dtype).
+SmemEstimate = Callable[[Dict[str, int], int], int]
+
+
+def config_params(config: triton.Config, launch_kwargs: Dict, cap: int = 90) -> Dict:
+    """The constexpr values one launch would compile with under ``config`` (for the smem estimates),
+    plus ``num_stages``, ``num_warps`` and the target's ``capability``."""
+    params = dict(launch_kwargs)
+    params.update(config.kwargs)
+    params["num_stages"] = config.num_stages
+    params["num_warps"] = config.num_warps
+    params["capability"] = cap
+    return params
+
+
+def pipeline_buffers(p: Dict, elem_bytes: int, dot_m: int) -> int:
+    """Copies of each pipelined tile Triton allocates: ``num_stages`` when the dot lowers to Hopper's
+    async wgmma (it still reads a stage while the next loads land: sm_90, 16-bit inputs, M >= 64,
+    whole warp groups), ``num_stages - 1`` with mma.sync, whose operands leave shared memory
+    synchronously (measured on the compiled kernels: compile_check.py)."""
+    wgmma = p["capability"] >= 90 and elem_bytes == 2 and dot_m >= 64 and p["num_warps"] % 4 == 0
+    return p["num_stages"] if wgmma else max(1, p["num_stages"] - 1)
+
+
+def _first_tensor(named_args: Dict) -> torch.Tensor:
+    for v in named_args.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise ValueError("autotune pruning needs at least one tensor argument")
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class Tuner(Autotuner):
+    """``triton.Autotuner`` plus shared-memory pruning and the capture rule (see the module docstring)."""
+
+    def __init__(self, fn, configs, key, smem: Optional[SmemEstimate], restore_value=None,
+                 elem_arg: Optional[str] = None, regs: Optional[Callable[[Dict], bool]] = None):
+        self.smem_estimate = smem
+        self.elem_arg = elem_arg
+        self.regs_ok = regs
+        prune = {"early_config_prune": self._prune} if (smem is not None or regs is not None) else None
+        super().__init__(fn, fn.arg_names, configs, key, None, restore_value, prune_configs_by=prune)
+
+    def estimate(self, config: triton.Config, named_args: Dict, launch_kwargs: Dict) -> Optional[int]:
+        """The smem estimate of ``config`` for one launch (None when the kernel has none)."""
+        if self.smem_estimate is None:
+            return None
+        t = named_args[self.elem_arg] if self.elem_arg else _first_tensor(named_args)
+        return int(self.smem_estimate(config_params(config, launch_kwargs, capability(t.device)), t.element_size()))
+
+    def _prune(self, configs, named_args, **kwargs):
+        limit = max_smem(_first_tensor(named_args).device)
+        est = [(self.estimate(c, named_args, kwargs) or 0, i) for i, c in enumerate(configs)]
+        keep = [configs[i] for e, i in est if e <= limit]
+        if self.regs_ok is not None:
+            # register budget: configs whose live tiles need more registers than a thread has spill
+            keep = [c for c in keep if self.regs_ok(config_params(c, kwargs))]
+        return keep or [configs[min(est)[1]]]
+
+    def candidates(self, named_args: Dict, launch_kwargs: Dict) -> List[triton.Config]:
+        """The configs this launch could run with: what survives pruning (all when nothing prunes)."""
+        self.nargs = named_args
+        try:
+            return list(Autotuner.prune_configs(self, launch_kwargs))
+        finally:
+            self.nargs = None
+
+    def prune_configs(self, kwargs: Dict) -> List[triton.Config]:
+        kept = super().prune_configs(kwargs)
+        if len(kept) > 1 and capturing():
+            # Benchmarking would sync and launch inside the capture: take the default that fits.
+            return kept[:1]
+        return kept
+
+
+def autotune(configs: List[triton.Config], key: List[str], *, smem: Optional[SmemEstimate] = None,
+             restore_value: Optional[List[str]] = None, elem_arg: Optional[str] = None,
+             regs: Optional[Callable[[Dict], bool]] = None):
+    """The kernels' autotune decorator: ``select_configs`` (pin, interpreter), pruning by the smem
+    estimate (``elem_arg``: the pointer whose dtype sizes the tiles, default the first tensor) and by
+    ``regs(params)`` (False: the config's live tiles would spill), and the capture rule."""
+
+    def decorator(fn):
+        return Tuner(fn, select_configs(configs), key, smem, restore_value, elem_arg, regs)
+
+    return decorator

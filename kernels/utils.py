@@ -2,7 +2,10 @@
 
 - ``interpreting()``: Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``).
 - ``num_sms(device)`` / ``max_smem(device)``: device facts for launch heuristics and autotune pruning,
-  cached per device.
+  cached per device; ``assume_device(...)`` overrides both (the compile check plans launches for an
+  H100 or A100 on a machine without one).
+- ``device_class(name)``: "h200", "h100", "a100" or "other" from a CUDA device name (the dispatcher's
+  constants and the compile check's targets are per class).
 - ``dot_precision(dtype)``: the ``tl.dot`` input precision, following torch's TF32 switch.
 - ``POISON`` / ``poisoned_empty``: the debug switch that fills every buffer a kernel must write with NaN
   (ints with ``INT_POISON``) before the launch, and the one allocator for such buffers.
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -29,6 +32,32 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+# (sms, max_smem, capability) assumed by ``assume_device``, or None: the real device answers.
+_ASSUMED: Optional[Tuple[int, int, int]] = None
+
+
+@contextlib.contextmanager
+def assume_device(sms: int, smem: int, capability: int):
+    """``with assume_device(132, 232448, 90):`` launch heuristics and pruning plan for that device,
+    whatever the tensors' device is (the compile check records launches on CPU tensors for sm_90)."""
+    global _ASSUMED
+    before = _ASSUMED
+    _ASSUMED = (int(sms), int(smem), int(capability))
+    try:
+        yield
+    finally:
+        _ASSUMED = before
+
+
+def device_class(name: str) -> str:
+    """"h200", "h100", "a100" or "other" from a device name (``torch.cuda.get_device_name``)."""
+    n = name.lower()
+    for cls in ("h200", "h100", "a100"):
+        if cls in n:
+            return cls
+    return "other"
+
+
 _NUM_SMS: Dict[int, int] = {}
 
 
@@ -37,6 +66,8 @@ def num_sms(device: torch.device) -> int:
 
     Elsewhere (the interpreter) 4: it only sets how eagerly the split heuristics split.
     """
+    if _ASSUMED is not None:
+        return _ASSUMED[0]
     if device.type != "cuda":
         return 4
     idx = _device_index(device)
@@ -50,6 +81,10 @@ _MAX_SMEM: Dict[int, int] = {}
 
 def max_smem(device: torch.device) -> int:
     """Opt-in shared memory per block of the device (Triton's driver query, cached; 99 KiB if it fails)."""
+    if _ASSUMED is not None:
+        return _ASSUMED[1]
+    if device.type != "cuda":
+        return 227 * 1024  # the interpreter has no limit; plan as for an H100
     idx = _device_index(device)
     if idx not in _MAX_SMEM:
         try:
@@ -59,6 +94,16 @@ def max_smem(device: torch.device) -> int:
         except Exception:  # pragma: no cover - driver without the query
             _MAX_SMEM[idx] = 99 * 1024
     return _MAX_SMEM[idx]
+
+
+def capability(device: torch.device) -> int:
+    """Compute capability as an int (90 for sm_90); 90 off CUDA (plan as for an H100)."""
+    if _ASSUMED is not None:
+        return _ASSUMED[2]
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(_device_index(device))
+    return 10 * major + minor
 
 
 def dot_precision(dtype: torch.dtype) -> str:

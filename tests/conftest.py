@@ -16,6 +16,7 @@ if not HAS_CUDA:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one")
+    config.addinivalue_line("markers", "compile: AOT-compiles the Triton kernels for sm_90 with ptxas (no GPU needed)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,7 @@ import torch
 from helpers import TOL, check_against_reference, make_case, rel_err
 import selfmoe.kernels.utils as utils
 from selfmoe.kernels import lora_mix, lora_mix_naive
+from selfmoe.kernels.dispatch import DECODE_MAX_RANK_COLS, decode_rank_tile
 
 ld = pytest.importorskip("selfmoe.kernels.dense")
 
@@ -72,7 +73,19 @@ def _case(name, **overrides):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("path", ["dense", "decode"])
 def test_path_matches_reference(path, name, dtype):
-    check_against_reference(_case(name, seed=sum(map(ord, name))), _path_fn(path), dtype)
+    case = _case(name, seed=sum(map(ord, name)))
+    E, r = case.lora_A.shape[:2]
+    if path == "decode" and decode_rank_tile(E, r) > DECODE_MAX_RANK_COLS:
+        # too wide for the decode kernel's one rank tile: refused by name, never a launch that cannot fit
+        with pytest.raises(ValueError, match=rf"lora_mix_decode.*\(E={E}, r={r}\) needs {decode_rank_tile(E, r)} "):
+            case.to(dtype).call(_path_fn(path))
+        return
+    check_against_reference(case, _path_fn(path), dtype)
+
+
+def test_decode_rank_tile_cap():
+    # the tile pads E and r to powers of two: E=3, r=40 has E*r = 120 but a 256-wide tile
+    assert [decode_rank_tile(E, r) for E, r in ((1, 1), (4, 8), (8, 16), (3, 40), (64, 16))] == [16, 32, 128, 256, 1024]
 
 
 @pytest.mark.parametrize("base,bias", [(False, False), (True, False), (True, True)])

@@ -293,124 +293,49 @@ def test_no_host_sync_forward_backward():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Compiled for the GPU without one: the interpreter accepts code the compiler rejects
+# Config pruning (the compiled kernels themselves are checked by tests/test_compile_check.py)
 # ----------------------------------------------------------------------------------------------------
 
-_AOT_SCRIPT = r"""
-import sys, triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-import selfmoe.kernels.grouped_kernels as G
-import selfmoe.kernels.grouping as R
 
-TARGET = GPUTarget("cuda", 90, 32)  # H100
-SMEM = 227 * 1024
-bad = []
+def _full_shrink_tuner():
+    # the kernel's own tuner holds one config under the interpreter: rebuild it over the whole table
+    from selfmoe.kernels.tuning import Tuner
 
-def build(kernel, types, consts, cfg=None, label="", smem_bound=SMEM):
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    consts = dict(consts, **(cfg.kwargs if cfg else {}))
-    sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
-    opts = {"num_warps": cfg.num_warps if cfg else 4, "num_stages": cfg.num_stages if cfg else 2}
-    try:
-        c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=TARGET, options=opts)
-    except Exception as e:
-        bad.append(f"{label} {cfg}: {type(e).__name__}: {str(e)[:400]}")
-        return
-    if c.metadata.shared > min(SMEM, smem_bound):
-        bad.append(f"{label} {cfg}: {c.metadata.shared} bytes of shared memory (bound {smem_bound})")
-
-try:  # can this Triton build compile for CUDA at all (NVIDIA backend, bundled ptxas)? One small kernel:
-    sig = {"part_ptr": "*fp32", "out_ptr": "*fp32", "numel": "i32", "SPLIT": "constexpr", "BLOCK": "constexpr"}
-    triton.compile(ASTSource(fn=G._sum_splits_kernel, signature=sig, constexprs={"SPLIT": 2, "BLOCK": 128}),
-                   target=TARGET)
-except Exception as e:
-    print(f"{type(e).__name__}: {e}")
-    sys.exit(77)
-
-i32, f32 = "i32", "fp32"
-for dt, prec, nbytes in (("bf16", "tf32", 2), ("fp32", "ieee", 4)):
-    # default (first) configs at BLOCK_M 64; other configs are kept or pruned by the smem estimates,
-    # which must bound what the compiler really allocates
-    t = dict(x_ptr="*" + dt, w_ptr="*" + dt, out_ptr="*fp32", sorted_slots_ptr="*i32", block_expert_ptr="*i32",
-             h_ptr="*fp32", dw_ptr="*" + dt, scale_ptr="*fp32", scale_val=f32, K=i32, r=i32, TOPK=i32, CAP=i32,
-             T_BUCKET=i32, stride_xt=i32, stride_xk=i32, stride_we=i32, stride_wr=i32, stride_wk=i32)
-    cfg = G._shrink_configs()[0]
-    build(G._grouped_shrink_kernel, t, dict(SPLIT=1, DW_EPILOGUE=True, PER_EXPERT_SCALE=True,
-          DOT_PRECISION=prec, BLOCK_M=64, BLOCK_R=16), cfg, "shrink " + dt,
-          G.shrink_smem_estimate(64, cfg.kwargs["BLOCK_K"], 16, cfg.num_stages, nbytes))
-    t = dict(h_ptr="*fp32", w_ptr="*" + dt, out_ptr="*" + dt, h_out_ptr="*fp32", gate_ptr="*" + dt,
-             scale_ptr="*fp32", sorted_slots_ptr="*i32", block_expert_ptr="*i32", scale_val=f32, N=i32, r=i32,
-             CAP=i32, T_BUCKET=i32, stride_we=i32, stride_wn=i32, stride_wr=i32, stride_ot=i32, stride_on=i32)
-    build(G._grouped_expand_kernel, t, dict(SPLIT=3, STORE_H=True, ACCUMULATE=True, PER_EXPERT_SCALE=False,
-          DOT_PRECISION=prec, BLOCK_M=64, BLOCK_R=16), G._expand_configs()[0], "expand " + dt)
-    t = dict(lr_ptr="*fp32", wide_ptr="*" + dt, out_ptr="*fp32", gate_ptr="*" + dt, scale_ptr="*fp32",
-             sorted_slots_ptr="*i32", padded_offsets_ptr="*i32", scale_val=f32, D=i32, r=i32, TOPK=i32,
-             T_BUCKET=i32, stride_wt=i32, stride_wd=i32, stride_os=i32, stride_oe=i32, stride_or=i32, stride_od=i32)
-    cfg = G._outer_configs()[0]
-    build(G._grouped_outer_kernel, t, dict(SPLIT=2, PER_EXPERT_SCALE=True, DOT_PRECISION=prec, BLOCK_M=64,
-          BLOCK_R=16), cfg, "outer " + dt, G.outer_smem_estimate(64, cfg.kwargs["BLOCK_D"], 16, cfg.num_stages, nbytes))
-build(G._split_reduce_kernel, dict(part_ptr="*fp32", out_ptr="*fp32", sorted_slots_ptr="*i32",
-      block_expert_ptr="*i32", h_ptr="*fp32", dw_ptr="*bf16", scale_ptr="*fp32", scale_val=f32, r=i32,
-      CAP=i32), dict(SPLIT=4, DW_EPILOGUE=True, PER_EXPERT_SCALE=False, BLOCK_M=64, BLOCK_R=16),
-      label="split_reduce")
-build(G._combine_slots_kernel, dict(ys_ptr="*bf16", y_ptr="*bf16", N=i32, TOPK=i32),
-      dict(HAS_BASE=True, BLOCK_N=1024), label="combine")
-build(G._sum_splits_kernel, dict(part_ptr="*fp32", out_ptr="*bf16", numel=i32), dict(SPLIT=3, BLOCK=1024),
-      label="sum_splits")
-build(R._grouping_count_kernel, dict(ids_ptr="*i64", blk_counts_ptr="*i32", S=i32), dict(BLOCK_S=256, E_P=64),
-      label="grouping count")
-place = dict(ids_ptr="*i64", blk_counts_ptr="*i32", blk_incl_ptr="*i32", sorted_slots_ptr="*i32",
-             slot_to_sorted_ptr="*i32", block_expert_ptr="*i32", expert_offsets_ptr="*i32",
-             padded_offsets_ptr="*i32", S=i32, E=i32, NB=i32, CAP=i32, NUM_BLOCKS=i32)
-build(R._grouping_place_kernel, place, dict(BLOCK_M=64, BLOCK_S=256, E_P=64, PREFIX_IN_KERNEL=False),
-      label="grouping place (prefill)")
-build(R._grouping_place_kernel, place, dict(BLOCK_M=16, BLOCK_S=32, E_P=64, PREFIX_IN_KERNEL=True),
-      label="grouping place (decode)")
-print("\n".join(bad))
-sys.exit(1 if bad else 0)
-"""
+    return Tuner(grouped_kernels._grouped_shrink_kernel.fn, grouped_kernels._shrink_configs(), ["K"],
+                 grouped_kernels.shrink_smem)
 
 
-def test_kernels_compile_for_sm90():
-    """Every kernel (default autotune configs, bf16 and fp32) compiles to an sm_90 cubin with Triton's
-    bundled ptxas, fits in the H100's shared memory and within the estimates the config pruners use.
-    Runs without a GPU, in a process without TRITON_INTERPRET (the interpreter forgives early returns,
-    dtype mismatches and shapes the compiler rejects)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode == 77:
-        pytest.skip(f"this Triton build cannot compile for CUDA: {proc.stdout.strip()[-300:]}")
-    assert proc.returncode == 0, f"compile failures:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+def _pruned(kernel, x, launch_kwargs, limit, cap, monkeypatch):
+    monkeypatch.setattr(utils, "_ASSUMED", (132, limit, cap))
+    return kernel.candidates({"x_ptr": x}, launch_kwargs)
 
 
-@pytest.mark.parametrize("elem,block_r", [(4, 64), (4, 16), (2, 64)])
-def test_config_pruning_fits_shared_memory(elem, block_r, monkeypatch):
-    # H100 limit: the fp32 r=64 BLOCK_K=256 shrink (256 KiB pipelined) must go, the rest must stay
-    limit = 227 * 1024
-    monkeypatch.setattr(grouped_kernels, "max_smem", lambda device: limit)
-    x = torch.empty(1, 1, dtype={4: torch.float32, 2: torch.float16}[elem])
+@pytest.mark.parametrize("elem,block_r", [(4, 64), (4, 16), (2, 64), (2, 128)])
+def test_shrink_pruning_follows_the_estimate(elem, block_r, monkeypatch):
+    # Every config the autotuner keeps fits by the estimate and every dropped one does not; the
+    # estimate counts num_stages copies under wgmma (sm_90, 16-bit, BM >= 64), num_stages - 1 otherwise.
+    dt = {4: torch.float32, 2: torch.float16}[elem]
+    x = torch.empty(1, 1, dtype=dt)
+    kern = _full_shrink_tuner()
     kw = dict(BLOCK_M=64, BLOCK_R=block_r)
-    for prune, configs, name, est in (
-        (grouped_kernels._prune_shrink, grouped_kernels._shrink_configs(), "x_ptr",
-         lambda c: grouped_kernels.shrink_smem_estimate(64, c.kwargs["BLOCK_K"], block_r, c.num_stages, elem)),
-        (grouped_kernels._prune_outer, grouped_kernels._outer_configs(), "wide_ptr",
-         lambda c: grouped_kernels.outer_smem_estimate(64, c.kwargs["BLOCK_D"], block_r, c.num_stages, elem)),
-    ):
-        kept = prune(configs, {name: x}, **kw)
-        assert kept and [str(c) for c in kept] == [str(c) for c in configs if est(c) <= limit]
-    kept = [str(c) for c in grouped_kernels._prune_shrink(grouped_kernels._shrink_configs(), {"x_ptr": x}, **kw)]
-    dropped = [c for c in grouped_kernels._shrink_configs() if str(c) not in kept]
-    assert bool(dropped) == (elem == 4 and block_r == 64)
-    # nothing fits: the smallest config is kept so the launch fails loudly rather than the autotuner
-    monkeypatch.setattr(grouped_kernels, "max_smem", lambda device: 1024)
-    assert len(grouped_kernels._prune_shrink(grouped_kernels._shrink_configs(), {"x_ptr": x}, **kw)) == 1
+    for cap, limit in ((90, 232448), (80, 166912)):
+        kept = {str(c) for c in _pruned(kern, x, kw, limit, cap, monkeypatch)}
+        for c in kern.configs:
+            est = kern.estimate(c, {"x_ptr": x}, kw)
+            wgmma = cap == 90 and elem == 2 and c.num_warps % 4 == 0  # 2 warps are not a warp group
+            stages = c.num_stages if wgmma else c.num_stages - 1
+            assert est == stages * (64 * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * block_r) * elem
+            assert (str(c) in kept) == (est <= limit), (cap, c, est)
+    monkeypatch.setattr(utils, "_ASSUMED", (132, 1024, 90))
+    assert len(kern.candidates({"x_ptr": x}, kw)) == 1  # nothing fits: the smallest stays, the launch names it
+
+
+def test_pruning_drops_configs_that_overflow(monkeypatch):
+    # fp32, r=64 on an H100: the BLOCK_K=256 shrink pipeline (2 stages x 128 KiB on mma.sync) cannot fit
+    x = torch.empty(1, 1, dtype=torch.float32)
+    kern = _full_shrink_tuner()
+    kept = _pruned(kern, x, dict(BLOCK_M=64, BLOCK_R=64), 232448, 90, monkeypatch)
+    assert all(c.kwargs["BLOCK_K"] != 256 for c in kept) and len(kept) < len(kern.configs)
 
 
 # ----------------------------------------------------------------------------------------------------
