@@ -75,6 +75,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="recompute activations in backward (less memory, ~30%% slower)")
     g.add_argument("--accelerate", action="store_true",
                    help="use accelerate even when not launched by accelerate launch/torchrun")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the frozen base over the launched processes (FSDP2; under torchrun / accelerate "
+                        "launch); what trains stays whole on every process")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
@@ -203,7 +206,7 @@ def _cmd_train_expert(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, dtype=args.dtype)
     return _run_training(args, what, lambda: train_expert(
         model, tok, records, args.output, config, resume=args.resume, overwrite=args.overwrite,
-        accelerate=True if args.accelerate else None, device=_device_for_training(args)))
+        accelerate=True if args.accelerate else None, device=_device_for_training(args), fsdp=args.fsdp))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,4 +300,4 @@ def _cmd_train_router(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, dtype=args.dtype)
     return _run_training(args, f"MiXSE router over {list(experts)}", lambda: train_router(
         model, tok, experts, records, args.output, config, resume=args.resume, overwrite=args.overwrite,
-        accelerate=True if args.accelerate else None, device=_device_for_training(args)))
+        accelerate=True if args.accelerate else None, device=_device_for_training(args), fsdp=args.fsdp))

@@ -213,7 +213,7 @@ class _Loop:
         params = [p for _, p in trainable_parameters(model)]
         if not params:
             raise ValueError(f"{type(model).__name__} has no trainable parameters")
-        model.to(runtime.device)
+        runtime.place(model)
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
                                            weight_decay=config.weight_decay)
@@ -321,6 +321,7 @@ class _Loop:
             sums[2] += batch["attention_mask"].sum()
             if alone:
                 self.guard.check()
+        rt.sync_gradients(self.params)
         sums[3] = float(self.guard.requested)
         sums = rt.all_sum(sums)
         ce_sum, aux_sum, tokens, stops = (float(v) for v in sums.tolist())
@@ -424,7 +425,7 @@ class _Loop:
 def fit(model: nn.Module, tokenizer: Any, dataset: SFTDataset, output_dir: PathLike, config: TrainConfig, *,
         run_info: Mapping[str, Any], export: Callable[[nn.Module, pathlib.Path], None], resume: bool = False,
         overwrite: bool = False, callbacks: Sequence[Callback] = (), accelerate: Optional[bool] = None,
-        device: Optional[Union[str, torch.device]] = None) -> TrainResult:
+        device: Optional[Union[str, torch.device]] = None, fsdp: bool = False) -> TrainResult:
     """The training loop: AdamW on ``model``'s trainable parameters over ``dataset``, with checkpoints.
 
     Args:
@@ -441,6 +442,8 @@ def fit(model: nn.Module, tokenizer: Any, dataset: SFTDataset, output_dir: PathL
         callbacks: ``callback(state, model)`` after every optimizer step (after its checkpoint, if any).
         accelerate: ``None`` = use accelerate when launched by ``accelerate launch``/``torchrun``;
             ``True``/``False`` to force. ``device``: single-process device (default: CUDA if present).
+        fsdp: shard the frozen base over the launched processes (:mod:`selfmoe.fsdp`); what trains stays
+            whole, so checkpoints are those of any other run.
 
     Raises :class:`TrainingInterrupted`, :class:`NonFiniteLossError`, ``FileExistsError`` (run dir),
     :class:`CheckpointError` (no usable checkpoint to resume from), :class:`~selfmoe.io_utils.WriteError`
@@ -448,7 +451,7 @@ def fit(model: nn.Module, tokenizer: Any, dataset: SFTDataset, output_dir: PathL
     hung; raised after the collective timeout at most).
     """
     config.validate()
-    runtime = make_runtime(config.mixed_precision, accelerate, device)
+    runtime = make_runtime(config.mixed_precision, accelerate, device, fsdp=fsdp)
     out = pathlib.Path(os.fspath(output_dir))
     record = run_record(config, run_info)
     if runtime.world_size == 1:
@@ -524,7 +527,7 @@ def _format_info(fmt: str) -> Dict[str, Any]:
 def train_expert(base_model: nn.Module, tokenizer: Any, records: Sequence[Record], output_dir: PathLike,
                  config: Optional[TrainConfig] = None, *, resume: bool = False, overwrite: bool = False,
                  callbacks: Sequence[Callback] = (), accelerate: Optional[bool] = None,
-                 device: Optional[Union[str, torch.device]] = None, **overrides: Any) -> TrainResult:
+                 device: Optional[Union[str, torch.device]] = None, fsdp: bool = False, **overrides: Any) -> TrainResult:
     """Train one LoRA expert on ``records`` and save it to ``output_dir`` as a PEFT adapter.
 
     One domain's records give that domain's expert; the union of all domains gives the
@@ -548,7 +551,7 @@ def train_expert(base_model: nn.Module, tokenizer: Any, records: Sequence[Record
 
     try:
         return fit(base_model, tokenizer, dataset, output_dir, cfg, run_info=run_info, export=export, resume=resume,
-                   overwrite=overwrite, callbacks=callbacks, accelerate=accelerate, device=device)
+                   overwrite=overwrite, callbacks=callbacks, accelerate=accelerate, device=device, fsdp=fsdp)
     finally:
         remove_lora(base_model)
 
@@ -556,12 +559,14 @@ def train_expert(base_model: nn.Module, tokenizer: Any, records: Sequence[Record
 def train_router(base_model: nn.Module, tokenizer: Any, experts: Mapping[str, PathLike], records: Sequence[Record],
                  output_dir: PathLike, config: Optional[TrainConfig] = None, *, resume: bool = False,
                  overwrite: bool = False, callbacks: Sequence[Callback] = (), accelerate: Optional[bool] = None,
-                 device: Optional[Union[str, torch.device]] = None, **overrides: Any) -> TrainResult:
+                 device: Optional[Union[str, torch.device]] = None, fsdp: bool = False,
+                 **overrides: Any) -> TrainResult:
     """Train the MiXSE router over frozen ``experts`` (``{name: PEFT adapter dir}``) and save the MiXSE
     (:meth:`MiXSE.save_pretrained` format) to ``output_dir``.
 
     Base and expert weights stay bit-identical; only the router learns, on the plain LM loss (plus
-    ``output.aux_loss`` when ``aux_loss`` is configured). ``base_model`` is restored afterwards.
+    ``output.aux_loss`` when ``aux_loss`` is configured). ``base_model`` is restored afterwards (with
+    ``fsdp=True`` it is left sharded: see :mod:`selfmoe.fsdp`).
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     if not isinstance(experts, Mapping) or not experts:
@@ -591,6 +596,6 @@ def train_router(base_model: nn.Module, tokenizer: Any, experts: Mapping[str, Pa
             m.save_pretrained(path)
 
         return fit(model, tokenizer, dataset, output_dir, cfg, run_info=run_info, export=export, resume=resume,
-                   overwrite=overwrite, callbacks=callbacks, accelerate=accelerate, device=device)
+                   overwrite=overwrite, callbacks=callbacks, accelerate=accelerate, device=device, fsdp=fsdp)
     finally:
         model.unload()

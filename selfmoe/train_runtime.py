@@ -162,8 +162,16 @@ class SingleProcess:
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
         self.precision = _resolve_precision(precision, self.device)
 
+    def place(self, model: nn.Module) -> None:
+        """Put ``model`` on this runtime's device (sharded, for :class:`~selfmoe.fsdp.FSDPRuntime`); the
+        trainable parameters stay the same objects."""
+        model.to(self.device)
+
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         return model, optimizer
+
+    def sync_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Make the step's accumulated gradients the same on every process (DDP does it in backward)."""
 
     def autocast(self):
         if self.precision == "bf16":
@@ -255,10 +263,15 @@ class AccelerateRuntime(SingleProcess):
         return self.acc.unwrap_model(model)
 
 
-def make_runtime(precision: str, accelerate: Optional[bool],
-                 device: Optional[Union[str, torch.device]]) -> SingleProcess:
-    """``AccelerateRuntime`` when ``accelerate`` (``None``: when a launcher started this process), else
-    ``SingleProcess``; ``precision`` is :attr:`TrainConfig.mixed_precision`."""
+def make_runtime(precision: str, accelerate: Optional[bool], device: Optional[Union[str, torch.device]],
+                 fsdp: bool = False) -> SingleProcess:
+    """:class:`~selfmoe.fsdp.FSDPRuntime` when ``fsdp``; else ``AccelerateRuntime`` when ``accelerate`` (``None``:
+    when a launcher started this process), else ``SingleProcess``; ``precision`` is
+    :attr:`TrainConfig.mixed_precision`."""
+    if fsdp:
+        from .fsdp import FSDPRuntime
+
+        return FSDPRuntime(device, precision)
     if accelerate_cpu_single_process():
         warnings.warn("accelerate launch --cpu started this process alone (accelerate runs several CPU processes only "
                       "with --mpirun_hostfile): training in one process. For N processes on CPUs (gloo) use "

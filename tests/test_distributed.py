@@ -86,6 +86,22 @@ def _driver_main(spec: dict, argv: list) -> int:
             return ddp, opt
 
         runtime_mod.AccelerateRuntime.prepare = counting_prepare
+    if spec.get("record_sharding"):
+        import selfmoe.fsdp as fsdp_mod
+
+        place = fsdp_mod.FSDPRuntime.place
+
+        def recording_place(self, model):
+            place(self, model)
+            from torch.distributed.tensor import DTensor
+
+            seen = {n: {"sharded": isinstance(p, DTensor), "numel": p.numel(),
+                        "local": (p.to_local() if isinstance(p, DTensor) else p).numel(), "trains": p.requires_grad}
+                    for n, p in model.named_parameters()}
+            with open(os.path.join(spec["record_sharding"], f"sharding-rank{rank}.json"), "w") as f:
+                json.dump(seen, f)
+
+        fsdp_mod.FSDPRuntime.place = recording_place
     try:
         return main(argv)
     finally:
@@ -347,6 +363,28 @@ def test_ctrl_c_of_the_launcher_leaves_a_checkpoint_that_resumes_on_two_and_on_o
     assert res.resumed_from == step
     assert_close_run(on_one, router_two[0], "router.safetensors")
     assert [m[0] for m in metrics(on_one)] == list(range(1, TOTAL_STEPS + 1))
+
+
+def test_fsdp2_shards_the_frozen_base_and_trains_the_router_like_one_process(setup, router_one, tmp_path):
+    """``train-router --fsdp`` under torchrun: each process holds half of every base tensor; the router and
+    experts stay whole; the checkpoint holds the router only; the router equals the one-process run."""
+    out, rec = tmp_path / "router-fsdp", tmp_path / "sharding"
+    rec.mkdir()
+    launch = run_ok(_torchrun({"record_sharding": str(rec)}, router_args(setup, out) + ["--fsdp"]))
+    assert launch.output.count("MiXSE router over ['a', 'b'] -> ") == 1, launch.output[-3000:]
+    assert_single_writer(out, MIXSE_FILES)
+    assert_close_run(out, router_one, "router.safetensors")
+    assert_close_run(out, router_one, "experts.safetensors", exact=True)
+    assert set(tensors(out / "checkpoint", "trainable.safetensors")) == {"router.linear.weight", "router.linear.bias"}
+    for rank in (0, 1):
+        seen = json.loads((rec / f"sharding-rank{rank}.json").read_text())
+        whole = {n for n, v in seen.items() if not v["sharded"]}
+        assert whole == {n for n in seen if n.startswith("router.") or n.endswith((".lora_A", ".lora_B"))}, whole
+        base = {n: v for n, v in seen.items() if v["sharded"]}
+        assert base and not any(v["trains"] for v in base.values())
+        held = sum(v["local"] for v in base.values())
+        total = sum(v["numel"] for v in base.values())
+        assert 0.45 * total <= held <= 0.55 * total, (held, total)  # this process holds half of the base
 
 
 def test_a_hung_process_makes_the_other_stop_with_a_clear_error(setup, tmp_path):
