@@ -37,6 +37,10 @@ def _add_specialize(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-pairs", type=int, default=5000, help="pairs to keep per domain")
     p.add_argument("--brainstorm-shots", type=int, default=3, help="seed instructions in each brainstorm prompt")
     p.add_argument("--response-shots", type=int, default=5, help="seed pairs in each response prompt")
+    p.add_argument("--no-share-shots", action="store_true",
+                   help="draw the few-shot examples per prompt instead of once per --batch-size group of prompts "
+                        "(a shared draw lets the hf backend run the group's common prompt prefix once: several "
+                        "times less prefill on a CPU)")
     p.add_argument("--prompts-per-round", type=int, default=64, help="instructions brainstormed per round (checkpoint unit)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (hf backend)")
     p.add_argument("--max-attempts", type=int, default=None, help="most instructions brainstormed (default: 20 x missing pairs)")
@@ -88,7 +92,7 @@ def _cmd_specialize(args: argparse.Namespace) -> int:
         response=base.response.replace(max_new_tokens=args.response_max_new_tokens),
         prompts_per_round=args.prompts_per_round, batch_size=args.batch_size, max_attempts=args.max_attempts,
         seed=args.seed, templates=args.templates, overwrite=args.overwrite, progress=not args.no_progress,
-        prompt_format=args.prompt_format,
+        prompt_format=args.prompt_format, share_shots=not args.no_share_shots,
         filters=FilterConfig(min_instruction_words=args.min_instruction_words, min_response_words=args.min_response_words,
                              drop_unfinished=not args.keep_unfinished,
                              near_dup_threshold=args.near_dup_threshold or None,

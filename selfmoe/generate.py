@@ -121,12 +121,27 @@ class HFGenerator(BatchedRunner):
     """Batched ``model.generate`` with left padding (see the module docstring).
 
     ``batch_size`` prompts per ``generate`` call; ``progress`` shows a tqdm bar over the sequences.
+    ``prefix_cache``: run the token prefix that all prompts of a batch share once and reuse its KV
+    cache (:mod:`selfmoe.prefix_cache`; same outputs up to float rounding). Off by default; ``True``
+    turns it on where the model allows it (plain transformers causal LMs; not MiXSE or PEFT wrappers,
+    which keep per-cache state). Prompts are then ordered by their tokens and batched by shared
+    prefix (:func:`~selfmoe.prefix_cache.prefix_batches`) instead of by length, and a batch uses the
+    shared prefix when it is at least ``min_shared_prefix`` tokens long.
+    ``counters`` adds up, over calls: prompts, prompt tokens, prefill tokens actually computed, and
+    generated tokens (what a benchmark reports).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = True,
-                 sort_by_length: bool = True) -> None:
+                 sort_by_length: bool = True, prefix_cache: bool = False, min_shared_prefix: int = 32) -> None:
         super().__init__(model, tokenizer, batch_size=batch_size, progress=progress)
+        from .prefix_cache import supports_prefix_cache
+
+        if min_shared_prefix < 1:
+            raise ValueError(f"min_shared_prefix must be >= 1, got {min_shared_prefix}")
         self.sort_by_length = sort_by_length
+        self.prefix_cache = bool(prefix_cache) and supports_prefix_cache(model)
+        self.min_shared_prefix = min_shared_prefix
+        self.counters = {"prompts": 0, "prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0}
         self.eos_ids = _eos_ids(model, tokenizer)
         if not self.eos_ids:
             raise ValueError("neither the tokenizer nor the model's generation_config has an eos_token_id")
@@ -161,6 +176,33 @@ class HFGenerator(BatchedRunner):
                 mask[i, width - len(s):] = 1
         return ids.to(device), mask.to(device)
 
+    def _generate_batch(self, seqs: Sequence[List[int]], device: torch.device, kwargs: dict) -> Tuple[torch.Tensor, int]:
+        """One ``generate`` call: the output ids ``[B, width + new]`` and the prompt width."""
+        from .prefix_cache import cache_kwarg, common_prefix_length, mid_padded_batch, prefill_prefix
+
+        self.counters["prompts"] += len(seqs)
+        self.counters["prompt_tokens"] += sum(len(s) for s in seqs)
+        shared = common_prefix_length(seqs) if self.prefix_cache and len(seqs) > 1 else 0
+        if shared >= self.min_shared_prefix:
+            ids, mask = mid_padded_batch(seqs, shared, self.pad_id, device)
+            cache = prefill_prefix(self.model, seqs[0][:shared], len(seqs))
+            self.counters["prefill_tokens"] += shared + len(seqs) * (ids.shape[1] - shared)
+            return self.model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(self.model): cache},
+                                       **kwargs), ids.shape[1]
+        ids, mask = self._left_pad(seqs, device)
+        self.counters["prefill_tokens"] += ids.numel()  # padding is computed too
+        return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs), ids.shape[1]
+
+    def _generated_length(self, new_ids: torch.Tensor) -> int:
+        """Tokens this row generated up to its EOS (the pads generate writes after a finished row are not counted)."""
+        row = new_ids.tolist()
+        for j, t in enumerate(row):
+            if t in self.eos_ids:
+                return j + 1
+            if t == self.pad_id:
+                return j
+        return len(row)
+
     def _decode(self, new_ids: torch.Tensor, config: SamplingConfig) -> Completion:
         row = new_ids.tolist()
         finished = False
@@ -184,12 +226,17 @@ class HFGenerator(BatchedRunner):
         if empty:
             raise ValueError(f"prompt(s) {empty[:5]} encode to no tokens (an empty prompt without BOS cannot be continued)")
         order = list(range(len(prompts)))
-        if self.sort_by_length:
-            order.sort(key=lambda i: -len(encoded[i]))  # longest first: an OOM shows up on the first batch
+        if self.prefix_cache:
+            from .prefix_cache import prefix_batches
+
+            batches = prefix_batches(encoded, self.batch_size, self.min_shared_prefix)
+        else:
+            if self.sort_by_length:
+                order.sort(key=lambda i: -len(encoded[i]))  # longest first: an OOM shows up on the first batch
+            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         device = next(self.model.parameters()).device
         kwargs = self._generation_kwargs(config)
         out: List[Optional[Completion]] = [None] * len(prompts)
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         devices = [device] if device.type == "cuda" else []
         # fork_rng: a seeded run must not reset the caller's global RNG stream.
         with torch.random.fork_rng(devices=devices, enabled=config.seed is not None), _eval_mode(self.model), torch.no_grad():
@@ -199,11 +246,12 @@ class HFGenerator(BatchedRunner):
             # e.g. specialize's pairs, stays on screen).
             bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not self.progress, unit="seq", leave=False)
             for batch in batches:
-                ids, mask = self._left_pad([encoded[i] for i in batch], device)
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-                new = gen[:, ids.shape[1]:].cpu()
+                seqs = [encoded[i] for i in batch]
+                gen, width = self._generate_batch(seqs, device, kwargs)
+                new = gen[:, width:].cpu()
                 for row, i in enumerate(batch):
                     out[i] = self._decode(new[row], config)
+                    self.counters["generated_tokens"] += self._generated_length(new[row])
                 bar.update(len(batch))
             bar.close()
         return [c for c in out if c is not None]

@@ -4,11 +4,13 @@ Per round (paper defaults, all in :class:`SpecializeConfig`):
 
 1. **Brainstorm**: ``prompts_per_round`` prompts, each the domain's instruction-writing header plus
    ``brainstorm_shots=3`` random seed instructions; sampled (temperature 1.0, top-p 0.98). The text
-   before the next ``### Instruction``/``### Response`` mark is the new instruction.
+   before the next ``### Instruction``/``### Response`` mark is the new instruction. With
+   ``share_shots`` (default) the prompts of one generate batch share one random draw of seeds, so the
+   generator runs their common prefix once (:mod:`selfmoe.prefix_cache`); the next batch draws again.
 2. **Filter instructions** (:mod:`selfmoe.filters`): empty, short, long, unfinished, format-broken,
    exact/near copies of a seed or of an instruction kept earlier (or earlier in the same round).
-3. **Respond**: the domain's expert system prompt, ``response_shots=5`` random seed pairs, the new
-   instruction; greedy.
+3. **Respond**: the domain's expert system prompt, ``response_shots=5`` random seed pairs (shared per
+   batch like the brainstorm's), the new instruction; greedy.
 4. **Filter responses** (the text checks, then the domain-aware ones of :mod:`selfmoe.filters`: coding
    code must parse, optionally pass the instruction's asserts in the sandbox; multiple-choice answer
    letters stay balanced across the domain's file), then append the kept pairs to ``out_path`` (flushed and fsynced per round)
@@ -72,6 +74,10 @@ class SpecializeConfig:
     ``overwrite``: start over when ``out_path`` exists (required if it holds another domain).
     ``prompt_format``: ``auto`` (the tokenizer's chat template when it has one, else the Alpaca-style
     few-shot prompts), ``chat`` or ``alpaca`` (:mod:`selfmoe.prompts`, :mod:`selfmoe.prompt_format`).
+    ``share_shots``: the prompts of each group of ``batch_size`` (one generate batch) share their
+    random few-shot examples, so their long common prefix is computed once; ``False`` draws the
+    examples per prompt (as Self-Instruct does; a few times more prefill on a CPU). Sampling itself
+    (temperature, top-p, greedy responses) is the same either way.
     """
 
     brainstorm_shots: int = 3
@@ -87,6 +93,7 @@ class SpecializeConfig:
     overwrite: bool = False
     progress: bool = True
     prompt_format: str = "auto"
+    share_shots: bool = True
 
     def __post_init__(self) -> None:
         for name in ("brainstorm_shots", "response_shots", "prompts_per_round", "batch_size"):
@@ -208,7 +215,8 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
     if generator is None:
         if model is None or tokenizer is None:
             raise ValueError("pass model and tokenizer, or a generator")
-        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=cfg.progress)
+        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=cfg.progress,
+                                prefix_cache=cfg.share_shots)
     template = get_template(domain, load_templates(cfg.templates))
     fmt = resolve_prompt_format(cfg.prompt_format, tokenizer)
     count_tokens = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer is not None else None
@@ -328,6 +336,19 @@ def _warn_if_slow(domain: str, elapsed: float, kept: int, attempts: int, remaini
     return True
 
 
+def _draw_shots(rng: random.Random, seeds: Sequence[Dict[str, Any]], shots: int, count: int,
+                cfg: SpecializeConfig) -> List[List[Dict[str, Any]]]:
+    """Few-shot examples for ``count`` prompts: one random draw per group of ``cfg.batch_size`` prompts
+    with ``share_shots`` (a batch then shares its prompt prefix), else one draw per prompt."""
+    group = cfg.batch_size if cfg.share_shots else 1
+    draws: List[List[Dict[str, Any]]] = []
+    for i in range(count):
+        if i % group == 0:
+            current = rng.sample(list(seeds), shots)
+        draws.append(current)
+    return draws
+
+
 def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str, Any]], cfg: SpecializeConfig,
                rng: random.Random, k: int, index: NearDuplicateIndex, removed: Dict[str, int],
                count_tokens: Any, domain: str, fmt: str = "alpaca", tokenizer: Any = None, *,
@@ -338,8 +359,8 @@ def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str
     writes); the round judges its pairs against it plus the pairs it kept before them."""
     fc = cfg.filters
     local_balance = (balance or AnswerBalance(fc.max_answer_letter_share, fc.answer_balance_min_kept)).copy()
-    prompts = [build_brainstorm_prompt(template, rng.sample(seeds, cfg.brainstorm_shots), fmt=fmt, tokenizer=tokenizer)
-               for _ in range(k)]
+    prompts = [build_brainstorm_prompt(template, shots, fmt=fmt, tokenizer=tokenizer)
+               for shots in _draw_shots(rng, seeds, cfg.brainstorm_shots, k, cfg)]
     comps = generator.generate(prompts, cfg.brainstorm.replace(seed=rng.getrandbits(31)), desc=f"{domain}: instructions")
     # Duplicates within the round are checked against a round-local index, so an instruction whose
     # response is later dropped does not block its near-copies in later rounds.
@@ -358,8 +379,9 @@ def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str
         instructions.append((text, toks))
     if not instructions:
         return []
-    resp_prompts = [build_response_prompt(template, rng.sample(seeds, cfg.response_shots), text, fmt=fmt,
-                                          tokenizer=tokenizer) for text, _ in instructions]
+    resp_prompts = [build_response_prompt(template, shots, text, fmt=fmt, tokenizer=tokenizer)
+                    for (text, _), shots in zip(instructions,
+                                                _draw_shots(rng, seeds, cfg.response_shots, len(instructions), cfg))]
     answers = generator.generate(resp_prompts, cfg.response.replace(seed=rng.getrandbits(31)), desc=f"{domain}: responses")
     kept = []
     for (text, _), a in zip(instructions, answers):
@@ -398,7 +420,7 @@ def specialize(model: Any, tokenizer: Any, seeds_by_domain: Mapping[str, Sequenc
     if generator is None:
         if model is None or tokenizer is None:
             raise ValueError("pass model and tokenizer, or a generator")
-        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=False)
+        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=False, prefix_cache=cfg.share_shots)
     out_root = pathlib.Path(out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
     return {d: specialize_domain(model, tokenizer, seeds_by_domain[d], d, out_root / f"{d}.jsonl", num_pairs,

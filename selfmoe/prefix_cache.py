@@ -1,0 +1,123 @@
+"""Shared-prefix prefill for batched generation: a prompt prefix common to a batch is run once.
+
+Few-shot prompts of one batch often start with the same hundreds of tokens (the same system prompt and
+the same examples; :mod:`selfmoe.specialization` builds its batches that way). Running that prefix
+once at batch size 1, repeating its KV cache over the batch and letting ``generate`` continue from it
+turns ``B x (P + S)`` prefill tokens into ``P + B x S``.
+
+The batch is laid out as ``[prefix | padding | suffix_i]``: the padding sits between the shared
+prefix and each row's own suffix, masked out, so every row still ends at the last column (where a
+decoder-only model continues) and its positions run on without a gap (``generate`` derives position
+ids from the attention mask's cumulative sum). Rows therefore see exactly the tokens they would see
+alone: the outputs equal unbatched generation up to float rounding (tests/test_prefix_cache.py).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, List, Sequence, Tuple
+
+import torch
+
+__all__ = ["common_prefix_length", "mid_padded_batch", "prefill_prefix", "cache_kwarg", "supports_prefix_cache",
+           "prefix_batches"]
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all of ``seqs`` share, capped one short of the shortest
+    sequence (``generate`` must run at least one token of every row itself to get its next-token logits)."""
+    if not seqs:
+        return 0
+    first = seqs[0]
+    n = min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def mid_padded_batch(seqs: Sequence[Sequence[int]], prefix_len: int, pad_id: int,
+                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, prefix_len + max suffix]`` laid out as
+    ``[prefix | pad | suffix_i]`` (pads masked with 0). ``seqs`` must share their first ``prefix_len`` tokens."""
+    width = max(len(s) for s in seqs) - prefix_len
+    ids = torch.full((len(seqs), prefix_len + width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)
+    if prefix_len:
+        ids[:, :prefix_len] = torch.as_tensor(list(seqs[0][:prefix_len]), dtype=torch.long)
+        mask[:, :prefix_len] = 1
+    for i, s in enumerate(seqs):
+        suffix = list(s[prefix_len:])
+        ids[i, ids.shape[1] - len(suffix):] = torch.as_tensor(suffix, dtype=torch.long)
+        mask[i, ids.shape[1] - len(suffix):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which ``model``'s forward (and so ``generate``) takes its KV cache: ``cache`` from
+    transformers 5.24 on, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def supports_prefix_cache(model: Any) -> bool:
+    """Whether ``model`` is a plain transformers causal LM whose forward returns a ``DynamicCache`` that
+    can be repeated over a batch (MiXSE and other wrappers keep their own per-cache state: not these)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    if not isinstance(model, PreTrainedModel) or getattr(model.config, "is_encoder_decoder", False):
+        return False
+    if hasattr(model, "peft_config") or hasattr(model, "mixse_config"):
+        return False
+    return True
+
+
+def prefill_prefix(model: Any, prefix: Sequence[int], batch_size: int) -> Any:
+    """Run ``prefix`` once (batch 1) and return its KV cache repeated ``batch_size`` times, ready to pass
+    to ``generate`` under :func:`cache_kwarg`. Only the last position's logits are computed when the
+    model allows it (the prefix's logits are never used)."""
+    device = next(model.parameters()).device
+    ids = torch.as_tensor([list(prefix)], dtype=torch.long, device=device)
+    kwargs: dict = {"use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        raise TypeError(f"{type(model).__name__} returned no repeatable KV cache ({type(cache).__name__})")
+    if batch_size > 1:
+        cache.batch_repeat_interleave(batch_size)
+    return cache
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def prefix_batches(encoded: Sequence[Sequence[int]], batch_size: int, min_shared_prefix: int) -> List[List[int]]:
+    """Prompt indices in batches of at most ``batch_size`` that keep shared prefixes together.
+
+    Prompts are sorted by their tokens, so those sharing a prefix are neighbours, and cut into groups
+    where the prefix two neighbours share falls below half of what a neighbouring pair shares (a pair
+    sharing ``>= min_shared_prefix`` tokens): few-shot prompts built in groups with the same examples
+    (:mod:`selfmoe.specialization`) then give one group each, instead of batches that straddle two
+    groups and share only the system prompt. Each group is split into batches of ``batch_size``.
+    """
+    order = sorted(range(len(encoded)), key=lambda i: list(encoded[i]))
+    # adjacent[j]: tokens prompts order[j-1] and order[j] share (adjacent[0] unused)
+    adjacent = [0] + [_shared(encoded[order[j - 1]], encoded[order[j]]) for j in range(1, len(order))]
+    groups: List[List[int]] = []
+    for j, i in enumerate(order):
+        if j > 0:
+            neighbours = max(adjacent[j - 1] if j > 1 else 0, adjacent[j + 1] if j + 1 < len(order) else 0)
+            if not (neighbours >= min_shared_prefix and 2 * adjacent[j] < neighbours):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return [g[k:k + batch_size] for g in groups for k in range(0, len(g), batch_size)]

@@ -1,0 +1,125 @@
+"""Shared-prefix prefill (selfmoe.prefix_cache) and the shot groups of self-specialization that feed it."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from selfmoe.data import encode_prompt
+from selfmoe.generate import HFGenerator, SamplingConfig
+from selfmoe.prefix_cache import common_prefix_length, mid_padded_batch, prefix_batches, supports_prefix_cache
+from selfmoe.specialization import SpecializeConfig, _draw_shots
+
+from _tiny_lm import load_tiny_lm, save_tiny_lm
+
+# A long few-shot head shared by every prompt, then suffixes of different lengths: batches must pad.
+HEAD = ("You are a careful assistant. Here are solved examples. Tom has 3 apples and buys 5 more, so he has 8. "
+        "A train goes 60 miles per hour for 3 hours, so it travels 180 miles. ")
+SUFFIXES = ["Anna saves 4 dollars a week for 9 weeks. How much?", "Two plus two?",
+            "A box holds 12 eggs. How many eggs are in 7 boxes, and how many in 9?", "Why?", "Sum 2, 4 and 6."]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return load_tiny_lm(save_tiny_lm(tmp_path_factory.mktemp("lm")))
+
+
+def alone(model, tok, prompt, max_new_tokens):
+    """One prompt, no padding, no cache tricks: the reference."""
+    gen = HFGenerator(model, tok, batch_size=1, progress=False)
+    return gen.generate([prompt], SamplingConfig(max_new_tokens=max_new_tokens, do_sample=False))[0]
+
+
+def test_common_prefix_length_stops_one_short_of_the_shortest():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # identical: the last token is left to generate
+    assert common_prefix_length([[1, 2, 3], [4, 2, 3]]) == 0
+    assert common_prefix_length([[7]]) == 0
+    assert common_prefix_length([]) == 0
+
+
+def test_mid_padded_layout():
+    ids, mask = mid_padded_batch([[1, 2, 3, 4], [1, 2, 5], [1, 2, 6, 7, 8]], 2, pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[1, 2, 0, 3, 4], [1, 2, 0, 0, 5], [1, 2, 6, 7, 8]]
+    assert mask.tolist() == [[1, 1, 0, 1, 1], [1, 1, 0, 0, 1], [1, 1, 1, 1, 1]]
+
+
+def test_prefix_batches_keep_shot_groups_together():
+    system = list(range(100))
+    group_a = [system + [500] * 300 + [1000 + i] for i in range(5)]
+    group_b = [system + [600] * 300 + [2000 + i, i] for i in range(3)]
+    single = [system + [700] * 300 + [9]]
+    encoded = group_b + single + group_a  # input order does not matter
+    batches = prefix_batches(encoded, 4, 32)
+    as_sets = sorted(sorted(b) for b in batches)
+    assert as_sets == [[0, 1, 2], [3], [4, 5, 6, 7], [8]]
+    assert sorted(i for b in batches for i in b) == list(range(len(encoded)))
+    # Prompts that share little (less than min_shared_prefix) are simply batched in token order.
+    assert [len(b) for b in prefix_batches([[i, 1] for i in range(7)], 3, 32)] == [3, 3, 1]
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_prefix_cached_generation_equals_each_prompt_alone(lm, batch_size):
+    model, tok = lm
+    prompts = [HEAD + s for s in SUFFIXES]
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    shared = common_prefix_length(encoded)
+    assert shared >= 32 and len({len(e) for e in encoded}) >= 4  # premise: a long shared head, ragged suffixes
+    gen = HFGenerator(model, tok, batch_size=batch_size, progress=False, prefix_cache=True)
+    assert gen.prefix_cache
+    got = gen.generate(prompts, SamplingConfig(max_new_tokens=10, do_sample=False))
+    ref = [alone(model, tok, p, 10) for p in prompts]
+    assert got == ref
+    assert all(c.text for c in got)
+    # The shared head was run once per batch, not once per prompt.
+    c = gen.counters
+    assert c["prompts"] == len(prompts) and c["prompt_tokens"] == sum(map(len, encoded))
+    expected = 0
+    for batch in prefix_batches(encoded, batch_size, 32):
+        rows = [encoded[i] for i in batch]
+        p = common_prefix_length(rows) if len(rows) > 1 else 0
+        p = p if p >= 32 else 0
+        expected += p + len(rows) * (max(map(len, rows)) - p)
+    assert c["prefill_tokens"] == expected
+    plain = HFGenerator(model, tok, batch_size=batch_size, progress=False)
+    assert plain.generate(prompts, SamplingConfig(max_new_tokens=10, do_sample=False)) == ref
+    assert c["prefill_tokens"] < plain.counters["prefill_tokens"] - (shared - 1)
+    assert 0 < c["generated_tokens"] <= 10 * len(prompts)
+
+
+def test_prefix_cache_off_for_wrappers_and_by_default(lm):
+    model, tok = lm
+    assert supports_prefix_cache(model)
+    assert not supports_prefix_cache(torch.nn.Linear(2, 2))
+    assert not HFGenerator(model, tok, progress=False).prefix_cache  # off unless asked for
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+    assert not HFGenerator(Wrapped(model), tok, progress=False, prefix_cache=True).prefix_cache
+
+
+def test_prefix_cached_sampling_is_seeded(lm):
+    model, tok = lm
+    prompts = [HEAD + "Write a question."] * 4 + [HEAD + s for s in SUFFIXES[:2]]
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.98, seed=7)
+    a = HFGenerator(model, tok, batch_size=4, progress=False, prefix_cache=True).generate(prompts, cfg)
+    b = HFGenerator(model, tok, batch_size=4, progress=False, prefix_cache=True).generate(prompts, cfg)
+    assert a == b
+    assert len({c.text for c in a[:4]}) > 1  # identical prompts still sample different texts
+
+
+def test_shot_groups_follow_the_batch_size():
+    seeds = [{"instruction": f"seed {i}", "output": str(i)} for i in range(6)]
+    shared = _draw_shots(random.Random(0), seeds, 3, 10, SpecializeConfig(batch_size=4, share_shots=True))
+    assert len(shared) == 10
+    groups = [shared[0:4], shared[4:8], shared[8:10]]
+    assert all(all(d == g[0] for d in g) for g in groups)  # one draw per batch-sized group
+    assert len({tuple(s["output"] for s in g[0]) for g in groups}) > 1  # groups draw afresh
+    # share_shots=False: one draw per prompt, exactly the draws of rng.sample per prompt
+    rng_a, rng_b = random.Random(1), random.Random(1)
+    per_prompt = _draw_shots(rng_a, seeds, 3, 5, SpecializeConfig(batch_size=4, share_shots=False))
+    assert per_prompt == [rng_b.sample(seeds, 3) for _ in range(5)]
