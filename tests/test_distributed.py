@@ -92,18 +92,23 @@ def _driver_main(spec: dict, argv: list) -> int:
         place = fsdp_mod.FSDPRuntime.place
 
         def recording_place(self, model):
+            kind = type(model).__name__  # before fully_shard renames the class (FSDP<name>)
             place(self, model)
             from torch.distributed.tensor import DTensor
 
             seen = {n: {"sharded": isinstance(p, DTensor), "numel": p.numel(),
                         "local": (p.to_local() if isinstance(p, DTensor) else p).numel(), "trains": p.requires_grad}
                     for n, p in model.named_parameters()}
-            with open(os.path.join(spec["record_sharding"], f"sharding-rank{rank}.json"), "w") as f:
+            path = os.path.join(spec["record_sharding"], f"{kind}-rank{rank}.json")
+            with open(path, "w") as f:
                 json.dump(seen, f)
 
         fsdp_mod.FSDPRuntime.place = recording_place
     try:
-        return main(argv)
+        rc = main(argv)
+        for more in spec.get("then", []):  # further commands in the same processes (one launch, less start-up)
+            rc = rc or main(more)
+        return rc
     finally:
         if spec.get("count_allreduce"):
             with open(os.path.join(spec["count_allreduce"], f"allreduce-rank{rank}.json"), "w") as f:
@@ -272,9 +277,6 @@ MIXSE_FILES = ("mixse_config.json", "experts.safetensors", "router.safetensors")
 
 def test_accelerate_launch_train_expert_equals_one_process(setup, tmp_path):
     """``accelerate launch --multi_gpu --num_processes 2`` (torchrun underneath; gloo on CPUs) of the command line."""
-    from selfmoe.train import TrainConfig, train_expert
-    from _tiny_lm import load_tiny_lm
-
     out = tmp_path / "expert-2p"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
            "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
@@ -289,8 +291,7 @@ def test_accelerate_launch_train_expert_equals_one_process(setup, tmp_path):
     assert len(rngs) == 2  # each process's RNG state, gathered by rank 0
 
     ref = tmp_path / "expert-1p"
-    model, tok = load_tiny_lm(setup["lm"])
-    train_expert(model, tok, records(), ref, TrainConfig(**CONFIG))
+    one_process_expert(setup, ref)
     assert_close_run(out, ref, "adapter_model.safetensors")
     lora_b = [v for k, v in tensors(ref, "adapter_model.safetensors").items() if "lora_B" in k]
     assert all(v.abs().max() > 1e-3 for v in lora_b)  # trained well away from the zero init: the comparison can fail
@@ -365,26 +366,48 @@ def test_ctrl_c_of_the_launcher_leaves_a_checkpoint_that_resumes_on_two_and_on_o
     assert [m[0] for m in metrics(on_one)] == list(range(1, TOTAL_STEPS + 1))
 
 
-def test_fsdp2_shards_the_frozen_base_and_trains_the_router_like_one_process(setup, router_one, tmp_path):
-    """``train-router --fsdp`` under torchrun: each process holds half of every base tensor; the router and
-    experts stay whole; the checkpoint holds the router only; the router equals the one-process run."""
-    out, rec = tmp_path / "router-fsdp", tmp_path / "sharding"
+def expert_args(s, out):
+    return ["train-expert", "--model", str(s["lm"]), "--data", str(s["data"]), "--output", str(out)] + TRAIN_FLAGS
+
+
+def one_process_expert(s, out):
+    from selfmoe.train import TrainConfig, train_expert
+    from _tiny_lm import load_tiny_lm
+
+    model, tok = load_tiny_lm(s["lm"])
+    return train_expert(model, tok, records(), out, TrainConfig(**CONFIG))
+
+
+def test_fsdp2_shards_the_frozen_base_and_trains_like_one_process(setup, router_one, tmp_path):
+    """``train-router --fsdp`` then ``train-expert --fsdp`` under torchrun: each process holds half of the base;
+    the router, the experts and the LoRA being trained stay whole; checkpoints hold only what trains; the
+    results equal the one-process runs."""
+    router_out, expert_out, rec = tmp_path / "router-fsdp", tmp_path / "expert-fsdp", tmp_path / "sharding"
     rec.mkdir()
-    launch = run_ok(_torchrun({"record_sharding": str(rec)}, router_args(setup, out) + ["--fsdp"]))
+    spec = {"record_sharding": str(rec), "then": [expert_args(setup, expert_out) + ["--fsdp"]]}
+    launch = run_ok(_torchrun(spec, router_args(setup, router_out) + ["--fsdp"]))
     assert launch.output.count("MiXSE router over ['a', 'b'] -> ") == 1, launch.output[-3000:]
-    assert_single_writer(out, MIXSE_FILES)
-    assert_close_run(out, router_one, "router.safetensors")
-    assert_close_run(out, router_one, "experts.safetensors", exact=True)
-    assert set(tensors(out / "checkpoint", "trainable.safetensors")) == {"router.linear.weight", "router.linear.bias"}
-    for rank in (0, 1):
-        seen = json.loads((rec / f"sharding-rank{rank}.json").read_text())
-        whole = {n for n, v in seen.items() if not v["sharded"]}
-        assert whole == {n for n in seen if n.startswith("router.") or n.endswith((".lora_A", ".lora_B"))}, whole
-        base = {n: v for n, v in seen.items() if v["sharded"]}
-        assert base and not any(v["trains"] for v in base.values())
-        held = sum(v["local"] for v in base.values())
-        total = sum(v["numel"] for v in base.values())
-        assert 0.45 * total <= held <= 0.55 * total, (held, total)  # this process holds half of the base
+    assert launch.output.count("expert 'math' -> ") == 1, launch.output[-3000:]
+    assert_single_writer(router_out, MIXSE_FILES)
+    assert_close_run(router_out, router_one, "router.safetensors")
+    assert_close_run(router_out, router_one, "experts.safetensors", exact=True)
+    assert set(tensors(router_out / "checkpoint", "trainable.safetensors")) == {"router.linear.weight", "router.linear.bias"}
+    assert_single_writer(expert_out, EXPERT_FILES)
+    one_process_expert(setup, tmp_path / "expert-1p")
+    assert_close_run(expert_out, tmp_path / "expert-1p", "adapter_model.safetensors")
+    lora = {k for k in tensors(expert_out / "checkpoint", "trainable.safetensors")}
+    assert len(lora) == 2 * 7 * 2 and all(k.endswith(("lora_A", "lora_B")) for k in lora)
+
+    for kind, whole_ok in (("MiXSE", lambda n: n.startswith("router.") or n.endswith((".lora_A", ".lora_B"))),
+                           ("LlamaForCausalLM", lambda n: n.endswith((".lora_A", ".lora_B")))):
+        for rank in (0, 1):
+            seen = json.loads((rec / f"{kind}-rank{rank}.json").read_text())
+            whole = {n for n, v in seen.items() if not v["sharded"]}
+            assert whole and whole == {n for n in seen if whole_ok(n)}, whole
+            assert {n for n, v in seen.items() if v["trains"]} <= whole
+            base = [v for v in seen.values() if v["sharded"]]
+            held, total = sum(v["local"] for v in base), sum(v["numel"] for v in base)
+            assert 0.45 * total <= held <= 0.55 * total, (kind, held, total)  # this process holds half of the base
 
 
 def test_a_hung_process_makes_the_other_stop_with_a_clear_error(setup, tmp_path):
