@@ -22,6 +22,8 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
+        if not x.is_cuda:  # CPU tensors always stay on torch under "auto" (dispatch.auto_backend agrees)
+            return "torch"
         # CUDA tensors in fp32/fp16/bf16 take the Triton kernels when triton imports; CPU tensors stay
         # on torch (the interpreter is for tests). SELFMOE_LORA_PATH=torch keeps "auto" on torch.
         from .dispatch import auto_backend, triton_available

@@ -30,6 +30,8 @@ from typing import Dict, Tuple
 import torch
 
 from .contract import Backend, LoRAMixInputs, entry_point, torch_base_grads
+from .torch_dispatch import choose_torch_path
+from .torch_gathered import gathered_forward
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -99,10 +101,14 @@ def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
     """``[E, d_out, r] -> [d_out, E*r]`` with expert e's rank columns at ``e*r:(e+1)*r``.
 
     A copy per call (small: the experts' B). Not cached across calls on purpose: a cache keyed on the
-    parameter would miss writes made through ``param.data``, which bypass the version counter.
+    parameter would miss writes made through ``param.data``, which bypass the version counter. Built
+    with ``cat`` of the E contiguous ``[d_out, r]`` blocks: the same bytes as
+    ``transpose(0, 1).reshape``, whose strided copy (rows of r elements) measured about 2x slower on a
+    CPU (benchmarks/NOTES.md).
     """
-    E, N, r = lora_B.shape
-    return lora_B.transpose(0, 1).reshape(N, E * r)
+    if lora_B.shape[0] == 1:
+        return lora_B[0]
+    return torch.cat(lora_B.unbind(0), dim=1)
 
 
 class TorchBackend(Backend):
@@ -115,6 +121,8 @@ class TorchBackend(Backend):
         x, lora_A = inp.x, inp.lora_A  # x: [T, K]
         T, K = x.shape
         E, r, _ = lora_A.shape
+        if choose_torch_path(T, E, inp.ids.shape[1], needs) == "gathered":  # inference only
+            return gathered_forward(inp), (), None
         ids = inp.ids.long()
         acc = _acc_dtype(x)
         A_all = lora_A.reshape(E * r, K)  # [E*r, K]

@@ -1,0 +1,38 @@
+"""Which formulation the torch backend runs, from the problem's sizes (the torch-side dispatcher).
+
+``kernels/dispatch.py`` chooses among the Triton paths on GPUs; this module chooses inside the torch
+backend (torch_path.py), on any device:
+
+- ``"gathered"`` (torch_gathered.py, inference only): each token-slot gathers its expert's factors.
+  For decode: fewer token-slots than experts (``T*k < E``), or a single token. Reads ``k`` experts
+  instead of all ``E`` and skips stacking ``lora_B``.
+- ``"dense"`` (torch_path.py): the dense-rank formulation, all ``E*r`` rank columns in two skinny GEMMs.
+  Pays ``E*r`` rank columns where ``k*r`` are needed, but with no gather or scatter.
+
+The thresholds were measured on a 2-core CPU (benchmarks/NOTES.md); ``SELFMOE_TORCH_PATH=dense|gathered``
+forces one (``gathered`` only applies to inference; training always runs ``dense``).
+"""
+from __future__ import annotations
+
+import os
+
+from .contract import GradNeeds
+
+TORCH_PATHS = ("dense", "gathered")
+ENV_TORCH_PATH = "SELFMOE_TORCH_PATH"
+
+
+def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds) -> str:
+    """The torch formulation for ``T`` tokens, ``E`` experts and top-``k`` (``needs``: gradients asked for)."""
+    forced = os.environ.get(ENV_TORCH_PATH, "")
+    inference = not any(needs)
+    if forced:
+        if forced not in TORCH_PATHS and forced != "auto":
+            raise ValueError(f"{ENV_TORCH_PATH} must be one of {TORCH_PATHS} or 'auto', got {forced!r}")
+        if forced == "dense" or (forced == "gathered" and inference):
+            return forced
+        if forced == "gathered":
+            return "dense"
+    if inference and (T == 1 or T * k < E):
+        return "gathered"
+    return "dense"

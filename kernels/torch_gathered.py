@@ -1,0 +1,63 @@
+"""The torch path's inference forward for a handful of tokens (decode): only the selected experts.
+
+At decode (``T*k`` token-slots fewer than the E experts) the dense-rank path reads every expert and
+copies all of ``lora_B`` into its stacked layout, which next to a memory-bound GEMV costs as much as
+the LoRA itself. Here each token-slot gathers its expert's factors and runs two batched GEMVs::
+
+    ids      [S]         S = T*k token-slots, slot s = (t, j) at t*k + j
+    A_sel    [S, r, K]   lora_A.index_select(0, ids)
+    B_sel    [S, N, r]   lora_B.index_select(0, ids)
+    h        [S, r]      A_sel @ x_t                (fp32 for half inputs, as on the dense path)
+    hg       [S, r]      h * gate_s * scaling[e_s]  (cast back to x's dtype)
+    y        [T, N]      x @ W.T + b + sum_j (B_sel @ hg)[t*k + j]
+
+No autograd (the caller runs it under no-grad only); no Python loop over tokens or experts. Gathered
+bytes grow with ``S``, so the torch dispatcher (torch_dispatch.py) sends it only small ``S``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .contract import LoRAMixInputs
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def gathered_forward(inp: LoRAMixInputs) -> torch.Tensor:
+    """``y [T, N]`` of the op on prepared inputs, by gathering each token-slot's expert factors.
+
+    Written flat with as few ops as possible: at T=1 each op's fixed cost (microseconds) is comparable
+    to the GEMV it serves, and a decode step runs this 7 times per layer.
+    """
+    x = inp.x  # [T, K]
+    T, K = x.shape
+    k = inp.ids.shape[1]
+    ids = inp.ids.view(T * k)  # [S], slot s = (t, j) at t*k + j
+    E, r, _ = inp.lora_A.shape
+    # [S, r, K] viewed as [T, k*r, K] (free): one GEMV per token covers all its k experts.
+    a_sel = inp.lora_A.index_select(0, ids).view(T, k * r, K)
+    if x.dtype in _HALF:  # H in fp32, as the dense path keeps it (k*r numbers per token)
+        h = torch.bmm(a_sel.float(), x.float().view(T, K, 1))
+    else:
+        h = torch.bmm(a_sel, x.view(T, K, 1))  # [T, k*r, 1]
+    gates = inp.gates
+    if inp.uniform is None:  # per-expert scaling folded into the gates
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        gates = gates.to(acc) * inp.scaling.index_select(0, ids).view(T, k)
+        alpha = 1.0
+    else:
+        alpha = inp.uniform  # applied by the expand GEMM below
+    hg = (h.view(T, k, r) * gates.view(T, k, 1)).to(x.dtype)  # [T, k, r]
+    b_sel = inp.lora_B.index_select(0, ids)  # [S, N, r]
+    N = b_sel.shape[1]
+    if inp.base_weight is None:
+        y = torch.zeros(T, N, dtype=x.dtype, device=x.device)
+    elif inp.base_bias is not None:
+        y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
+    else:
+        y = x @ inp.base_weight.t()
+    if k == 1:
+        y.view(T, N, 1).baddbmm_(b_sel, hg.view(T, r, 1), alpha=alpha)
+    else:
+        y.add_(torch.bmm(b_sel, hg.view(T * k, r, 1)).view(T, k, N).sum(1), alpha=alpha)
+    return y
