@@ -225,6 +225,10 @@ examples:
   selfmoe train-router --model ./llama-7b --data data/ --output mixse-x/ --expert experts/math \\
       --expert experts/coding --top-k 2 --router xlora --aux-loss load_balancing=0.01
 
+  # 8 GPUs, the frozen base sharded over them (FSDP2); the router and experts stay whole on each
+  torchrun --nproc_per_node 8 -m selfmoe train-router --fsdp --model ./llama-7b --data data/ --output mixse/ \\
+      --expert experts/math --expert experts/coding
+
 output: a MiXSE directory (mixse_config.json, experts.safetensors, router.safetensors; load with
 MiXSE.from_pretrained(dir, base_model)) plus train_config.json, log.jsonl and checkpoint/.
 """

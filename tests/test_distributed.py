@@ -410,10 +410,24 @@ def test_fsdp2_shards_the_frozen_base_and_trains_like_one_process(setup, router_
             assert 0.45 * total <= held <= 0.55 * total, (kind, held, total)  # this process holds half of the base
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (NCCL)")
+def test_fsdp2_on_two_gpus_with_nccl(setup, router_one, tmp_path):
+    """The GPU suite's check of the same recipe over NCCL (never run on the CPU-only CI). The reference is the
+    one-process CPU run: float32 GPU matmuls (TF32 off) round differently, hence the 10x looser bound."""
+    out = tmp_path / "router-fsdp-gpu"
+    flags = [f for f in router_args(setup, out) if f not in ("--device", "cpu")]
+    launch = run_ok(_torchrun({}, flags + ["--fsdp"]))
+    assert launch.output.count("MiXSE router over ['a', 'b'] -> ") == 1, launch.output[-3000:]
+    assert_single_writer(out, MIXSE_FILES)
+    a, b = tensors(router_one, "router.safetensors"), tensors(out, "router.safetensors")
+    assert a.keys() == b.keys() and all(rel_err(b[k], a[k]) <= 10 * REL_TOL for k in a)
+
+
 def test_a_hung_process_makes_the_other_stop_with_a_clear_error(setup, tmp_path):
     out = tmp_path / "router"
     launch = Launch(_torchrun({"hang_rank": 1, "hang_step": 2}, router_args(setup, out)),
-                    env=_env(SELFMOE_COLLECTIVE_TIMEOUT="5"))
+                    env=_env(SELFMOE_COLLECTIVE_TIMEOUT="12"))  # > any start-up skew of two loaded processes
     rc = launch.wait()
     assert rc != 0
     assert "train-router: error: process 0 of 2: a collective operation failed" in launch.output, launch.output[-4000:]
