@@ -67,6 +67,8 @@ def _driver_main(spec: dict, argv: list) -> int:
             time.sleep(spec["sleep"])
         if spec.get("hang_rank") == rank and self.state.step == spec.get("hang_step"):
             time.sleep(3600)  # alive but silent: the other process must not wait for it forever
+        if spec.get("die_rank") == rank and self.state.step == spec.get("die_step"):
+            os.kill(os.getpid(), signal.SIGKILL)  # killed (out of memory, a node lost)
 
     train_mod._Loop._step = step
     if spec.get("count_allreduce"):
@@ -436,6 +438,28 @@ def test_a_hung_process_makes_the_other_stop_with_a_clear_error(setup, tmp_path)
     from selfmoe.checkpoints import checkpoint_step
 
     assert checkpoint_step(out) == 2 and (out / "checkpoint" / "manifest.json").is_file()
+
+
+def test_a_killed_process_stops_the_run_and_leaves_a_resumable_checkpoint(setup, tmp_path):
+    """On one machine the launcher watches its processes: one killed (SIGKILL: out of memory, say) makes it
+    stop the others at once and name the one that died; the last checkpoint resumes."""
+    from selfmoe.checkpoints import checkpoint_step
+
+    out = tmp_path / "expert"
+    launch = Launch(_torchrun({"die_rank": 1, "die_step": 2}, expert_args(setup, out)))
+    assert launch.wait() != 0
+    root_cause = launch.output[launch.output.index("Root Cause"):]
+    assert "rank      : 1" in root_cause and "SIGKILL" in root_cause, launch.output[-3000:]
+    saved = checkpoint_step(out)
+    assert 1 <= saved <= 2 and not (out / "adapter_model.safetensors").exists()
+    with pytest.warns(RuntimeWarning, match="saved with 2 process"):
+        from selfmoe.train import TrainConfig, train_expert
+        from _tiny_lm import load_tiny_lm
+
+        model, tok = load_tiny_lm(setup["lm"])
+        res = train_expert(model, tok, records(), out, TrainConfig(**CONFIG), resume=True)
+    assert res.resumed_from == saved
+    assert res.step == TOTAL_STEPS and [m[0] for m in metrics(out)] == list(range(1, TOTAL_STEPS + 1))
 
 
 # ---------------------------------------------------------------------------------------------- no launcher needed
