@@ -484,6 +484,96 @@ def variant_counts(kind: str, T_values: Sequence[int] = SWEEP_T, target: str = "
 # ----------------------------------------------------------------------------------------------------
 
 
+def measure(cases: Sequence[Case], csv_path: Optional[str]) -> List[Dict[str, Any]]:
+    """On a GPU: run the cases for real (bf16) and list, per kernel binary Triton built at run time, its
+    registers, spills and shared memory next to the CUDA time per launch (torch.profiler), so the AOT
+    table and the dispatcher's model can be checked against the device. Not run in CI (no GPU)."""
+    import csv
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import dense, grouped, grouping, topk_triton  # noqa: F401  (the kernels' modules)
+
+    dev = torch.device("cuda")
+    rows: List[Dict[str, Any]] = []
+    for case in cases:
+        g = torch.Generator(device=dev).manual_seed(0)
+        real = _real_inputs(case, dev, g)
+        run = lambda: _run_real(case, real)  # noqa: E731
+        run()  # compile + autotune outside the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                run()
+            torch.cuda.synchronize()
+        times = {e.key: e.device_time / max(1, e.count) for e in prof.key_averages()}
+        for fn in _all_jit_functions():
+            for cache in fn.device_caches.values():
+                for ck in cache[0].values():
+                    name = fn.__name__
+                    if name not in times:
+                        continue
+                    ck._init_handles()
+                    rows.append(dict(kernel=name, case=case.label, registers=ck.n_regs, spill_bytes=ck.n_spills,
+                                     shared=ck.metadata.shared, warps=ck.metadata.num_warps,
+                                     stages=ck.metadata.num_stages, us_per_launch=round(times[name], 2)))
+            for cache in fn.device_caches.values():
+                cache[0].clear()  # next case: only its own binaries
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["kernel"])
+            w.writeheader()
+            w.writerows(rows)
+    for r in rows:
+        print(r)
+    return rows
+
+
+def _all_jit_functions() -> List[JITFunction]:
+    from . import dense_kernels, grouped_kernels, grouping, topk_triton
+
+    out = []
+    for mod in (dense_kernels, grouped_kernels, grouping, topk_triton):
+        for v in vars(mod).values():
+            if isinstance(v, (JITFunction, Autotuner)):
+                out.append(_jit_of(v))
+    return out
+
+
+def _real_inputs(case: Case, dev, g):
+    dt = torch.bfloat16
+    T, K, N, E, r, k = case.T, case.K, case.N, case.E, case.r, case.k
+    ids = torch.randint(0, E, (T, k), device=dev, generator=g)
+    if case.kind in ("topk", "grouping"):
+        return dict(ids=ids, logits=torch.randn(T, E, device=dev, generator=g, dtype=torch.float32).to(dt))
+    grads = case.mode != "infer"
+    mk = lambda *s: (torch.randn(*s, device=dev, generator=g) * 0.1).to(dt).requires_grad_(grads)  # noqa: E731
+    return dict(x=mk(T, K), A=mk(E, r, K), B=mk(E, N, r), ids=ids,
+                w=torch.rand(T, k, device=dev, generator=g).to(dt).requires_grad_(grads),
+                W=mk(N, K) if case.base else None, b=mk(N) if case.base else None)
+
+
+def _run_real(case: Case, a: Dict[str, Any]) -> None:
+    from .dense import lora_mix_decode, lora_mix_dense
+    from .grouped import lora_mix_grouped
+    from .grouping import grouping_metadata_triton
+    from .topk_triton import route_topk_triton
+
+    if case.kind == "grouping":
+        grouping_metadata_triton(a["ids"], case.E, 64 if case.T * case.k > 4096 else 16)
+        return
+    if case.kind == "topk":
+        logits = a["logits"].detach().requires_grad_(True)
+        w, _ = route_topk_triton(logits, case.k, case.renorm)
+        w.sum().backward()
+        return
+    fn = {"dense": lora_mix_dense, "decode": lora_mix_decode, "grouped": lora_mix_grouped}[case.kind]
+    with torch.set_grad_enabled(case.mode != "infer"):
+        y = fn(a["x"], a["A"], a["B"], a["ids"], a["w"], 2.0, a["W"], a["b"])
+        if case.mode != "infer":
+            y.float().sum().backward()
+
+
 def cannot_compile_reason(target: str = "sm_90") -> Optional[str]:
     """Why this machine cannot compile for ``target`` (no NVIDIA backend, no ptxas), or None."""
     try:
@@ -508,7 +598,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--csv", default=None, help="write the table here")
     ap.add_argument("--json", default=None, help="write rows, refusals and the sweep counts here")
     ap.add_argument("--sweep", action="store_true", help="also count binaries / autotune keys over a T sweep")
+    ap.add_argument("--measure", action="store_true",
+                    help="on a GPU: run the CI shapes for real; registers/spills/smem of the run-time binaries and "
+                         "CUDA time per launch (--csv names the output)")
     a = ap.parse_args(argv)
+    if a.measure:
+        if not torch.cuda.is_available():
+            print("compile_check --measure needs a CUDA device")
+            return 2
+        measure([c for c in SHAPES if c.ci], a.csv)
+        return 0
     if interpreting():
         print("compile_check: unset TRITON_INTERPRET (the interpreter keeps one config per kernel)")
         return 2

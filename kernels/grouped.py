@@ -169,6 +169,7 @@ def grouped_shrink(
     _split_reduce_kernel[(meta.num_blocks,)](
         part, final, meta.sorted_slots, meta.block_expert, h, dw, scale_t, scale_v, r, CAP,
         SPLIT=split, DW_EPILOGUE=want_dw, PER_EXPERT_SCALE=per_expert, BLOCK_M=meta.block_m, BLOCK_R=BR,
+        num_warps=8 if meta.block_m * BR > 4096 else 4,  # [BM, BR] fp32 tiles: 4 warps spilled at r = 128
     )
     return final
 

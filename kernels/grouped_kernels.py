@@ -74,6 +74,17 @@ def outer_smem(p, e):
     return wide * p["BLOCK_M"] * p["BLOCK_D"] * e + p["BLOCK_M"] * p["BLOCK_R"] * (4 + e) + 8 * p["BLOCK_M"]
 
 
+def shrink_regs_ok(p):
+    # the [BM, BR] fp32 accumulator: at most 64 values per thread (2 warps spilled at r = 128)
+    return p["BLOCK_M"] * p["BLOCK_R"] <= 64 * 32 * p["num_warps"]
+
+
+def expand_regs_ok(p):
+    # the summed [BM, BR] fp32 rank rows stay live next to the [BM, BN] accumulator: at most 32 values per
+    # thread (every 4-warp config spilled at r = 128)
+    return p["BLOCK_M"] * p["BLOCK_R"] <= 32 * 32 * p["num_warps"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------
@@ -116,7 +127,8 @@ def _gate_grad_epilogue(
     tl.store(dw_ptr + i_slot, b_dw.to(dw_ptr.dtype.element_ty), mask=m_m)
 
 
-@autotune(_shrink_configs(), key=["K", "r", "T_BUCKET", "SPLIT", "BLOCK_M"], smem=shrink_smem)
+@autotune(_shrink_configs(), key=["K", "r", "T_BUCKET", "SPLIT", "BLOCK_M"], smem=shrink_smem,
+          regs=shrink_regs_ok)
 @triton.jit(do_not_specialize=["T_BUCKET"])
 def _grouped_shrink_kernel(
     x_ptr,  # [T, K] rows gathered by token (x in forward, dy in backward)
@@ -199,6 +211,7 @@ def _split_reduce_kernel(
     key=["N", "r", "T_BUCKET", "SPLIT", "ACCUMULATE", "BLOCK_M"],
     # ACCUMULATE adds into out: benchmarking several configs must start from the same out each time
     restore_value=["out_ptr"],
+    regs=expand_regs_ok,
 )
 @triton.jit(do_not_specialize=["T_BUCKET"])
 def _grouped_expand_kernel(

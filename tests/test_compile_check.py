@@ -81,7 +81,11 @@ def test_bounded_recompiles_over_a_token_sweep(report):
     # problems = the keys without the token bucket (one kernel serves dA, dB and dW, say)
     sweep = report["sweep"]
     assert set(sweep) == {"dense", "decode", "grouped"}
+    # Specialisations per config that T can still cause (T itself and the token bucket are unspecialised,
+    # split factors are run-time ints): dense <= 4 (dA/dB/dW layouts, SPLIT == 1), decode 3 (BLOCK_M 16,
+    # 32, 64), grouped 12 (BLOCK_M 16/32/64 x SPLIT == 1 or not x forward/backward); <= 6 configs each.
+    per_config = {"dense": 4, "decode": 3, "grouped": 12}
     for kind, per_kernel in sweep.items():
         for kname, n in per_kernel.items():
             assert n["autotune_keys"] <= 8 * n["problems"], (kind, kname, n)  # 8 token buckets per problem
-            assert n["binaries"] <= 3 * 8, (kind, kname, n)  # <= 3 specialisations x the config table
+            assert n["binaries"] <= per_config[kind] * 6, (kind, kname, n)
