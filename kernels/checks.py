@@ -130,6 +130,25 @@ def check_lora_mix_inputs(
         if base_bias.shape != (d_out,):
             raise ValueError(f"base_bias must have shape [d_out={d_out}], got {_shape(base_bias)}")
 
+    # Compared first, the message built only on a mismatch: this runs on every call (7 per decoder layer
+    # and token at decode).
+    dev = x.device
+    if (lora_A.device != dev or lora_B.device != dev or expert_ids.device != dev or expert_weights.device != dev
+            or (isinstance(scaling, torch.Tensor) and scaling.device != dev)
+            or (base_weight is not None and base_weight.device != dev)
+            or (base_bias is not None and base_bias.device != dev)):
+        _raise_device_mismatch(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias)
+
+    if expert_ids.numel() > 0 and id_check_enabled(expert_ids, check_ids):
+        lo, hi = torch.aminmax(expert_ids)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= E:
+            raise ValueError(
+                f"expert_ids {_shape(expert_ids)} must lie in [0, E={E}), got values in [{lo}, {hi}]"
+            )
+
+
+def _raise_device_mismatch(x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias) -> None:
     tensors = {"x": x, "lora_A": lora_A, "lora_B": lora_B, "expert_ids": expert_ids, "expert_weights": expert_weights}
     if isinstance(scaling, torch.Tensor):
         tensors["scaling"] = scaling
@@ -141,11 +160,3 @@ def check_lora_mix_inputs(
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
-
-    if expert_ids.numel() > 0 and id_check_enabled(expert_ids, check_ids):
-        lo, hi = torch.aminmax(expert_ids)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= E:
-            raise ValueError(
-                f"expert_ids {_shape(expert_ids)} must lie in [0, E={E}), got values in [{lo}, {hi}]"
-            )

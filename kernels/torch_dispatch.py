@@ -6,11 +6,13 @@ backend (torch_path.py), on any device:
 - ``"gathered"`` (torch_gathered.py, inference only): each token-slot gathers its expert's factors.
   For decode: fewer token-slots than experts (``T*k < E``), or a single token. Reads ``k`` experts
   instead of all ``E`` and skips stacking ``lora_B``.
+- ``"dense-small"`` (torch_path.py, inference only): the dense-rank forward in fewer ops, for at
+  most ``SMALL_T`` tokens (decode batches), where each op's fixed cost outweighs its arithmetic.
 - ``"dense"`` (torch_path.py): the dense-rank formulation, all ``E*r`` rank columns in two skinny GEMMs.
   Pays ``E*r`` rank columns where ``k*r`` are needed, but with no gather or scatter.
 
 The thresholds were measured on a 2-core CPU (benchmarks/NOTES.md); ``SELFMOE_TORCH_PATH=dense|gathered``
-forces one (``gathered`` only applies to inference; training always runs ``dense``).
+forces one (``gathered`` and ``dense-small`` only apply to inference; training always runs ``dense``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import os
 
 from .contract import GradNeeds
 
-TORCH_PATHS = ("dense", "gathered")
+TORCH_PATHS = ("dense", "dense-small", "gathered")
+SMALL_T = 64
 ENV_TORCH_PATH = "SELFMOE_TORCH_PATH"
 
 
@@ -29,10 +32,13 @@ def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds) -> str:
     if forced:
         if forced not in TORCH_PATHS and forced != "auto":
             raise ValueError(f"{ENV_TORCH_PATH} must be one of {TORCH_PATHS} or 'auto', got {forced!r}")
-        if forced == "dense" or (forced == "gathered" and inference):
+        if forced == "dense" or (forced != "auto" and inference):
             return forced
-        if forced == "gathered":
+        if forced != "auto":
             return "dense"
-    if inference and (T == 1 or T * k < E):
-        return "gathered"
+    if inference:
+        if T == 1 or T * k < E:
+            return "gathered"
+        if T <= SMALL_T:
+            return "dense-small"
     return "dense"

@@ -111,6 +111,35 @@ def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
     return torch.cat(lora_B.unbind(0), dim=1)
 
 
+def _dense_small_forward(inp: LoRAMixInputs) -> torch.Tensor:
+    """The dense-rank forward for a few tokens without autograd, in as few ops as possible.
+
+    At decode sizes every op's fixed cost outweighs its arithmetic, so the gates go straight onto the
+    rank columns with one broadcasting multiply (no expander GEMM; at large T that multiply is the
+    slower one, see ``_expander``) and a uniform scaling rides on the expand GEMM's ``alpha``.
+    """
+    x, lora_A = inp.x, inp.lora_A
+    T, K = x.shape
+    E, r, _ = lora_A.shape
+    ids = inp.ids if inp.ids.dtype == torch.int64 else inp.ids.long()
+    gates = dense_gates(ids, inp.gates, E, _acc_dtype(x))  # [T, E]
+    if inp.uniform is None:
+        gates = gates * inp.scaling
+        alpha = 1.0
+    else:
+        alpha = inp.uniform
+    h = _mm_acc(x, lora_A.view(E * r, K).t())  # [T, E*r]
+    hg = (h.view(T, E, r) * gates.view(T, E, 1)).to(x.dtype).view(T, E * r)
+    B_all = _stack_B(inp.lora_B)  # [N, E*r]
+    if inp.base_weight is None:
+        return torch.mm(hg, B_all.t()).mul_(alpha) if alpha != 1.0 else hg @ B_all.t()
+    if inp.base_bias is not None:
+        y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
+    else:
+        y = x @ inp.base_weight.t()
+    return y.addmm_(hg, B_all.t(), alpha=alpha)
+
+
 class TorchBackend(Backend):
     """Dense-rank PyTorch backend (any device; float64 too)."""
 
@@ -121,9 +150,12 @@ class TorchBackend(Backend):
         x, lora_A = inp.x, inp.lora_A  # x: [T, K]
         T, K = x.shape
         E, r, _ = lora_A.shape
-        if choose_torch_path(T, E, inp.ids.shape[1], needs) == "gathered":  # inference only
+        path = choose_torch_path(T, E, inp.ids.shape[1], needs)
+        if path == "gathered":  # inference only
             return gathered_forward(inp), (), None
-        ids = inp.ids.long()
+        if path == "dense-small":  # inference only
+            return _dense_small_forward(inp), (), None
+        ids = inp.ids if inp.ids.dtype == torch.int64 else inp.ids.long()
         acc = _acc_dtype(x)
         A_all = lora_A.reshape(E * r, K)  # [E*r, K]
         B_all = _stack_B(inp.lora_B)  # [N, E*r]

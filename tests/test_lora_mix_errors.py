@@ -50,6 +50,10 @@ CASES = [
     ({"scaling": "2"}, TypeError, r"scaling must be a float"),
     ({"x": [[1.0] * K] * T}, TypeError, r"x must be a torch.Tensor, got list"),
     ({"backend": "cuda"}, ValueError, r"backend must be one of"),
+    # one tensor elsewhere (the meta device stands in for a second device): every culprit is named
+    ({"base_weight": torch.randn(N, K, device="meta")}, ValueError, r"one device, got .*base_weight on meta"),
+    ({"expert_weights": torch.rand(T, k, device="meta")}, ValueError, r"one device, got .*expert_weights on meta"),
+    ({"scaling": torch.rand(E, device="meta")}, ValueError, r"one device, got .*scaling on meta"),
 ]
 
 

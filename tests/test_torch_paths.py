@@ -14,8 +14,8 @@ from helpers import TOL, make_case, rel_err
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# (T, d_in, d_out, E, r, k, options): decode shapes the gathered path takes on its own, and larger ones
-# it only takes when forced (it is correct for any T).
+# (T, d_in, d_out, E, r, k, options): decode shapes the inference paths take on their own, and others
+# they only take when forced (each is correct for any T).
 GATHERED_CASES = {
     "T=1 top-1": (1, 40, 24, 4, 8, 1, {}),
     "T=1 top-2": (1, 33, 20, 8, 4, 2, {}),
@@ -32,9 +32,11 @@ def _force(monkeypatch, path):
     monkeypatch.setenv(ENV_TORCH_PATH, path)
 
 
+@pytest.mark.parametrize("path", ["gathered", "dense-small"])
 @pytest.mark.parametrize("name", list(GATHERED_CASES))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_gathered_matches_reference_and_dense(monkeypatch, name, dtype):
+def test_inference_paths_match_reference_and_dense(monkeypatch, path, name, dtype):
+    """The inference-only formulations against the float64 reference and the general (autograd) path."""
     from selfmoe.kernels import lora_mix_naive
 
     T, K, N, E, r, k, opts = GATHERED_CASES[name]
@@ -44,7 +46,7 @@ def test_gathered_matches_reference_and_dense(monkeypatch, name, dtype):
     low = case.to(dtype)
     want = low.to(torch.float64).call(lora_mix_naive)
     with torch.no_grad():
-        _force(monkeypatch, "gathered")
+        _force(monkeypatch, path)
         got = low.call(lora_mix, backend="torch")
         _force(monkeypatch, "dense")
         dense = low.call(lora_mix, backend="torch")
@@ -54,16 +56,19 @@ def test_gathered_matches_reference_and_dense(monkeypatch, name, dtype):
     assert rel_err(got, dense.double()) <= TOL[dtype]  # the general path gives the same numbers
 
 
-def test_gathered_is_taken_for_decode_and_nowhere_else(monkeypatch):
+def test_inference_paths_are_taken_for_decode_and_nowhere_else(monkeypatch):
     monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
     train = GradNeeds(True, False, False, True, False, False)
     assert choose_torch_path(1, 4, 1, NO_GRADS) == "gathered"
     assert choose_torch_path(3, 8, 2, NO_GRADS) == "gathered"  # 6 slots < 8 experts
-    assert choose_torch_path(16, 4, 1, NO_GRADS) == "dense"
-    assert choose_torch_path(1, 4, 1, train) == "dense"  # no backward of its own: never with autograd
-    _force(monkeypatch, "gathered")
-    assert choose_torch_path(64, 4, 1, NO_GRADS) == "gathered"
-    assert choose_torch_path(64, 4, 1, train) == "dense"
+    assert choose_torch_path(16, 4, 1, NO_GRADS) == "dense-small"
+    assert choose_torch_path(65, 4, 1, NO_GRADS) == "dense"
+    assert choose_torch_path(1, 4, 1, train) == "dense"  # no backward of their own: never with autograd
+    assert choose_torch_path(16, 4, 1, train) == "dense"
+    for path in ("gathered", "dense-small"):
+        _force(monkeypatch, path)
+        assert choose_torch_path(4096, 4, 1, NO_GRADS) == path
+        assert choose_torch_path(64, 4, 1, train) == "dense"
     _force(monkeypatch, "bogus")
     with pytest.raises(ValueError, match=ENV_TORCH_PATH):
         choose_torch_path(1, 4, 1, NO_GRADS)
