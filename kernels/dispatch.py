@@ -12,32 +12,49 @@ Triton path (``choose_lora_path``), from ``(T, d_in, d_out, E, r, k)``:
   (grouped.py); falls back to ``"dense"`` while that module is not importable.
 
 **The thresholds are provisional, from a cost model; to be replaced by measured thresholds.** No GPU
-was available when this was written, so nothing below has been measured. The model prices each kernel
-as a roofline ``max(FLOPs / peak, HBM bytes / bandwidth)`` (plus L2 bytes for decode), adds a fixed cost
-per launch, and sums the kernels of a path, since separate launches do not overlap. Constants are
-rough H100-SXM figures (``PEAK_FLOPS``, ``HBM_BW``, ``L2_BW``, ``LAUNCH_S`` below)::
+was available when this was written, so nothing below has been measured (``benchmarks/gpu_session.sh
+compile`` records compiled resources and time per kernel on the first GPU run, to settle it). The model
+prices each kernel as a roofline ``max(FLOPs / (peak * eff), HBM bytes / BW, L2 bytes / L2BW)``, divides
+it by the fraction of the GPU its grid can fill (``fill = min(1, programs / SMs)``: an 8-program
+kernel streams at 8/132 of the bandwidth), adds a fixed cost per launch, and sums the kernels of a path,
+since separate launches do not overlap. ``eff`` is the Triton GEMM efficiency against cuBLAS (0.75,
+provisional; cuBLAS kernels get 1). Constants per device class (``MACHINES``: H100, H200, A100, chosen
+from the device name, H100 when unknown)::
 
     ER = E*r rank columns, b = bytes per element, S = T*k slots, Eu = min(E, S) experts touched
-    dense   shrink  max(2T ER K / F, (TK + ER K + 2T ER) b / BW)
-            fused   max((2TKN + 2T ER N) / F, (TK + KN + TN + T ER + N ER) b / BW)          2 launches
-    decode  one     max((2TKN + 2*T16*ER16*K*N/64 + 2*T16*ER16*N) / F, (TK + KN + TN + ER K + N ER) b / BW,
-                        (N/64) ER K b / L2)  (T16, ER16: tl.dot pads M and the rank tile to >= 16)  1 launch
+    dense   shrink  max(2T ER K / F', (TK + ER K + 2T ER) b / BW, A_all re-read per 64-row tile / L2)
+                    programs cdiv(T, 64) * cdiv(ER, 128)
+            fused   max((2TKN + 2T ER N) / F', (TK + KN + TN + T ER + N ER) b / BW,
+                        (x per 128-col tile + W per 128-row tile) / L2)     programs cdiv(T,128) cdiv(N,128)
+    decode  one     max((2TKN + 2*T16*ER16*K*N/64 + 2*T16*ER16*N) / F', (TK + KN + TN + ER K + N ER) b / BW,
+                        (N/64) ER K b / L2)  (T16, ER16: tl.dot pads M and the rank tile to >= 16)
+                    programs cdiv(N, 64) * cdiv(T, 64)                                          1 launch
     grouped base    max(2TKN / F, (TK + KN + TN) b / BW)                                   (cuBLAS)
-            shrink  max(2SrK / F, (SK + Eu r K + Sr) b / BW)   (x rows gathered once per slot)
-            expand  k=1: max(2SrN / F, (Sr + Eu r N + 2TN) b / BW)   (adds into y in its epilogue)
-                    k>1: max(2SrN / F, (Sr + Eu r N + SN) b / BW) + (SN + 2TN) b / BW
+            shrink  max(2SrK / F', (SK + Eu r K + Sr) b / BW)   (x rows gathered once per slot)
+                    programs tiles * split-K (split-K fills the GPU: about 2 programs per SM)
+            expand  k=1: max(2SrN / F', (Sr + Eu r N + 2TN) b / BW)   (adds into y in its epilogue)
+                    k>1: max(2SrN / F', (Sr + Eu r N + SN) b / BW) + (SN + 2TN) b / BW
                          (per-slot [S, N] buffer, then a combine pass adds the k slots into y)
+                    programs tiles * cdiv(N, 128)
             launches: base + 2 grouping metadata + shrink + split-K reduce + expand (+ combine if k>1)
+    training (``training=True``) adds the backward: dense dHg (T N ER), dx (T N (K + ER)), dA (T ER K),
+            dB (T N ER); grouped dh (S r N, split-K), dx (S r K + base T N K), dA/dB (S r (K + N));
+            the base weight's own gradient is left out (frozen in LoRA training).
 
 (The grouped terms follow kernels/grouped.py as written: base by cuBLAS, not fused.)
 
-What it predicts (bf16, d_in = d_out = 4096): prefill T=8192 picks dense for the paper's E=4, r=8 and
-for E=8, r=16 (the dense path's extra ``2T ER (K+N)`` FLOPs cost less than the grouped path's x gather,
-y read-modify-write, slot combine and extra launches) and grouped for E=64, r=16 (ER=1024: the dense
-path does E/k = 32x the LoRA FLOPs it needs). The crossover at that size is near ``E*r`` = 1000 for
-k=2 (the combine pass is a fixed cost of the grouped path) and 420 for k=1. At T <= 64 with ``E*r``
-<= 128 and a base weight, decode wins by one launch and no H round-trip. fp32 uses the FMA (not
-tensor-core) peak, which makes the dense path's wasted FLOPs dearer and moves the crossover down.
+What it predicts on an H100 (bf16, d_in = d_out = 4096; ``test_dispatch.py`` pins each of these):
+
+- prefill T=8192, k=2: dense up to ``E*r`` = 128 (E=8, r=16), grouped from 256 (E=64, r=16: the dense
+  path does E/k = 32x the LoRA FLOPs it needs). With cuBLAS-peak pricing the crossover was ~1000; the
+  Triton efficiency factor moves it down, because the dense path runs the base GEMM inside its fused
+  Triton kernel while the grouped path leaves it to cuBLAS;
+- prefill T=8192, k=1: grouped even for the paper's E=4, r=8 (no combine pass, and the base GEMM stays
+  on cuBLAS: the 25% Triton penalty on it outweighs the gather and y read-modify-write);
+- T <= 64 with a base weight: decode while its rank tile fits (``E*r`` <= 128), grouped beyond (at T=1,
+  E=64, r=16 the dense shrink would run 8 programs on 132 SMs); T=128: grouped;
+- an A100 (less bandwidth per FLOP) and training (the backward prices the dense path's extra rank-space
+  FLOPs twice more) tilt further toward grouped. fp32 uses the FMA (not tensor-core) peak.
 
 Override: ``SELFMOE_LORA_PATH=dense|grouped|decode|torch`` forces a path (``auto`` or unset: the model).
 ``torch`` makes ``backend="auto"`` take the torch path on CUDA too; an explicit ``backend="triton"``
@@ -48,7 +65,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
@@ -57,11 +74,39 @@ from .utils import interpreting
 PATHS = ("dense", "grouped", "decode", "torch")
 ENV_PATH = "SELFMOE_LORA_PATH"
 
-# Provisional machine model (H100 SXM, rounded down to what kernels reach): see the module docstring.
-PEAK_FLOPS = {2: 6.0e14, 4: 5.0e13}  # by bytes per element: bf16/fp16 tensor cores; fp32 IEEE (FMA units)
-HBM_BW = 2.8e12  # bytes/s
-L2_BW = 8.0e12  # bytes/s
-LAUNCH_S = 4.0e-6  # per kernel launch, including the ramp-up/tail of a small grid
+class Machine(NamedTuple):
+    """Provisional machine model of one device class, rounded down to what kernels reach."""
+
+    peak_flops: Dict[int, float]  # by bytes per element: 16-bit tensor cores; fp32 IEEE (FMA units)
+    hbm_bw: float  # bytes/s
+    l2_bw: float  # bytes/s
+    sms: int
+    launch_s: float  # per kernel launch, including the ramp-up/tail of a small grid
+
+
+MACHINES = {
+    "h100": Machine({2: 6.0e14, 4: 5.0e13}, 2.8e12, 8.0e12, 132, 4.0e-6),  # H100 SXM: 989 TF, 3.35 TB/s
+    "h200": Machine({2: 6.0e14, 4: 5.0e13}, 4.0e12, 8.0e12, 132, 4.0e-6),  # same chip, 4.8 TB/s HBM3e
+    "a100": Machine({2: 2.5e14, 4: 1.5e13}, 1.6e12, 4.5e12, 108, 5.0e-6),  # A100 SXM: 312 TF, 2.0 TB/s
+}
+# H100 figures under their old names (callers and tests price against them)
+PEAK_FLOPS = MACHINES["h100"].peak_flops
+HBM_BW = MACHINES["h100"].hbm_bw
+L2_BW = MACHINES["h100"].l2_bw
+LAUNCH_S = MACHINES["h100"].launch_s
+TRITON_EFF = 0.75  # Triton GEMM throughput against cuBLAS (provisional, to be measured)
+
+
+@functools.lru_cache(maxsize=None)
+def current_machine() -> str:
+    """The device class of the current CUDA device ("h100" without CUDA or when unknown)."""
+    if not torch.cuda.is_available():
+        return "h100"
+    from .utils import device_class
+
+    cls = device_class(torch.cuda.get_device_name())
+    return cls if cls in MACHINES else "h100"
+
 
 # Decode kernel limits: its per-program [BLOCK_M, BLOCK_C] shrink accumulator lives in registers and a
 # [BLOCK_K, BLOCK_C] slice of A_all sits in every pipeline stage. BLOCK_C = pow2(E) * pow2(r): at 256
@@ -132,48 +177,77 @@ def route_topk_backend(backend: str, logits: torch.Tensor) -> str:
     return backend
 
 
-def _roofline(flops: float, hbm_bytes: float, peak: float, l2_bytes: float = 0.0) -> float:
-    return max(flops / peak, hbm_bytes / HBM_BW, l2_bytes / L2_BW)
-
-
 def _pow2_at_least_16(n: int) -> int:
     return max(16, 1 << max(0, int(n) - 1).bit_length())
 
 
 def estimate_seconds(
     T: int, d_in: int, d_out: int, E: int, r: int, k: int, *, has_base: bool = True, dtype_bytes: int = 2,
+    machine: str = "h100", training: bool = False,
 ) -> Dict[str, float]:
-    """Modelled seconds per Triton path (forward, base GEMM included when ``has_base``); see the docstring."""
+    """Modelled seconds per Triton path (forward, plus backward when ``training``; base GEMM included when
+    ``has_base``) on a device class of ``MACHINES``; see the module docstring."""
+    m = MACHINES[machine]
     K, N, ER, b = d_in, d_out, E * r, dtype_bytes
-    peak = PEAK_FLOPS.get(b, PEAK_FLOPS[2])
+    peak = m.peak_flops.get(b, m.peak_flops[2])
+    tri = peak * TRITON_EFF
+    cdiv = lambda a, c: -(-int(a) // int(c))  # noqa: E731
+
+    def kernel(flops, hbm, programs, l2=0.0, fp=tri):
+        # roofline, slowed by the fraction of SMs a small grid leaves idle
+        t = max(flops / fp, hbm / m.hbm_bw, l2 / m.l2_bw)
+        return t / min(1.0, programs / m.sms)
+
     base_flops = 2.0 * T * K * N if has_base else 0.0
     base_bytes = (K * N) * b if has_base else 0.0  # W; x and y are counted per kernel below
 
     # dense: shrink, then the fused base + expand kernel.
-    shrink = _roofline(2.0 * T * ER * K, (T * K + ER * K + 2 * T * ER) * b, peak)
-    fused = _roofline(base_flops + 2.0 * T * ER * N, base_bytes + (T * K * has_base + T * N + T * ER + N * ER) * b, peak)
-    dense = shrink + fused + 2 * LAUNCH_S
+    shrink = kernel(2.0 * T * ER * K, (T * K + ER * K + 2 * T * ER) * b, cdiv(T, 64) * cdiv(ER, 128),
+                    l2=cdiv(T, 64) * ER * K * b)
+    fused = kernel(base_flops + 2.0 * T * ER * N, base_bytes + (T * K * has_base + T * N + T * ER + N * ER) * b,
+                   cdiv(T, 128) * cdiv(N, 128), l2=(cdiv(N, 128) * T * K + cdiv(T, 128) * K * N * has_base) * b)
+    dense = shrink + fused + 2 * m.launch_s
 
     # decode: one kernel; every N tile recomputes the shrink (padded tiles) and re-reads A_all from L2.
     n_tiles = math.ceil(N / _DECODE_BLOCK_N)
     t16, er16 = _pow2_at_least_16(T), _pow2_at_least_16(ER)
     decode_flops = base_flops + 2.0 * t16 * er16 * K * N / _DECODE_BLOCK_N + 2.0 * t16 * er16 * N
     decode_hbm = base_bytes + (T * K + T * N + ER * K + N * ER) * b
-    decode = _roofline(decode_flops, decode_hbm, peak, l2_bytes=n_tiles * ER * K * b) + LAUNCH_S
+    decode = kernel(decode_flops, decode_hbm, n_tiles * cdiv(T, 64), l2=n_tiles * ER * K * b) + m.launch_s
 
     # grouped: separate base GEMM, grouping metadata, gathered shrink, expand (+ combine of the k slots).
     S = T * k
     Eu = min(E, S)
+    bm = 16 if S <= 16 * Eu else (32 if S <= 32 * Eu else 64)
+    tiles = cdiv(S, bm) + Eu
     y_rw = (2 if has_base else 1) * T * N  # y read-modify-write after the base GEMM, or a plain write
-    g_base = _roofline(base_flops, base_bytes + (T * K + T * N) * b, peak) if has_base else 0.0
-    g_shrink = _roofline(2.0 * S * r * K, (S * K + Eu * r * K + S * r) * b, peak)
+    g_base = kernel(base_flops, base_bytes + (T * K + T * N) * b, m.sms, fp=peak) if has_base else 0.0
+    split = max(1, min(cdiv(2 * m.sms, tiles), K // 256, 16))
+    g_shrink = kernel(2.0 * S * r * K, (S * K + Eu * r * K + S * r) * b, tiles * split)
     if k == 1:
-        g_expand = _roofline(2.0 * S * r * N, (S * r + Eu * r * N + y_rw) * b, peak)
+        g_expand = kernel(2.0 * S * r * N, (S * r + Eu * r * N + y_rw) * b, tiles * cdiv(N, 128))
     else:
-        g_expand = _roofline(2.0 * S * r * N, (S * r + Eu * r * N + S * N) * b, peak)
-        g_expand += (S * N + y_rw) * b / HBM_BW  # combine pass
+        g_expand = kernel(2.0 * S * r * N, (S * r + Eu * r * N + S * N) * b, tiles * cdiv(N, 128))
+        g_expand += (S * N + y_rw) * b / m.hbm_bw  # combine pass
     launches = int(has_base) + 2 + 2 + 1 + int(k > 1)
-    grouped = g_base + g_shrink + g_expand + launches * LAUNCH_S
+    grouped = g_base + g_shrink + g_expand + launches * m.launch_s
+
+    if training:
+        # dense backward: dHg (+ gate grads), dx = [dy | dH] @ [W ; A_all], dA, dB
+        d_bwd = (kernel(2.0 * T * N * ER, (T * N + N * ER + 2 * T * ER) * b, cdiv(T, 64))
+                 + kernel(base_flops + 2.0 * T * ER * K, base_bytes + (T * N + T * ER + ER * K + T * K) * b,
+                          cdiv(T, 128) * cdiv(K, 128))
+                 + kernel(2.0 * T * ER * K, (T * ER + T * K + ER * K) * b, 2 * m.sms)
+                 + kernel(2.0 * T * ER * N, (T * ER + T * N + ER * N) * b, 2 * m.sms) + 4 * m.launch_s)
+        dense += d_bwd
+        decode += d_bwd  # decode shares the dense-rank backward
+        # grouped backward: dh shrink (split-K over N), dx expand + base dx by cuBLAS, dA / dB outer products
+        g_bwd = (kernel(2.0 * S * r * N, (S * N + Eu * r * N + S * r) * b, tiles * split)
+                 + kernel(2.0 * S * r * K, (S * r + Eu * r * K + (S + T) * K) * b, tiles * cdiv(K, 128))
+                 + (kernel(base_flops, base_bytes + (T * N + T * K) * b, m.sms, fp=peak) if has_base else 0.0)
+                 + kernel(2.0 * S * r * (K + N), (S * (K + N) + 2 * S * r + Eu * r * (K + N)) * b,
+                          Eu * cdiv(K + N, 128)) + 6 * m.launch_s)
+        grouped += g_bwd
 
     return {"dense": dense, "decode": decode, "grouped": grouped}
 
@@ -181,27 +255,34 @@ def estimate_seconds(
 def choose_lora_path(
     T: int, d_in: int, d_out: int, E: int, r: int, k: int, *,
     has_base: bool = True, dtype_bytes: int = 2, grouped_ok: Optional[bool] = None,
+    machine: Optional[str] = None, training: bool = False,
 ) -> str:
     """Pick ``"dense"``, ``"decode"`` or ``"grouped"`` (or what ``SELFMOE_LORA_PATH`` forces).
 
     Decode is only a candidate for ``T <= DECODE_MAX_T`` and ``decode_rank_tile(E, r) <=
     DECODE_MAX_RANK_COLS`` (its shrink accumulator is in registers); grouped only when ``grouped_ok``
     (default: the module imports).
-    ``"torch"`` is returned only when forced by the environment.
+    ``machine``: a key of ``MACHINES`` (default: the current CUDA device's class); ``training``: price
+    the backward too. ``"torch"`` is returned only when forced by the environment.
     """
     forced = path_override()
     if forced is not None:
         return forced
     if grouped_ok is None:
         grouped_ok = grouped_available()
-    return _model_choice(T, d_in, d_out, E, r, k, has_base, dtype_bytes, grouped_ok)
+    if machine is None:
+        machine = current_machine()
+    if machine not in MACHINES:
+        raise ValueError(f"machine must be one of {sorted(MACHINES)}, got {machine!r}")
+    return _model_choice(T, d_in, d_out, E, r, k, has_base, dtype_bytes, grouped_ok, machine, training)
 
 
 @functools.lru_cache(maxsize=4096)
 def _model_choice(T: int, d_in: int, d_out: int, E: int, r: int, k: int, has_base: bool, dtype_bytes: int,
-                  grouped_ok: bool) -> str:
+                  grouped_ok: bool, machine: str = "h100", training: bool = False) -> str:
     # Cached: the same layer shapes come back every step, and decode steps are microseconds long.
-    cost = estimate_seconds(T, d_in, d_out, E, r, k, has_base=has_base, dtype_bytes=dtype_bytes)
+    cost = estimate_seconds(T, d_in, d_out, E, r, k, has_base=has_base, dtype_bytes=dtype_bytes, machine=machine,
+                            training=training)
     candidates = {"dense": cost["dense"]}
     if T <= DECODE_MAX_T and decode_rank_tile(E, r) <= DECODE_MAX_RANK_COLS:
         candidates["decode"] = cost["decode"]
