@@ -8,6 +8,7 @@ backend (torch_path.py), on any device:
   instead of all ``E`` and skips stacking ``lora_B``.
 - ``"dense-small"`` (torch_path.py, inference only): the dense-rank forward in fewer ops, for at
   most ``SMALL_T`` tokens (decode batches), where each op's fixed cost outweighs its arithmetic.
+  Bitwise the same numbers as ``"dense"``.
 - ``"dense"`` (torch_path.py): the dense-rank formulation, all ``E*r`` rank columns in two skinny GEMMs.
   Pays ``E*r`` rank columns where ``k*r`` are needed, but with no gather or scatter.
 

@@ -115,29 +115,27 @@ def _dense_small_forward(inp: LoRAMixInputs) -> torch.Tensor:
     """The dense-rank forward for a few tokens without autograd, in as few ops as possible.
 
     At decode sizes every op's fixed cost outweighs its arithmetic, so the gates go straight onto the
-    rank columns with one broadcasting multiply (no expander GEMM; at large T that multiply is the
-    slower one, see ``_expander``) and a uniform scaling rides on the expand GEMM's ``alpha``.
+    rank columns with one broadcasting multiply (no expander GEMM, no saved tensors; at large T that
+    multiply is the slower one, see ``_expander``).
     """
     x, lora_A = inp.x, inp.lora_A
     T, K = x.shape
     E, r, _ = lora_A.shape
     ids = inp.ids if inp.ids.dtype == torch.int64 else inp.ids.long()
     gates = dense_gates(ids, inp.gates, E, _acc_dtype(x))  # [T, E]
-    if inp.uniform is None:
-        gates = gates * inp.scaling
-        alpha = 1.0
-    else:
-        alpha = inp.uniform
+    # gate x scaling rounded once, then times H: the very products of the general path, so the
+    # result is bitwise the same as ``forward``'s (tested).
+    gates = gates * (inp.scaling if inp.uniform is None else inp.uniform)
     h = _mm_acc(x, lora_A.view(E * r, K).t())  # [T, E*r]
     hg = (h.view(T, E, r) * gates.view(T, E, 1)).to(x.dtype).view(T, E * r)
     B_all = _stack_B(inp.lora_B)  # [N, E*r]
     if inp.base_weight is None:
-        return torch.mm(hg, B_all.t()).mul_(alpha) if alpha != 1.0 else hg @ B_all.t()
+        return hg @ B_all.t()
     if inp.base_bias is not None:
         y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
     else:
         y = x @ inp.base_weight.t()
-    return y.addmm_(hg, B_all.t(), alpha=alpha)
+    return y.addmm_(hg, B_all.t())
 
 
 class TorchBackend(Backend):

@@ -144,11 +144,16 @@ def test_router_training_skips_expert_gradients():
 
 
 def test_forward_cost_is_base_plus_low_rank():
-    T, K, N, E, r = 64, 96, 80, 4, 8
+    T, K, N, E, r = 80, 96, 80, 4, 8  # T above the decode-sized paths (torch_dispatch.SMALL_T)
     case = make_case(T, K, N, E, r, 1, seed=29).to(torch.float32)
     total = _flops(lambda: case.call(lora_mix, backend="torch"))
     # base + shrink + expand + spreading the [T, E] gates over the rank columns ([T, E] @ [E, E*r])
     assert total == 2 * T * K * N + 2 * T * K * E * r + 2 * T * E * r * N + 2 * T * E * E * r
+    # Decode batches (inference): the same products without the expander GEMM.
+    T = 16
+    case = make_case(T, K, N, E, r, 1, seed=30).to(torch.float32)
+    total = _flops(lambda: case.call(lora_mix, backend="torch"))
+    assert total == 2 * T * K * N + 2 * T * K * E * r + 2 * T * E * r * N
 
 
 def test_no_grad_and_inference_mode():

@@ -54,6 +54,8 @@ def test_inference_paths_match_reference_and_dense(monkeypatch, path, name, dtyp
     assert torch.isfinite(got).all()
     assert rel_err(got, want) <= TOL[dtype]
     assert rel_err(got, dense.double()) <= TOL[dtype]  # the general path gives the same numbers
+    if path == "dense-small":
+        assert torch.equal(got, dense)  # the same products in the same order: bitwise
 
 
 def test_inference_paths_are_taken_for_decode_and_nowhere_else(monkeypatch):
