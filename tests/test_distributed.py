@@ -5,8 +5,10 @@ Checked against real runs, never constants: the trained weights equal a one-proc
 batch (within float32 all-reduce rounding, ``REL_TOL`` below), only rank 0 writes, the log holds every
 step once, the shared router's gradient is all-reduced once per step, Ctrl-C of the launcher leaves a
 checkpoint that resumes on two processes (bit-identical to the uninterrupted two-process run) and on one
-(within the tolerance), and a process that hangs makes the other stop with a clear error after the collective
-timeout. Every launch is bounded by ``LAUNCH_TIMEOUT``; the module skips when gloo cannot start.
+(within the tolerance), a killed process stops the run (the launcher names it) with a resumable checkpoint, a
+process that hangs makes the other stop with a clear error after the collective timeout, and ``--fsdp`` shards
+the frozen base (each process holds half) while what trains stays whole. Every launch is bounded by
+``LAUNCH_TIMEOUT``; the module skips when gloo cannot start. Seven launches, about 2.5 minutes on 2 cores.
 
 This file is also the driver the launchers run (see the bottom): ``python tests/test_distributed.py SPEC ARGS``
 installs the test instrumentation SPEC asks for, then runs ``selfmoe.cli.main(ARGS)``.
