@@ -117,7 +117,8 @@ def dhg_smem(p, e):
 def dhg_regs_ok(p):
     # the [BM, BC] fp32 dHg accumulator lives through the gate epilogue next to the dy tiles: at more
     # than 32 fp32 values per thread ptxas spills (compile report, E*r >= 128 with 4 warps)
-    return p["BLOCK_M"] * p["BLOCK_C"] <= 32 * 32 * p["num_warps"]
+    # (and a 128-wide rank tile needs 8 warps: 32 x 128 with 4 spilled 16 B)
+    return p["BLOCK_M"] * p["BLOCK_C"] <= 32 * 32 * p["num_warps"] and (p["BLOCK_C"] < 128 or p["num_warps"] >= 8)
 
 
 def tn_smem(p, e):
@@ -222,7 +223,9 @@ def _shrink_gate_fwd_kernel(
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fused_base_lora_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr,
-    M, N, K1, K2, r, M_BUCKET,
+    M, N, K1, K2,
+    r: tl.constexpr,  # rank width: a constant, so c // r and c % r are shifts (pow2) or mul-shifts
+    M_BUCKET,
     stride_a1m, stride_a1k, stride_b1k, stride_b1n,
     stride_a2m, stride_a2c, stride_b2e, stride_b2r, stride_b2n,
     stride_om, stride_on,
@@ -232,7 +235,9 @@ def _fused_base_lora_kernel(
     """out[M, N] = a1[M, K1] @ b1[K1, N] + a2[M, K2] @ b2[K2, N] (+ bias[N]): one K loop over K1 + K2.
 
     b2 is a rank-column operand: row c lives at ``(c // r) * stride_b2e + (c % r) * stride_b2r``, which
-    reads B_all.T straight out of lora_B [E, N, r] (forward) or A_all out of lora_A [E, r, K] (dx).
+    reads B_all.T straight out of lora_B [E, N, r] (forward) or A_all out of lora_A [E, r, K] (dx). r is
+    a compile-time constant (one binary per rank a model uses): with a run-time r the expert/rank split
+    was an integer division per element and the rank-column loads stayed scalar.
     """
     i_m, i_n = _swizzle_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]

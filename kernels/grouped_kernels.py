@@ -81,8 +81,15 @@ def shrink_regs_ok(p):
 
 def expand_regs_ok(p):
     # the summed [BM, BR] fp32 rank rows stay live next to the [BM, BN] accumulator: at most 32 values per
-    # thread (every 4-warp config spilled at r = 128)
-    return p["BLOCK_M"] * p["BLOCK_R"] <= 32 * 32 * p["num_warps"]
+    # thread (every 4-warp config spilled at r = 128), and both together at most 80 (BLOCK_N = 256 with 4 warps
+    # spilled at r = 64, with 8 warps at r = 128 on sm_80)
+    return (p["BLOCK_M"] * p["BLOCK_R"] <= 32 * 32 * p["num_warps"]
+            and p["BLOCK_M"] * (p["BLOCK_R"] + p["BLOCK_N"]) <= 80 * 32 * p["num_warps"])
+
+
+def outer_regs_ok(p):
+    # the [BR, BD] fp32 accumulator: at most 64 values per thread (r = 128 spilled past it on sm_80)
+    return p["BLOCK_R"] * p["BLOCK_D"] <= 64 * 32 * p["num_warps"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,7 +299,8 @@ def _combine_slots_kernel(
     tl.store(p_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_n)
 
 
-@autotune(_outer_configs(), key=["D", "r", "T_BUCKET", "SPLIT", "BLOCK_M"], smem=outer_smem, elem_arg="wide_ptr")
+@autotune(_outer_configs(), key=["D", "r", "T_BUCKET", "SPLIT", "BLOCK_M"], smem=outer_smem, elem_arg="wide_ptr",
+          regs=outer_regs_ok)
 @triton.jit(do_not_specialize=["T_BUCKET"])
 def _grouped_outer_kernel(
     lr_ptr,  # [CAP, r] fp32 rank-space rows in padded sorted order (dh for dA, h for dB)
