@@ -127,8 +127,10 @@ class HFGenerator(BatchedRunner):
     which keep per-cache state). Prompts are then ordered by their tokens and batched by shared
     prefix (:func:`~selfmoe.prefix_cache.prefix_batches`) instead of by length, and a batch uses the
     shared prefix when it is at least ``min_shared_prefix`` tokens long.
-    ``counters`` adds up, over calls: prompts, prompt tokens, prefill tokens actually computed, and
-    generated tokens (what a benchmark reports).
+    ``counters`` adds up, over calls: prompts, prompt tokens, prefill tokens actually computed,
+    generated tokens, and decode row-steps computed (what a benchmark reports). In prefix mode a batch
+    decodes in :func:`selfmoe.decode_loop.decode_shared_prefix`, where a row that finished leaves the
+    batch at once (``generate`` computes it until the whole batch is done).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = True,
@@ -141,7 +143,8 @@ class HFGenerator(BatchedRunner):
         self.sort_by_length = sort_by_length
         self.prefix_cache = bool(prefix_cache) and supports_prefix_cache(model)
         self.min_shared_prefix = min_shared_prefix
-        self.counters = {"prompts": 0, "prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0}
+        self.counters = {"prompts": 0, "prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0,
+                         "decode_row_steps": 0}
         self.eos_ids = _eos_ids(model, tokenizer)
         if not self.eos_ids:
             raise ValueError("neither the tokenizer nor the model's generation_config has an eos_token_id")
@@ -176,35 +179,42 @@ class HFGenerator(BatchedRunner):
                 mask[i, width - len(s):] = 1
         return ids.to(device), mask.to(device)
 
-    def _generate_batch(self, seqs: Sequence[List[int]], device: torch.device, kwargs: dict) -> Tuple[torch.Tensor, int]:
-        """One ``generate`` call: the output ids ``[B, width + new]`` and the prompt width."""
-        from .prefix_cache import cache_kwarg, common_prefix_length, mid_padded_batch, prefill_prefix
+    def _generate_batch(self, seqs: Sequence[List[int]], device: torch.device, config: SamplingConfig,
+                        kwargs: dict) -> List[List[int]]:
+        """The new tokens of each row of one batch (EOS kept where a row ended with it)."""
+        from .prefix_cache import common_prefix_length
 
         self.counters["prompts"] += len(seqs)
         self.counters["prompt_tokens"] += sum(len(s) for s in seqs)
         shared = common_prefix_length(seqs) if self.prefix_cache and len(seqs) > 1 else 0
         if shared >= self.min_shared_prefix:
-            ids, mask = mid_padded_batch(seqs, shared, self.pad_id, device)
-            cache = prefill_prefix(self.model, seqs[0][:shared], len(seqs))
-            self.counters["prefill_tokens"] += shared + len(seqs) * (ids.shape[1] - shared)
-            return self.model.generate(input_ids=ids, attention_mask=mask, **{cache_kwarg(self.model): cache},
-                                       **kwargs), ids.shape[1]
+            from .decode_loop import decode_shared_prefix
+
+            width = max(len(s) for s in seqs) - shared
+            self.counters["prefill_tokens"] += shared + len(seqs) * width
+            rows, steps = decode_shared_prefix(
+                self.model, self.tokenizer, seqs, shared, max_new_tokens=config.max_new_tokens, eos_ids=self.eos_ids,
+                pad_id=self.pad_id, stop=config.stop, do_sample=config.do_sample, temperature=config.temperature,
+                top_p=config.top_p, top_k=config.top_k)
+            self.counters["decode_row_steps"] += steps
+            return rows
         ids, mask = self._left_pad(seqs, device)
         self.counters["prefill_tokens"] += ids.numel()  # padding is computed too
-        return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs), ids.shape[1]
+        gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        new = gen[:, ids.shape[1]:].cpu()
+        self.counters["decode_row_steps"] += new.numel()  # generate computes finished rows until all are done
+        return [self._trim(row.tolist()) for row in new]
 
-    def _generated_length(self, new_ids: torch.Tensor) -> int:
-        """Tokens this row generated up to its EOS (the pads generate writes after a finished row are not counted)."""
-        row = new_ids.tolist()
+    def _trim(self, row: List[int]) -> List[int]:
+        """A row of ``generate`` output without the pads written after it finished (EOS kept)."""
         for j, t in enumerate(row):
             if t in self.eos_ids:
-                return j + 1
+                return row[:j + 1]
             if t == self.pad_id:
-                return j
-        return len(row)
+                return row[:j]
+        return row
 
-    def _decode(self, new_ids: torch.Tensor, config: SamplingConfig) -> Completion:
-        row = new_ids.tolist()
+    def _decode(self, row: List[int], config: SamplingConfig) -> Completion:
         finished = False
         for j, t in enumerate(row):
             if t in self.eos_ids:
@@ -247,11 +257,10 @@ class HFGenerator(BatchedRunner):
             bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not self.progress, unit="seq", leave=False)
             for batch in batches:
                 seqs = [encoded[i] for i in batch]
-                gen, width = self._generate_batch(seqs, device, kwargs)
-                new = gen[:, width:].cpu()
-                for row, i in enumerate(batch):
-                    out[i] = self._decode(new[row], config)
-                    self.counters["generated_tokens"] += self._generated_length(new[row])
+                rows = self._generate_batch(seqs, device, config, kwargs)
+                for row, i in zip(rows, batch):
+                    out[i] = self._decode(row, config)
+                    self.counters["generated_tokens"] += len(row)
                 bar.update(len(batch))
             bar.close()
         return [c for c in out if c is not None]

@@ -123,3 +123,45 @@ def test_shot_groups_follow_the_batch_size():
     rng_a, rng_b = random.Random(1), random.Random(1)
     per_prompt = _draw_shots(rng_a, seeds, 3, 5, SpecializeConfig(batch_size=4, share_shots=False))
     assert per_prompt == [rng_b.sample(seeds, 3) for _ in range(5)]
+
+
+def test_stop_strings_end_rows_early_and_cut_like_generate(lm):
+    model, tok = lm
+    prompts = [HEAD + s for s in SUFFIXES]
+    free = [alone(model, tok, p, 16).text for p in prompts]
+    # A stop string taken from the middle of one row's own greedy text: that row must end there.
+    victim = max(range(len(free)), key=lambda i: len(free[i]))
+    text = free[victim]
+    stop = text[len(text) // 3: len(text) // 3 + 3]
+    assert stop.strip() and stop in text
+    cfg = SamplingConfig(max_new_tokens=16, do_sample=False, stop=(stop,))
+    cached = HFGenerator(model, tok, batch_size=5, progress=False, prefix_cache=True)
+    got = cached.generate(prompts, cfg)
+    ref = HFGenerator(model, tok, batch_size=1, progress=False).generate(prompts, cfg)
+    assert got == ref
+    assert got[victim].finish_reason == "stop" and got[victim].text == text[: text.index(stop)]
+    # The row that stopped left the batch: fewer row-steps than rows x steps.
+    assert cached.counters["decode_row_steps"] < len(prompts) * 16
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.98), (0.7, 5, 1.0), (1.3, 20, 0.5), (1.0, 0, 1.0)])
+def test_sampling_scores_match_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    from selfmoe.decode_loop import sampling_scores
+
+    g = torch.Generator().manual_seed(int(temperature * 100) + top_k)
+    logits = torch.randn(4, 50, generator=g) * 3
+    logits[0, :10] = 2.0  # ties at the top-k / top-p boundary
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    expected = warpers(torch.zeros(4, 1, dtype=torch.long), logits.clone())
+    got = sampling_scores(logits, temperature=temperature, top_p=top_p, top_k=top_k)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    finite = ~torch.isinf(got)
+    assert torch.allclose(got[finite], expected[finite])
+    assert finite.any(dim=-1).all()
