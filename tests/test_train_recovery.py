@@ -220,6 +220,10 @@ def rewrite(ckpt, name, text):
     ({"epoch": 0}, "trainer_state.json", "does not match epoch 0 and step_in_epoch 2"),
     ({"step": "5"}, "trainer_state.json", "step must be an int"),
     ({"step": 4, "step_in_epoch": 1}, "optimizer.pt", "optimizer has taken 5 steps, trainer_state.json says step 4"),
+    # 2 processes cut each epoch's last step to an even number of micro-batches: 2 steps an epoch, not 3
+    ({"world_size": 2, "total_steps": 6, "epoch": 2, "step_in_epoch": 1}, "trainer_state.json",
+     "total_steps 6 does not match this run's 9 (the checkpoint was written by 2 process(es), this run has 1: "
+     "resume with 2)"),
 ])
 def test_a_hand_edited_trainer_state_is_refused_naming_the_file(crashed, tmp_path, lm_path, edit, file, what):
     out, _ = copy_run(crashed, tmp_path)
