@@ -9,7 +9,8 @@ Per repetition and batch size: prefill a random prompt of ``--prompt`` tokens (n
 ``--tokens`` greedy steps (forward of the last token with the KV cache, argmax), for base and MiXSE
 in turn (round-robin, so load from other processes lands on both alike). The figure is ms per
 decode step (a step decodes one token for each of the B sequences); the ratio is MiXSE / base from
-the same run, median over repetitions.
+the same run, median over repetitions. ``--ab-dense`` adds ``mixse-dense``, the same MiXSE with the
+torch path forced to its general (dense-rank, training) formulation: the A/B of the decode paths.
 
 Usage:
   python benchmarks/bench_decode.py                       # batch 1 and 16, 32 tokens, 5 reps
@@ -21,6 +22,7 @@ benchmarks/results/local, ignored by git).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -98,6 +100,24 @@ def decode_ms(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Tuple[floa
     return (time.perf_counter() - start) * 1e3 / tokens, torch.cat(produced, 1)
 
 
+def timed_decode(name: str, model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+    """``decode_ms`` of one provider; ``mixse-dense`` runs with ``SELFMOE_TORCH_PATH=dense`` (the A/B of
+    the decode-sized torch paths against the general one, in the same run)."""
+    from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
+
+    if name != "mixse-dense":
+        return decode_ms(model, prompt, tokens)[0]
+    old = os.environ.get(ENV_TORCH_PATH)
+    os.environ[ENV_TORCH_PATH] = "dense"
+    try:
+        return decode_ms(model, prompt, tokens)[0]
+    finally:
+        if old is None:
+            del os.environ[ENV_TORCH_PATH]
+        else:
+            os.environ[ENV_TORCH_PATH] = old
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -109,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--random-base", action="store_true", help="random weights with SmolLM2's config")
+    ap.add_argument("--ab-dense", action="store_true",
+                    help="also time mixse-dense: MiXSE with the torch path forced to its general formulation")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--results-dir", default=str(LOCAL_RESULTS_DIR),
                     help="where decode_<device>.csv goes (default: benchmarks/results/local, ignored by git)")
@@ -121,6 +143,8 @@ def main(argv=None) -> int:
     wrapped_base, _ = load_base(args.random_base, device)
     mixse = make_mixse(wrapped_base, args.experts, args.rank, args.top_k)
     models: Dict[str, nn.Module] = {"base": base, "mixse": mixse}
+    if args.ab_dense:
+        models["mixse-dense"] = mixse  # the same model with the torch path forced to the general formulation
     label = device_label(device)
     vers = versions()
     print(f"decode, {source}, {args.experts} experts r={args.rank} top-{args.top_k} shared router, {label}")
@@ -132,22 +156,20 @@ def main(argv=None) -> int:
         for model in models.values():  # warm-up
             decode_ms(model, prompt, 2)
         samples: Dict[str, List[float]] = {name: [] for name in models}
-        ratios: List[float] = []
         for _ in range(args.reps):
-            ms = {name: decode_ms(model, prompt, args.tokens)[0] for name, model in models.items()}
+            ms = {name: timed_decode(name, model, prompt, args.tokens) for name, model in models.items()}
             for name, v in ms.items():
                 samples[name].append(v)
-            ratios.append(ms["mixse"] / ms["base"])
         med = {name: statistics.median(v) for name, v in samples.items()}
         for name in models:
-            ratio = statistics.median(ratios) if name == "mixse" else 1.0
+            ratios = [a / b for a, b in zip(samples[name], samples["base"])]
+            ratio = statistics.median(ratios)
             print(f"{batch:>5} {name:<8} {med[name]:>9.3f} {med[name] / batch:>9.3f} {ratio:>7.3f}")
             rows.append({
                 "timestamp": timestamp(), "device": label, "model": source, "provider": name, "batch": batch,
                 "prompt": args.prompt, "tokens": args.tokens, "ms_per_step": round(med[name], 4),
                 "ms_per_token": round(med[name] / batch, 4), "ratio_to_base": round(ratio, 4),
-                "ratio_min": round(min(ratios), 4) if name == "mixse" else 1.0,
-                "ratio_max": round(max(ratios), 4) if name == "mixse" else 1.0,
+                "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
                 "experts": args.experts, "rank": args.rank, "top_k": args.top_k, "reps": args.reps,
                 "threads": torch.get_num_threads() if device.type == "cpu" else "",
                 "torch": vers["torch"], "commit": git_commit(),

@@ -12,6 +12,10 @@ Presets:
           4 experts of rank 8, top-1 (the CPU target: mixse <= 1.25x bare, >= 2x faster than xlora)
   large   Llama hidden 2048, 16 layers, 16 heads / 8 KV heads, intermediate 5632, vocab 32000;
           batch 4x1024; same experts (for CUDA, bf16)
+  smollm2-135m  the built-in model's shape (SmolLM2-135M-Instruct: hidden 576, 30 layers, 9 heads /
+          3 KV heads of 64, intermediate 1536, vocab 49152, tied embeddings); its real weights when it is
+          in the selfmoe cache, random weights otherwise; batch 4x128; same experts (CPU target: mixse <=
+          1.25x bare, xlora / mixse >= 2x)
 
 Usage:
   python benchmarks/bench_train_step.py                        # small on CPU (or large on CUDA)
@@ -20,11 +24,13 @@ Usage:
 
 Results: a table on stdout and <results-dir>/train_step_<device>.csv (device, versions, commit,
 ms, ratio to bare). Ratios compare timings from the same run only (CPU: round-robin timing, so load
-from other processes lands on all providers alike).
+from other processes lands on all providers alike; on CPU each ratio is the median over rounds of the
+same-round ratio).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import warnings
@@ -38,7 +44,8 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import LOCAL_RESULTS_DIR, device_label, device_slug, git_commit, time_many_ms, timestamp, versions, write_csv
+from benchmarks.common import (LOCAL_RESULTS_DIR, device_label, device_slug, git_commit, median_ratio, time_many_ms,
+                               time_rounds_ms, timestamp, versions, write_csv)
 
 
 @dataclass(frozen=True)
@@ -56,25 +63,47 @@ class Preset:
     rank: int = 8
     alpha: int = 16
     top_k: int = 1
+    head_dim: int = 0  # 0: hidden // heads
+    tie_embeddings: bool = False
+    builtin: str = ""  # a selfmoe built-in model whose cached weights are used when present
 
 
 PRESETS = {
     "small": Preset("small", 256, 4, 8, 4, 688, 2048, 4, 256),
     "large": Preset("large", 2048, 16, 16, 8, 5632, 32000, 4, 1024),
+    "smollm2-135m": Preset("smollm2-135m", 576, 30, 9, 3, 1536, 49152, 4, 128, head_dim=64, tie_embeddings=True,
+                           builtin="smollm2-135m"),
 }
 PROVIDERS = ("bare", "xlora", "mixse")
 
 
-def make_base(p: Preset, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def builtin_weights(p: Preset) -> str:
+    """The cached folder of the preset's built-in model, or "" (absent, or no built-in model); never downloads."""
+    if not p.builtin:
+        return ""
+    from selfmoe.builtin_models import BUILTIN_MODELS, _models_dir, is_complete
 
-    cfg = LlamaConfig(
-        hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=p.layers,
-        num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, vocab_size=p.vocab,
-        max_position_embeddings=max(2048, p.seq), use_cache=False,  # X-LoRA refuses use_cache=True
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    folder = _models_dir(None) / p.builtin
+    return str(folder) if is_complete(folder, BUILTIN_MODELS[p.builtin]) else ""
+
+
+def make_base(p: Preset, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    folder = builtin_weights(p)
+    if folder:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model.config.use_cache = False  # X-LoRA refuses use_cache=True
+    else:
+        cfg = LlamaConfig(
+            hidden_size=p.hidden, intermediate_size=p.intermediate, num_hidden_layers=p.layers,
+            num_attention_heads=p.heads, num_key_value_heads=p.kv_heads, vocab_size=p.vocab,
+            head_dim=p.head_dim or p.hidden // p.heads, tie_word_embeddings=p.tie_embeddings,
+            max_position_embeddings=max(2048, p.seq), use_cache=False,  # X-LoRA refuses use_cache=True
+        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    model = model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     return model.train()
 
@@ -186,32 +215,41 @@ def main() -> None:
             loss = steps[name]()
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{name}: non-finite loss {loss.item()}")
-    times = time_many_ms(steps, device, reps=args.reps, warmup=args.warmup)
+    if device.type == "cpu":  # ratios: median over rounds of the same-round ratio (load varies between rounds)
+        samples = time_rounds_ms(steps, reps=args.reps, warmup=args.warmup)
+        times = {name: statistics.median(v) for name, v in samples.items()}
+        ratio_of = {name: median_ratio(samples, name, "bare") for name in samples} if "bare" in samples else {}
+        xlora_mixse = median_ratio(samples, "xlora", "mixse") if {"xlora", "mixse"} <= set(samples) else None
+    else:
+        times = time_many_ms(steps, device, reps=args.reps, warmup=args.warmup)
+        ratio_of = {name: times[name] / times["bare"] for name in times} if "bare" in times else {}
+        xlora_mixse = times["xlora"] / times["mixse"] if {"xlora", "mixse"} <= set(times) else None
 
     import peft
     import transformers
 
     vers = versions()
-    base_ms = times.get("bare")
     rows = []
     label = device_label(device)
-    print(f"\ntrain step, preset {preset.name} ({preset.batch}x{preset.seq} tokens, {preset.layers} layers, hidden {preset.hidden}, "
+    weights = builtin_weights(preset) and f"{preset.builtin} weights" or "random weights"
+    print(f"\ntrain step, preset {preset.name}, {weights} ({preset.batch}x{preset.seq} tokens, {preset.layers} layers, hidden {preset.hidden}, "
           f"{preset.experts} experts r={preset.rank} top-{preset.top_k}), {dtype}, {label}")
     print(f"{'provider':<8} {'ms':>10} {'x bare':>8}")
     for name in providers:
-        ratio = times[name] / base_ms if base_ms else float("nan")
+        ratio = ratio_of.get(name, float("nan"))
         print(f"{name:<8} {times[name]:>10.2f} {ratio:>8.3f}")
         rows.append({
             "timestamp": timestamp(), "device": label, "provider": name, "ms": round(times[name], 4),
             "ratio_to_bare": round(ratio, 4), "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
             "threads": torch.get_num_threads() if device.type == "cpu" else "",
             "torch": vers["torch"], "triton": vers["triton"], "transformers": transformers.__version__,
-            "peft": peft.__version__, "commit": git_commit(), **{f"preset_{k}": v for k, v in asdict(preset).items()},
+            "peft": peft.__version__, "xlora_over_mixse": round(xlora_mixse, 4) if xlora_mixse else "", "commit": git_commit(), "weights": weights, **{f"preset_{k}": v for k, v in asdict(preset).items()},
         })
-    if "mixse" in times and "xlora" in times:
-        print(f"xlora / mixse = {times['xlora'] / times['mixse']:.2f}x")
+    if xlora_mixse is not None:
+        print(f"xlora / mixse = {xlora_mixse:.2f}x")
     if not args.no_csv:
-        out = Path(args.results_dir) / f"train_step_{device_slug(device)}.csv"
+        suffix = "" if preset.name in ("small", "large") else f"_{preset.name}"
+        out = Path(args.results_dir) / f"train_step{suffix}_{device_slug(device)}.csv"
         write_csv(out, rows)
         print(f"wrote {out}")
 

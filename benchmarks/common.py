@@ -70,17 +70,9 @@ def versions() -> Dict[str, str]:
     return {"torch": torch.__version__, "triton": triton_version}
 
 
-def time_many_ms(fns: Dict[str, Callable[[], object]], device: torch.device, reps: int = 10, warmup: int = 2) -> Dict[str, float]:
-    """Median milliseconds of each ``fn()``.
-
-    CUDA: ``triton.testing.do_bench`` per function (warm-up, median). CPU: every function is warmed
-    up, then the functions are timed round-robin, one call each per round, so that load from other
-    processes on a shared machine lands on all of them alike and their ratios stay honest.
-    """
-    if device.type == "cuda":
-        import triton.testing
-
-        return {name: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) for name, fn in fns.items()}
+def time_rounds_ms(fns: Dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2) -> Dict[str, List[float]]:
+    """Milliseconds of each ``fn()`` per round (CPU): every function is warmed up, then they are timed
+    round-robin, one call each per round, so load from other processes lands on all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -90,6 +82,26 @@ def time_many_ms(fns: Dict[str, Callable[[], object]], device: torch.device, rep
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def median_ratio(samples: Dict[str, List[float]], name: str, ref: str) -> float:
+    """Median over rounds of ``name``'s time / ``ref``'s time in the same round (a shared machine's load
+    changes between rounds; within one round both saw about the same)."""
+    return statistics.median(a / b for a, b in zip(samples[name], samples[ref]))
+
+
+def time_many_ms(fns: Dict[str, Callable[[], object]], device: torch.device, reps: int = 10, warmup: int = 2) -> Dict[str, float]:
+    """Median milliseconds of each ``fn()``.
+
+    CUDA: ``triton.testing.do_bench`` per function (warm-up, median). CPU: ``time_rounds_ms``
+    (round-robin), median per function.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        return {name: float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")) for name, fn in fns.items()}
+    samples = time_rounds_ms(fns, reps, warmup)
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
