@@ -13,9 +13,11 @@ Every stage runs the command a user would type (``selfmoe.cli.main([...])``), in
     compare      a row per system, a column per domain + average -> <out>/results.md, results.json
     heatmap      routing of MiXSE top-1, benchmark domain x expert -> <out>/routing_heatmap.txt (.png)
 
-Resumable: a stage whose output is complete is skipped; an interrupted training run is continued with
-``--resume``; ``specialize`` and ``eval`` continue their own saved work when rerun. Wall time per stage
-goes to ``<out>/timings.json``.
+Resumable: a stage whose output is complete and built from the same inputs is skipped; an interrupted
+training run is continued with ``--resume``; ``specialize`` and ``eval`` continue their own saved work
+when rerun. A stage that runs again (more pairs, a deleted expert, another eval size) makes the stages
+that read its output run again too (``<out>/demo_state.json``, :mod:`selfmoe.demo_state`). Wall time
+per stage goes to ``<out>/timings.json`` and ``<out>/pipeline.csv``.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import pathlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["run_demo", "DemoStageError", "DOMAINS", "SYSTEMS", "DEFAULTS", "QUICK"]
 
@@ -63,9 +65,15 @@ class DemoStageError(RuntimeError):
 
 @dataclass
 class Stage:
+    """One step of the demo. ``deps``: the stages whose outputs it reads; ``key``: its own settings;
+    ``outputs``: what it writes (cleared when they were built from other inputs, see demo_state.py)."""
+
     name: str
     run: Callable[[], None]
     done: Callable[[], bool]
+    deps: Tuple[str, ...] = ()
+    key: str = ""
+    outputs: Tuple[pathlib.Path, ...] = ()
 
 
 def _say(msg: str) -> None:
@@ -127,6 +135,41 @@ def _heatmap_png(overview: Dict[str, Any], path: pathlib.Path) -> bool:
     return True
 
 
+def device_description(device: Optional[str]) -> str:
+    """The machine a run ran on, for result files: the GPU's name, or the CPU model and torch's thread count."""
+    import platform
+
+    import torch
+
+    if device and device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def _write_pipeline_csv(path: pathlib.Path, timings: Dict[str, Dict[str, Any]], settings: Dict[str, Any],
+                        device: Optional[str]) -> None:
+    """One row per stage: its wall time in this run (empty when it was skipped) and what it ran on."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["stage", "seconds", "skipped", "device", "model", "num_pairs", "epochs", "eval_size"])
+    label = device_description(device)
+    for name, t in timings.items():
+        writer.writerow([name, "" if t["skipped"] else t["seconds"], t["skipped"], label, settings["model"],
+                         settings["num_pairs"], settings["epochs"], settings["eval_size"]])
+    path.write_text(buf.getvalue(), encoding="utf-8")
+
+
 def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = False, num_pairs: Optional[int] = None,
              epochs: Optional[int] = None, eval_size: Optional[int] = None, device: Optional[str] = None,
              progress: bool = True) -> Dict[str, Any]:
@@ -184,7 +227,7 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
     def specialize_done() -> bool:
         for d in DOMAINS:
             stats = data / f"{d}.stats.json"
-            if not stats.is_file() or not json.loads(stats.read_text(encoding="utf-8")).get("complete"):
+            if not stats.is_file() or int(json.loads(stats.read_text(encoding="utf-8")).get("kept") or 0) < num_pairs:
                 return False
         return True
 
@@ -199,14 +242,16 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
                      lambda: _cli(f"expert-{domain}", ["train-expert", "--model", base["path"], *dev, "--data", data,
                                                         "--domain", domain, "--output", d, *train_sizes, *nop,
                                                         *_train_flags(d)]),
-                     lambda: _files(d / "adapter_config.json", d / "adapter_model.safetensors"))
+                     lambda: _files(d / "adapter_config.json", d / "adapter_model.safetensors"),
+                     deps=("specialize",), key=" ".join(train_sizes), outputs=(d,))
 
     def merge_stage(method: str) -> Stage:
         d = merged[method]
         args = ["merge", *[a for dom in DOMAINS for a in ("--expert", experts[dom])], "--method", method,
                 "--seed", "0", "--output", d, *nop]
         return Stage(method, lambda: _cli(method, args + (["--overwrite"] if d.exists() else [])),
-                     lambda: _files(d / "adapter_config.json", d / "adapter_model.safetensors"))
+                     lambda: _files(d / "adapter_config.json", d / "adapter_model.safetensors"),
+                     deps=tuple(f"expert-{dom}" for dom in DOMAINS), outputs=(d,))
 
     def mixse_run() -> None:
         _cli("mixse", ["train-router", "--model", base["path"], *dev, "--data", data, "--output", mixse,
@@ -224,6 +269,8 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
         return marker.is_file() and json.loads(marker.read_text()).get("n_per_domain") == eval_size and \
             _files(*(bench / f"{d}.jsonl" for d in DOMAINS))
 
+    eval_reads = {"base": "model", **{d: f"expert-{d}" for d in DOMAINS}, "union": "union", "ties": "ties",
+                  "dare": "dare", "mixse-top1": "mixse", "mixse-top2": "mixse"}
     eval_targets = {"base": [], **{d: ["--adapter", experts[d]] for d in DOMAINS}, "union": ["--adapter", union],
                     "ties": ["--adapter", merged["ties"]], "dare": ["--adapter", merged["dare"]],
                     "mixse-top1": ["--mixse", mixse, "--routing-stats"],
@@ -237,7 +284,8 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
                                     *[a for dom in DOMAINS for a in ("--data", bench / f"{dom}.jsonl")], "--output", d,
                                     "--mc-scoring", "loglik", "--allow-code-execution",
                                     *(_EVAL_QUICK if quick else _EVAL_REAL), *nop])
-        return Stage(f"eval-{system}", run, lambda: _files(d / "summary.json"))
+        return Stage(f"eval-{system}", run, lambda: _files(d / "summary.json"), deps=("benchmark", eval_reads[system]),
+                     key=" ".join(_EVAL_QUICK if quick else _EVAL_REAL), outputs=(d,))
 
     def compare_run() -> None:
         _cli("compare", ["compare", *[f"{s}={evals / s}" for s in SYSTEMS], "--by", "domain",
@@ -263,19 +311,23 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
 
     stages: List[Stage] = [
         Stage("model", model_run, model_done),
-        Stage("specialize", specialize_run, specialize_done),
+        Stage("specialize", specialize_run, specialize_done, deps=("model",), outputs=(data,)),
         *[expert_stage(d) for d in DOMAINS],
         Stage("union", lambda: _cli("union", ["train-expert", "--model", base["path"], *dev, "--data", data,
                                               "--all-domains", "--output", union, *train_sizes, *nop,
                                               *_train_flags(union)]),
-              lambda: _files(union / "adapter_config.json", union / "adapter_model.safetensors")),
+              lambda: _files(union / "adapter_config.json", union / "adapter_model.safetensors"),
+              deps=("specialize",), key=" ".join(train_sizes), outputs=(union,)),
         merge_stage("ties"),
         merge_stage("dare"),
-        Stage("mixse", mixse_run, lambda: _files(mixse / "mixse_config.json", mixse / "router.safetensors")),
-        Stage("benchmark", bench_run, bench_done),
+        Stage("mixse", mixse_run, lambda: _files(mixse / "mixse_config.json", mixse / "router.safetensors"),
+              deps=("specialize", *(f"expert-{d}" for d in DOMAINS)), key=" ".join(train_sizes), outputs=(mixse,)),
+        Stage("benchmark", bench_run, bench_done, key=f"eval_size={eval_size}", outputs=(bench,)),
         *[eval_stage(s) for s in SYSTEMS],
-        Stage("compare", compare_run, lambda: _files(results_md, results_json)),
-        Stage("heatmap", heatmap_run, lambda: _files(heat_txt)),
+        Stage("compare", compare_run, lambda: _files(results_md, results_json),
+              deps=tuple(f"eval-{s}" for s in SYSTEMS), outputs=(results_md, results_json)),
+        Stage("heatmap", heatmap_run, lambda: _files(heat_txt), deps=("eval-mixse-top1",),
+              outputs=(heat_txt, heat_png, out / "routing_overview.json")),
     ]
 
     # ---- run them
@@ -285,20 +337,29 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
     except (OSError, ValueError, AttributeError):
         previous = {}
     timings: Dict[str, Dict[str, Any]] = {}
+    from .demo_state import DemoState, clear_outputs
+
+    state = DemoState(out / "demo_state.json")
     for i, stage in enumerate(stages, 1):
         label = f"[{i}/{len(stages)}] {stage.name}"
-        if stage.done():
+        inputs = state.inputs(stage.key, stage.deps)
+        if stage.done() and (stage.name == "model" or state.up_to_date(stage.name, inputs)):
             _say(f"{label}: done already, skipped")
             seconds = (previous.get(stage.name) or {}).get("seconds")
             timings[stage.name] = {"seconds": seconds, "skipped": True}
             continue
+        if state.built_from_other_inputs(stage.name, inputs) and clear_outputs(stage.outputs):
+            _say(f"{label}: its inputs changed, its old output was removed")
         _say(f"{label} ...")
+        state.started(stage.name, inputs)
         start = time.perf_counter()
         try:
             stage.run()
         except KeyboardInterrupt:
             _say(f"selfmoe demo: interrupted in stage {stage.name}; rerun the same command to continue")
             raise
+        # The model stage is the same output as long as it resolves to the same folder.
+        state.finished(stage.name, base.get("path") if stage.name == "model" else None)
         seconds = round(time.perf_counter() - start, 2)
         timings[stage.name] = {"seconds": seconds, "skipped": False}
         timings_path.write_text(json.dumps({"stages": {**previous, **timings}}, indent=2) + "\n")
@@ -308,8 +369,9 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
               "settings": {"model": model, "quick": quick, "num_pairs": num_pairs, "epochs": epochs,
                            "eval_size": eval_size, "device": device}}
     timings_path.write_text(json.dumps(record, indent=2) + "\n")
+    _write_pipeline_csv(out / "pipeline.csv", timings, record["settings"], device)
     paths = {"data": data, "experts": {**experts, "union": union}, "merged": merged, "mixse": mixse, "bench": bench,
              "eval": {s: evals / s for s in SYSTEMS}, "results_md": results_md, "results_json": results_json,
-             "routing_heatmap_txt": heat_txt, "routing_heatmap_png": heat_png if heat_png.is_file() else None,
+             "routing_heatmap_txt": heat_txt, "pipeline_csv": out / "pipeline.csv", "routing_heatmap_png": heat_png if heat_png.is_file() else None,
              "timings": timings_path}
     return {"output": out, "model": base.get("path"), "paths": paths, "timings": record}

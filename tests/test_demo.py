@@ -105,3 +105,33 @@ def test_demo_resumes_an_unfinished_stage(tmp_path, capsys):
 def test_demo_rejects_bad_sizes(tmp_path, capsys):
     assert main(["demo", "--quick", "--output", str(tmp_path / "d"), "--eval-size", "0"]) == 2
     assert "--eval-size must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_reruns_exactly_the_stages_downstream_of_a_redone_one(tmp_path, capsys):
+    """A removed expert is trained again, and everything that read it (merges, MiXSE, their evals, the table,
+    the heat map) is rebuilt, its stale output cleared first; stages that did not read it stay skipped."""
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--output", str(out), "--no-progress", "--eval-size", "2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    router = out / "mixse" / "router.safetensors"
+    before = (router.read_bytes(), router.stat().st_mtime_ns)
+    import shutil
+
+    shutil.rmtree(out / "experts" / "math")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    rerun = {"expert-math", "ties", "dare", "mixse", "eval-math", "eval-ties", "eval-dare", "eval-mixse-top1",
+             "eval-mixse-top2", "compare", "heatmap"}
+    for name in STAGES:
+        if name in rerun:
+            assert f"] {name} ..." in err, name
+        else:
+            assert f"{name}: done already, skipped" in err, name
+    assert "mixse: its inputs changed, its old output was removed" in err
+    # trained again (written anew), and training is deterministic: the same bytes as the first time
+    assert router.stat().st_mtime_ns != before[1] and router.read_bytes() == before[0]
+    rows = (out / "pipeline.csv").read_text().splitlines()
+    assert rows[0].startswith("stage,seconds,skipped,device") and len(rows) == 1 + len(STAGES)
+    timed = {r.split(",")[0]: r.split(",")[1] for r in rows[1:]}
+    assert all((timed[n] != "") == (n in rerun) for n in STAGES)
