@@ -37,5 +37,7 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.17", "gguf>=0.10", "accelerate>=1.1"],
         # the built-in model (a GGUF converted on first use) and the demo's plots
         "demo": ["gguf>=0.10", "accelerate>=1.1", "matplotlib"],
+        # lm-evaluation-harness integration test (tests/test_lm_eval.py skips without it)
+        "eval": ["lm-eval>=0.4.13,<0.5"],
     },
 )
