@@ -23,8 +23,9 @@ torch before a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 from .cli_bench import _add_bench, _cmd_bench
 from .cli_compare import _add_compare, _cmd_compare
@@ -90,6 +91,20 @@ def _user_errors() -> Tuple[type, ...]:
     return (CLIError, DataFormatError, AdapterFormatError, ValueError, OSError, ImportError)
 
 
+@contextlib.contextmanager
+def _transformers_bars_off() -> Iterator[None]:
+    """--no-progress also silences transformers' own bars ("Loading weights"), for this command only."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (``python -m selfmoe`` / the ``selfmoe`` script exit with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -103,6 +118,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "device", None) is not None:  # before any data or model is read
             check_device(args.device)
+        if getattr(args, "no_progress", False):
+            with _transformers_bars_off():
+                return args.func(args)
         return args.func(args)
     except SystemExit:  # argparse: --help, --version, usage errors (passed on before _user_errors loads the library)
         raise

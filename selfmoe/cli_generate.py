@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 from typing import Any, Dict, List
 
@@ -45,7 +44,11 @@ def _add_generate(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--route-top-k", type=int, default=None, help="MiXSE: experts per token at inference")
-    p.add_argument("--routing-stats", action="store_true", help="MiXSE: print per-layer expert usage (JSON) to stderr")
+    p.add_argument("--routing-stats", action="store_true",
+                   help="MiXSE: print each expert's share of the routed token-slots over all layers to stderr")
+    p.add_argument("--routing-stats-json", default=None, metavar="PATH",
+                   help="MiXSE: also write the per-layer routing statistics (usage, mean gate, mean router "
+                        "probability per expert and layer) as JSON")
     return p
 
 
@@ -89,10 +92,19 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, stop=stop)
     gen = HFGenerator(runner, tok, batch_size=args.batch_size, progress=False)
-    if args.routing_stats and args.mixse:
+    if (args.routing_stats or args.routing_stats_json) and args.mixse:
+        from .stats import format_routing_overview, routing_overview
+
         with runner.routing_stats() as stats:
             completions = gen.generate(prompts, config)
-        say(json.dumps(stats.summary(), indent=1))
+        per_layer = stats.summary()
+        if args.routing_stats:
+            say(format_routing_overview(routing_overview({"prompts": per_layer})))
+        if args.routing_stats_json:
+            from .io_utils import atomic_write_json
+
+            atomic_write_json(args.routing_stats_json, per_layer)
+            say(f"per-layer routing statistics -> {args.routing_stats_json}")
     else:
         completions = gen.generate(prompts, config)
     texts = [c.text.strip() for c in completions]

@@ -34,23 +34,27 @@ def _add_specialize(sub: Any) -> argparse.ArgumentParser:
                    "knowledge, reasoning, math, coding, shipped with selfmoe)")
     p.add_argument("--output", required=True, metavar="DIR", help="output directory for <domain>.jsonl")
     p.add_argument("--domains", default=None, help="comma-separated domains to run (default: all in the seeds)")
-    p.add_argument("--num-pairs", type=int, default=5000, help="pairs to keep per domain")
-    p.add_argument("--brainstorm-shots", type=int, default=3, help="seed instructions in each brainstorm prompt")
-    p.add_argument("--response-shots", type=int, default=5, help="seed pairs in each response prompt")
+    p.add_argument("--num-pairs", type=int, default=5000, help="pairs to keep per domain (default: %(default)s)")
+    p.add_argument("--brainstorm-shots", type=int, default=3, help="seed instructions in each brainstorm prompt (default: %(default)s)")
+    p.add_argument("--response-shots", type=int, default=5, help="seed pairs in each response prompt (default: %(default)s)")
     p.add_argument("--no-share-shots", action="store_true",
                    help="draw the few-shot examples per prompt instead of once per --batch-size group of prompts "
                         "(a shared draw lets the hf backend run the group's common prompt prefix once: several "
                         "times less prefill on a CPU)")
-    p.add_argument("--prompts-per-round", type=int, default=64, help="instructions brainstormed per round (checkpoint unit)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (hf backend)")
+    p.add_argument("--prompts-per-round", type=int, default=64, help="instructions brainstormed per round, the unit written to disk (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, hf backend (default: %(default)s)")
     p.add_argument("--max-attempts", type=int, default=None, help="most instructions brainstormed (default: 20 x missing pairs)")
-    p.add_argument("--brainstorm-max-new-tokens", type=int, default=256)
-    p.add_argument("--response-max-new-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=1.0, help="brainstorm sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.98, help="brainstorm nucleus sampling")
-    p.add_argument("--min-instruction-words", type=int, default=3)
-    p.add_argument("--min-response-words", type=int, default=1)
-    p.add_argument("--near-dup-threshold", type=float, default=0.7, help="ROUGE-L F for near duplicates; 0 turns the check off")
+    p.add_argument("--brainstorm-max-new-tokens", type=int, default=256,
+                   help="token budget of a brainstormed instruction (default: %(default)s)")
+    p.add_argument("--response-max-new-tokens", type=int, default=512,
+                   help="token budget of a response (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="brainstorm sampling temperature (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.98, help="brainstorm nucleus sampling (default: %(default)s)")
+    p.add_argument("--min-instruction-words", type=int, default=3,
+                   help="shorter instructions are dropped (default: %(default)s)")
+    p.add_argument("--min-response-words", type=int, default=1,
+                   help="shorter responses are dropped (default: %(default)s)")
+    p.add_argument("--near-dup-threshold", type=float, default=0.7, help="ROUGE-L F for near duplicates; 0 turns the check off (default: %(default)s)")
     p.add_argument("--keep-unfinished", action="store_true", help="keep texts that hit the token limit")
     p.add_argument("--no-code-parse-check", action="store_true",
                    help="coding domain: keep responses whose code does not parse (by default they are dropped, "
@@ -59,7 +63,7 @@ def _add_specialize(sub: Any) -> argparse.ArgumentParser:
                    help="coding domain: RUN the model-written code of each response, plus the 'assert' lines its "
                         "instruction states, in the sandbox (selfmoe.sandbox: resource limits, isolation where the "
                         "machine allows it) and drop pairs that fail (code_asserts); off by default")
-    p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per program with --run-code-asserts")
+    p.add_argument("--code-timeout", type=float, default=10.0, help="seconds per program with --run-code-asserts (default: %(default)s)")
     p.add_argument("--max-answer-letter-share", type=float, default=0.5,
                    help="multiple-choice instructions ('(A) ... (B) ...'): the largest share one answer letter may "
                         "hold among a domain's kept answers, enforced once 8 are kept (answer_letter_share); "
@@ -69,8 +73,8 @@ def _add_specialize(sub: Any) -> argparse.ArgumentParser:
                    help="chat: the brainstorm and response prompts in the tokenizer's chat template (system message, "
                         "few-shot turns); alpaca: few-shot '### Instruction:' continuation text; auto: chat when the "
                         "tokenizer has a chat template (default: %(default)s)")
-    p.add_argument("--backend", choices=GENERATION_BACKENDS, default="hf", help="generation backend")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=GENERATION_BACKENDS, default="hf", help="generation backend (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed-example draws and sampling (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="start the domains' files over instead of continuing them")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -190,9 +190,13 @@ def test_pipeline_end_to_end(lm_path, tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
     code, _, err = run(capsys, "generate", "--model", lm_path, "--mixse", mixse_dir, "--input", tmp_path / "questions.jsonl",
                        "--prompt", "Write a function that adds one.", "--max-new-tokens", "6", "--output", answers,
-                       "--routing-stats")
+                       "--routing-stats", "--routing-stats-json", tmp_path / "routing.json")
     assert code == 0, err
-    stats = json.loads(err[err.index("{"): err.rindex("}") + 1])
+    # stderr: one overview (a row per group, a column per expert), not a block per layer
+    assert "routing: % of token-slots per expert, all layers" in err and "model.layers" not in err
+    table = err[err.index("routing: "):]
+    assert "math" in table and "coding" in table and "prompts" in table
+    stats = json.loads((tmp_path / "routing.json").read_text())
     assert set(stats) == {"model.layers.0", "model.layers.1"}
     assert set(stats["model.layers.0"]["usage"]) == {"math", "coding"}
     rows = read_jsonl(answers, require_domain=False)
