@@ -21,6 +21,10 @@ Cost next to the base GEMM: ``4 * E*r / d`` more FLOPs for router training (grad
 which is a few percent at the paper's sizes. For large ``E*r`` with sparse top-k the grouped Triton
 kernels are the fast path; this one stays correct there, only slower.
 
+Inference at decode sizes takes leaner formulations, chosen per call by torch_dispatch.py:
+``dense-small`` here (the same products in fewer ops, bitwise the same result) and ``gathered``
+(torch_gathered.py: only the selected experts' factors). Training always runs the formulation above.
+
 The backend (``TORCH``) takes prepared inputs (contract.py); ``lora_mix_torch`` is its direct entry point.
 """
 from __future__ import annotations
