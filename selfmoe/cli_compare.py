@@ -35,6 +35,8 @@ def _add_compare(sub: Any) -> argparse.ArgumentParser:
                     description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG)
     p.add_argument("dirs", nargs="+", metavar="[NAME=]EVAL_DIR", help="`selfmoe eval` --output folders")
     p.add_argument("--by", choices=BY_CHOICES, default="task", help="what the columns are")
+    p.add_argument("--columns", default=None, metavar="A,B,...",
+                   help="these columns, in this order (default: all found)")
     p.add_argument("--output", default=None, metavar="FILE.md", help="also write the Markdown table here")
     p.add_argument("--json", default=None, metavar="FILE.json", help="write the table as JSON here")
     return p
@@ -47,7 +49,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for flag, value in (("--output", args.output), ("--json", args.json)):
         if value is not None and pathlib.Path(value).is_dir():
             raise CLIError(f"{flag} {value}: is a directory (give a file name)")
-    table = compare_results(args.dirs, by=args.by)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    try:
+        table = compare_results(args.dirs, by=args.by, columns=columns)
+    except ValueError as exc:
+        if columns is not None and "column(s)" in str(exc):
+            raise CLIError(f"--columns: {exc}") from None
+        raise
     text = format_markdown(table)
     print(text, end="", flush=True)
     if args.output is not None:

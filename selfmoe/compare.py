@@ -135,7 +135,8 @@ def _groups(folder: pathlib.Path, summary: Mapping[str, Any], by: str) -> Dict[s
     return out
 
 
-def compare_results(dirs: Union[Sequence[Any], Mapping[str, Any]], *, by: str = "task") -> Dict[str, Any]:
+def compare_results(dirs: Union[Sequence[Any], Mapping[str, Any]], *, by: str = "task",
+                    columns: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """One table over several ``selfmoe eval`` output folders (see the module docstring).
 
     ``dirs``: folders (or their ``summary.json``), ``"NAME=DIR"`` strings, or a ``{name: folder}``
@@ -145,8 +146,11 @@ def compare_results(dirs: Union[Sequence[Any], Mapping[str, Any]], *, by: str = 
          "systems": [{"name", "dir", "mc_scoring", "cells": {column: cell(...)},
                       "average": {"n", "accuracy", "stderr", "columns"} or None}]}
 
+    ``columns``: the columns, in this order (e.g. the paper's knowledge, reasoning, math, coding);
+    default: every one found (tasks in their usual order, otherwise in order of appearance).
+
     Raises ``FileNotFoundError`` / ``ValueError`` naming the folder that cannot be read, and
-    ``ValueError`` when no folder has a ``by`` breakdown at all.
+    ``ValueError`` when no folder has a ``by`` breakdown at all or a requested column is in none.
     """
     if by not in COMPARE_BY:
         raise ValueError(f"by must be one of {list(COMPARE_BY)}, got {by!r}")
@@ -159,7 +163,13 @@ def compare_results(dirs: Union[Sequence[Any], Mapping[str, Any]], *, by: str = 
         seen += [k for k in groups if k not in seen]
     if not seen:
         raise ValueError(f"none of the evaluations has per-{by} results (records without {by}s?)")
-    columns = [t for t in EVAL_TASKS if t in seen] + [k for k in seen if k not in EVAL_TASKS] if by == "task" else seen
+    if columns is not None:
+        missing = [c for c in columns if c not in seen]
+        if missing or not columns:
+            raise ValueError(f"column(s) {missing or columns} not in the evaluations' per-{by} results {seen}")
+        columns = list(columns)
+    else:
+        columns = [t for t in EVAL_TASKS if t in seen] + [k for k in seen if k not in EVAL_TASKS] if by == "task" else seen
     systems = []
     for name, path, summary, groups in rows:
         cells = {c: cell(groups[c]["n"], groups[c]["correct"]) for c in columns if c in groups}

@@ -289,6 +289,7 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
 
     def compare_run() -> None:
         _cli("compare", ["compare", *[f"{s}={evals / s}" for s in SYSTEMS], "--by", "domain",
+                         "--columns", ",".join(DOMAINS),
                          "--output", results_md, "--json", results_json])
 
     def heatmap_run() -> None:

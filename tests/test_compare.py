@@ -106,6 +106,12 @@ def test_compare_by_source_and_domain_from_the_summary_or_the_predictions(tmp_pa
     by_domain = compare_results([new, old], by="domain")
     assert by_domain["columns"] == ["law", "math"]
     assert by_domain["systems"][1]["cells"]["law"] == {"n": 2, "correct": 1, "accuracy": 0.5, "stderr": pytest.approx(0.5 / math.sqrt(2))}
+    # columns asked for: that order (and only those); one that no evaluation has is an error naming it
+    ordered = compare_results([new, old], by="domain", columns=["math", "law"])
+    assert ordered["columns"] == ["math", "law"] and list(ordered["systems"][0]["cells"]) == ["math", "law"]
+    assert compare_results([new, old], by="domain", columns=["math"])["systems"][0]["average"]["columns"] == 1
+    with pytest.raises(ValueError, match=r"\['coding'\]"):
+        compare_results([new, old], by="domain", columns=["math", "coding"])
     # no per-domain numbers anywhere: an error, not an empty table
     bare = write_eval(tmp_path / "bare", {"numeric": acc(2, 1)})
     with pytest.raises(ValueError, match="per-domain results"):
@@ -137,6 +143,8 @@ def test_cli_compare_writes_markdown_and_json(tmp_path, capsys):
     assert code == 2 and "missing: no such folder" in err and "Traceback" not in err
     code, _, err = run_cli(capsys, "compare", a, "--json", tmp_path)
     assert code == 2 and "is a directory" in err
+    code, _, err = run_cli(capsys, "compare", a, "--by", "task", "--columns", "numeric,code")
+    assert code == 2 and err.startswith("selfmoe compare: error: --columns:") and "'code'" in err
 
 
 def test_compare_help_is_torch_free():
