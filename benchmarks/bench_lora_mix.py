@@ -9,6 +9,7 @@ Providers (each computes ``y = x @ W.T + b + sum_j w_j * s * B_e A_e x`` for top
   selfmoe-auto      ``lora_mix(..., backend="auto")``: whatever the dispatcher picks               (CUDA)
   torch-grouped-mm  ``torch.nn.functional.grouped_mm`` on expert-sorted slots (where torch has it) (CUDA)
   per-expert-loop   PEFT/MixLoRA style: a Python loop over experts, gather tokens, index_add back
+  sorted-expert-loop  the same loop at its best: slots sorted once, in-place index_add_ (only k*r columns)
   dense-all-experts X-LoRA style: every expert on every token, scaled by dense gates
 
 The Triton providers run on CUDA only: on CPU they would run under the Triton interpreter, whose
@@ -119,6 +120,29 @@ def per_expert_loop(inp):
     return y
 
 
+def sorted_expert_loop(inp):
+    """The per-expert loop done as well as torch allows (the candidate sparse torch path of issue 13):
+    token-slots sorted by expert once, one gather of x per expert, two GEMMs on only that expert's
+    tokens, in-place ``index_add_`` into the base output. Pays k*r rank columns, not E*r."""
+    x, ids, w = inp["x"], inp["ids"], inp["w"]
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # [S] slots grouped by expert
+    counts = torch.bincount(flat, minlength=inp["A"].shape[0]).tolist()  # host read: fine on CPU
+    coef = w.reshape(-1) * SCALING
+    y = F.linear(x, inp["W"], inp["b"])
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        slots = order[start:start + n]
+        start += n
+        tok = slots // k
+        h = F.linear(x.index_select(0, tok), inp["A"][e]) * coef.index_select(0, slots).unsqueeze(1)
+        y.index_add_(0, tok, F.linear(h, inp["B"][e]))
+    return y
+
+
 def dense_all_experts(inp):
     """X-LoRA style: every expert's LoRA on every token, weighted by dense (mostly zero) gates."""
     x, ids, w = inp["x"], inp["ids"], inp["w"]
@@ -178,6 +202,7 @@ PROVIDERS: Dict[str, Callable] = {
     "selfmoe-auto": selfmoe_auto,
     "torch-grouped-mm": torch_grouped_mm,
     "per-expert-loop": per_expert_loop,
+    "sorted-expert-loop": sorted_expert_loop,
     "dense-all-experts": dense_all_experts,
 }
 TRITON_PROVIDERS = ("selfmoe-dense", "selfmoe-grouped", "selfmoe-decode", "selfmoe-auto")
