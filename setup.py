@@ -34,7 +34,7 @@ setup(
     ],
     entry_points={"console_scripts": ["selfmoe=selfmoe.cli:main"]},
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.17", "gguf>=0.10", "accelerate>=1.1"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.17", "gguf>=0.10", "accelerate>=1.1", "matplotlib"],
         # the built-in model (a GGUF converted on first use) and the demo's plots
         "demo": ["gguf>=0.10", "accelerate>=1.1", "matplotlib"],
         # lm-evaluation-harness integration test (tests/test_lm_eval.py skips without it)

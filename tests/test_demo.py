@@ -48,6 +48,14 @@ def test_demo_quick_runs_every_stage_and_a_rerun_skips_them(tmp_path, capsys):
     assert "average" in header and "±" in stdout
     # the routing heat map: benchmark domains x the four experts, printed too
     heat = (out / "routing_heatmap.txt").read_text()
+    # the picture (matplotlib comes with the test and demo extras; without it only the text is written)
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        png = (out / "routing_heatmap.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    else:
+        assert not (out / "routing_heatmap.png").exists() and "matplotlib is not installed" in err
     assert all(d in heat for d in DOMAINS) and heat.strip() in stdout
     timings = json.loads((out / "timings.json").read_text())["stages"]
     assert list(timings) == STAGES and not any(t["skipped"] for t in timings.values())
