@@ -119,7 +119,7 @@ def _heatmap_png(overview: Dict[str, Any], path: pathlib.Path) -> bool:
     grid = [[groups[r]["shares"].get(e, 0.0) for e in experts] for r in rows]
     fig, ax = plt.subplots(figsize=(1.2 * len(experts) + 2, 0.6 * len(rows) + 1.5))
     im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(experts)), experts)
+    ax.set_xticks(range(len(experts)), experts, rotation=30, ha="right")  # long names must not run together
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("expert")
     ax.set_ylabel("benchmark domain")
