@@ -116,9 +116,12 @@ def prepare_inputs(x, lora_A, lora_B, expert_ids, expert_weights, scaling: Scali
     dtype = x.dtype
     if x.dim() != 2:
         T = math.prod(x.shape[:-1])  # explicit: reshape(-1, d_in) is ambiguous when T == 0
-        x = x.reshape(T, x.shape[-1])
-        expert_ids = expert_ids.reshape(T, expert_ids.shape[-1])
-        expert_weights = expert_weights.reshape(T, expert_weights.shape[-1])
+        # view where it can (the usual case): one dispatch instead of reshape's two
+        x = x.view(T, x.shape[-1]) if x.is_contiguous() else x.reshape(T, x.shape[-1])
+        expert_ids = (expert_ids.view(T, expert_ids.shape[-1]) if expert_ids.is_contiguous()
+                      else expert_ids.reshape(T, expert_ids.shape[-1]))
+        expert_weights = (expert_weights.view(T, expert_weights.shape[-1]) if expert_weights.is_contiguous()
+                          else expert_weights.reshape(T, expert_weights.shape[-1]))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     if isinstance(scaling, torch.Tensor):
         scale_t, uniform = scaling.detach().to(device=x.device, dtype=acc).contiguous(), None
