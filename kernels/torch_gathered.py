@@ -70,11 +70,19 @@ def _top1_forward(inp: LoRAMixInputs, ids: torch.Tensor) -> torch.Tensor:
     Self-MoE model): the same products, with each view and no-op cast that the general case needs
     left out (at T=1 they are a fifth of the op's dispatches)."""
     x = inp.x  # [T, K]
-    h = torch.bmm(inp.lora_A.index_select(0, ids), x.unsqueeze(2))  # [T, r, 1]
-    h.mul_(inp.gates.unsqueeze(2))  # gates [T, 1] -> [T, 1, 1]
+    T, K = x.shape
     if inp.base_bias is not None:
         y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
     else:
         y = torch.mm(x, inp.base_weight.t())
+    if T == 1:  # plain GEMVs: bmm on a CPU splits its batch with a select per matrix
+        E, r, _ = inp.lora_A.shape
+        N = y.shape[1]
+        h = torch.mm(inp.lora_A.index_select(0, ids).view(r, K), x.t())  # [r, 1]
+        h.mul_(inp.gates)  # gates [1, 1]
+        y.view(N, 1).addmm_(inp.lora_B.index_select(0, ids).view(N, r), h, alpha=inp.uniform)
+        return y
+    h = torch.bmm(inp.lora_A.index_select(0, ids), x.unsqueeze(2))  # [T, r, 1]
+    h.mul_(inp.gates.unsqueeze(2))  # gates [T, 1] -> [T, 1, 1]
     y.unsqueeze(2).baddbmm_(inp.lora_B.index_select(0, ids), h, alpha=inp.uniform)
     return y

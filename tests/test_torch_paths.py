@@ -20,6 +20,8 @@ GATHERED_CASES = {
     "T=1 top-1": (1, 40, 24, 4, 8, 1, {}),
     "T=1 top-2": (1, 33, 20, 8, 4, 2, {}),
     "T=3 top-1 E=8": (3, 24, 17, 8, 5, 1, {"per_expert_scaling": True}),
+    "T=3 top-1 uniform": (3, 24, 17, 8, 5, 1, {}),
+    "T=1 top-1 per-expert": (1, 24, 17, 4, 5, 1, {"per_expert_scaling": True}),
     "k=E duplicates": (5, 16, 12, 3, 2, 3, {}),
     "no base": (2, 20, 12, 4, 3, 2, {"base": False}),
     "base no bias": (1, 20, 12, 4, 3, 1, {"bias": False}),
