@@ -12,6 +12,8 @@ Installed from the top-level ``kernels/`` folder as ``selfmoe.kernels`` (see set
     topk.py          route_topk (router: softmax + top-k); topk_triton.py its fused kernel
     dispatch.py      backend and Triton path choice; checks.py input validation; naive.py references
     tuning.py        autotune policy; utils.py helpers shared by every kernel module
+    compile_check.py ahead-of-time compiles for sm_90/sm_80 through the real launchers (registers, spills,
+                     shared memory): the CI gate and benchmarks/compile_report.py
 
 The Triton-backed names (``lora_mix_dense``, ``lora_mix_decode``, ``lora_mix_grouped``,
 ``route_topk_triton``, ``GroupingMeta``, ``grouping_metadata``) are exported when triton is installed;
