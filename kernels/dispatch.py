@@ -292,9 +292,11 @@ def _model_choice(T: int, d_in: int, d_out: int, E: int, r: int, k: int, has_bas
     return min(candidates, key=lambda name: (candidates[name], list(candidates).index(name)))
 
 
-def triton_backend(T: int, d_in: int, d_out: int, E: int, r: int, k: int, *, has_base: bool, dtype_bytes: int):
-    """The Triton backend (contract.Backend) of the path ``choose_lora_path`` picks for these sizes."""
-    path = choose_lora_path(T, d_in, d_out, E, r, k, has_base=has_base, dtype_bytes=dtype_bytes)
+def triton_backend(T: int, d_in: int, d_out: int, E: int, r: int, k: int, *, has_base: bool, dtype_bytes: int,
+                   training: bool = False):
+    """The Triton backend (contract.Backend) of the path ``choose_lora_path`` picks for these sizes
+    (``training``: a backward will follow, priced in)."""
+    path = choose_lora_path(T, d_in, d_out, E, r, k, has_base=has_base, dtype_bytes=dtype_bytes, training=training)
     if path == "grouped":
         try:
             from .grouped import GROUPED

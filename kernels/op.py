@@ -50,13 +50,16 @@ def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
         return None
 
 
-def _triton_backend(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, k: int, has_base: bool) -> Backend:
-    """The Triton path ``choose_lora_path`` picks from (T, d_in, d_out, E, r, k): see dispatch.py."""
+def _triton_backend(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, k: int, has_base: bool,
+                    training: bool = False) -> Backend:
+    """The Triton path ``choose_lora_path`` picks from (T, d_in, d_out, E, r, k) and whether a backward
+    follows: see dispatch.py."""
     from .dispatch import triton_backend
 
     E, r, d_in = lora_A.shape
     T = math.prod(x.shape[:-1])
-    return triton_backend(T, d_in, lora_B.shape[1], E, r, k, has_base=has_base, dtype_bytes=x.element_size())
+    return triton_backend(T, d_in, lora_B.shape[1], E, r, k, has_base=has_base, dtype_bytes=x.element_size(),
+                          training=training)
 
 
 def lora_mix(
@@ -120,5 +123,7 @@ def lora_mix(
     if resolve_backend(backend, x) == "torch":
         chosen = TORCH
     else:
-        chosen = _triton_backend(x, lora_A, lora_B, expert_ids.shape[-1], base_weight is not None)
+        training = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, lora_A, lora_B, expert_weights, base_weight, base_bias))
+        chosen = _triton_backend(x, lora_A, lora_B, expert_ids.shape[-1], base_weight is not None, training)
     return run_backend(chosen, x, lora_A, lora_B, expert_ids, expert_weights, scaling, base_weight, base_bias)

@@ -214,3 +214,25 @@ def test_package_imports_and_runs_without_triton():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_lora_mix_tells_the_dispatcher_whether_a_backward_follows(monkeypatch):
+    """The Triton path is priced with the training backward exactly when autograd will need one."""
+    from selfmoe.kernels.torch_path import TORCH
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["training"])
+        return TORCH  # run the reference formulation: only the choice is under test
+
+    monkeypatch.setattr(dispatch, "triton_backend", record)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g)
+    A, B = torch.randn(3, 2, 8, generator=g), torch.randn(3, 4, 2, generator=g)
+    ids, w = torch.randint(0, 3, (5, 1), generator=g), torch.rand(5, 1, generator=g)
+    lora_mix(x, A, B, ids, w, backend="triton")
+    lora_mix(x, A, B, ids, w.requires_grad_(), backend="triton")
+    with torch.no_grad():
+        lora_mix(x, A, B, ids, w, backend="triton")
+    assert seen == [False, True, False]
