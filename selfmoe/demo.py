@@ -36,7 +36,10 @@ DOMAINS = ("knowledge", "reasoning", "math", "coding")
 SYSTEMS = ("base",) + DOMAINS + ("union", "ties", "dare", "mixse-top1", "mixse-top2")
 
 # The real run (the built-in model on a CPU): small on purpose; every size can be raised by flag.
-DEFAULTS = {"num_pairs": 16, "epochs": 1, "eval_size": 40}
+DEFAULTS = {"num_pairs": 8, "epochs": 1, "eval_size": 16}
+# Most instructions brainstormed per domain and run (so a domain the model writes little usable data for,
+# like math on the built-in model, cannot hold the demo up): then the demo goes on with what was kept.
+ATTEMPTS_PER_PAIR = 8
 # --quick: the tiny random model, a handful of items everywhere (the numbers are noise).
 QUICK = {"num_pairs": 4, "epochs": None, "eval_size": 4}
 
@@ -51,7 +54,7 @@ _TRAIN_QUICK = ["--batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
                 "--logging-steps", "1"]
 _TRAIN_REAL = ["--batch-size", "4", "--micro-batch-size", "4", "--lr", "1e-3"]
 _EVAL_QUICK = ["--max-new-tokens", "8", "--code-timeout", "5"]
-_EVAL_REAL = ["--max-new-tokens", "256"]
+_EVAL_REAL = ["--max-new-tokens", "160"]
 
 
 class DemoStageError(RuntimeError):
@@ -224,17 +227,28 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
             base["path"] = resolve_model(model)
         _say(f"  base model: {base['path']}")
 
+    max_attempts = ATTEMPTS_PER_PAIR * num_pairs  # per domain, over reruns too (the stats count them)
+
     def specialize_done() -> bool:
         for d in DOMAINS:
             stats = data / f"{d}.stats.json"
-            if not stats.is_file() or int(json.loads(stats.read_text(encoding="utf-8")).get("kept") or 0) < num_pairs:
+            if not stats.is_file():
+                return False
+            st = json.loads(stats.read_text(encoding="utf-8"))
+            if int(st.get("kept") or 0) < num_pairs and int(st.get("attempts") or 0) < max_attempts:
                 return False
         return True
 
     def specialize_run() -> None:  # continues the domains' files by itself when rerun
-        _cli("specialize", ["specialize", "--model", base["path"], *dev, "--seeds", "builtin", "--output", data,
-                            "--domains", ",".join(DOMAINS), "--num-pairs", num_pairs,
-                            *(_SPECIALIZE_QUICK if quick else _SPECIALIZE_REAL), *nop])
+        sizes = _SPECIALIZE_QUICK if quick else _SPECIALIZE_REAL + ["--max-attempts", max_attempts]
+        for d in DOMAINS:  # one call per domain: each gets its own attempt budget, counted over reruns
+            stats = data / f"{d}.stats.json"
+            st = json.loads(stats.read_text(encoding="utf-8")) if stats.is_file() else {}
+            if int(st.get("kept") or 0) >= num_pairs or (not quick and int(st.get("attempts") or 0) >= max_attempts):
+                continue
+            left = sizes if quick else sizes[:-1] + [max_attempts - int(st.get("attempts") or 0)]
+            _cli("specialize", ["specialize", "--model", base["path"], *dev, "--seeds", "builtin", "--output", data,
+                                "--domains", d, "--num-pairs", num_pairs, *left, *nop])
 
     def expert_stage(domain: str) -> Stage:
         d = experts[domain]
