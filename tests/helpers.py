@@ -127,3 +127,15 @@ def no_host_sync(where: str) -> Iterator[None]:
     finally:
         for n, f in saved.items():
             setattr(torch.Tensor, n, f)
+
+
+def random_adapter(path, base: torch.nn.Module, seed: int, scale: float = 0.3):
+    """A rank-8 PEFT-format adapter with random A and B on every linear of ``base``'s decoder layers, saved
+    at ``path`` (nonzero B, so the expert changes the output)."""
+    from selfmoe.adapters import save_lora_adapter
+
+    g = torch.Generator().manual_seed(seed)
+    weights = {n: (torch.randn(8, m.in_features, generator=g) * scale, torch.randn(m.out_features, 8, generator=g) * scale)
+               for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    save_lora_adapter(path, weights, r=8, lora_alpha=16)
+    return path

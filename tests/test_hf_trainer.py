@@ -14,6 +14,7 @@ from selfmoe import MiXSE  # noqa: E402
 from selfmoe.data import SFTCollator, SFTDataset  # noqa: E402
 
 from _tiny_lm import load_tiny_lm  # noqa: E402
+from helpers import random_adapter  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,16 +24,6 @@ AUX = {"load_balancing": 0.5}
 def records(n=8):
     return [{"instruction": f"What is {i} plus {i + 3}?", "input": "", "output": f"{i} + {i + 3} = {2 * i + 3}." + " Ok." * (i % 3)}
             for i in range(n)]
-
-
-def random_adapter(path, base, seed, scale=0.3):
-    from selfmoe.adapters import save_lora_adapter
-
-    g = torch.Generator().manual_seed(seed)
-    weights = {n: (torch.randn(8, m.in_features, generator=g) * scale, torch.randn(m.out_features, 8, generator=g) * scale)
-               for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    save_lora_adapter(path, weights, r=8, lora_alpha=16)
-    return path
 
 
 @pytest.fixture(scope="module")

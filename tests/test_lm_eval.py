@@ -11,10 +11,11 @@ generation equals the model's own greedy ``generate`` cut at the stop string. Sk
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
+
+from helpers import random_adapter
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -122,16 +123,6 @@ def check_against_the_model(results, model, tok):
         ((ctx, kwargs),) = sample["arguments"]
         assert sample["resps"][0][0] == greedy_text(model, tok, ctx, kwargs["until"], kwargs["max_gen_toks"])
     return [[r[0][0] for r in s["resps"]] for s in mc]
-
-
-def random_adapter(path, base, seed, scale=0.3):
-    from selfmoe.adapters import save_lora_adapter
-
-    g = torch.Generator().manual_seed(seed)
-    weights = {n: (torch.randn(8, m.in_features, generator=g) * scale, torch.randn(m.out_features, 8, generator=g) * scale)
-               for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    save_lora_adapter(path, weights, r=8, lora_alpha=16)
-    return path
 
 
 def _prompts():
