@@ -44,7 +44,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from .tuning import Tuner, config_params
+from .tuning import Tuner
 from .utils import assume_device, interpreting
 
 
