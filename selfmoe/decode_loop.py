@@ -14,12 +14,11 @@ of transformers' logits warpers) and draws from the global RNG (seeded by the ca
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, List, Sequence, Tuple
 
 import torch
 
-from .prefix_cache import cache_kwarg, prefill_prefix, reserve_capacity
+from .prefix_cache import cache_kwarg, last_logits_only, prefill_prefix, reserve_capacity, suffix_block
 
 __all__ = ["decode_shared_prefix", "next_tokens", "sampling_scores"]
 
@@ -69,22 +68,11 @@ def decode_shared_prefix(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int
     a row that hit a stop string ends with the token that completed it) and the row-steps computed."""
     B = len(seqs)
     device = next(model.parameters()).device
-    width = max(len(s) for s in seqs) - prefix_len  # the suffix block, left-padded per row
     cache = prefill_prefix(model, seqs[0][:prefix_len], B)
-    reserve_capacity(cache, prefix_len + width + max_new_tokens)
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, prefix_len + width), dtype=torch.long)
-    mask[:, :prefix_len] = 1
-    positions = torch.zeros((B, width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = len(s) - prefix_len
-        ids[i, width - n:] = torch.as_tensor(list(s[prefix_len:]), dtype=torch.long)
-        mask[i, prefix_len + width - n:] = 1
-        positions[i, width - n:] = torch.arange(prefix_len, len(s))
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    ids, mask, positions = suffix_block(seqs, prefix_len, pad_id, device)
+    reserve_capacity(cache, mask.shape[1] + max_new_tokens)
     kw = {cache_kwarg(model): cache, "use_cache": True}
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **last_only, **kw).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **last_logits_only(model), **kw).logits[:, -1]
     next_pos = torch.as_tensor([len(s) for s in seqs], dtype=torch.long, device=device)
 
     eos = set(int(e) for e in eos_ids)

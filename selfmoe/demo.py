@@ -229,26 +229,25 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
 
     max_attempts = ATTEMPTS_PER_PAIR * num_pairs  # per domain, over reruns too (the stats count them)
 
+    def attempts_left(domain: str) -> int:
+        """Instructions ``domain`` may still brainstorm: 0 once it has its pairs or spent its budget."""
+        stats = data / f"{domain}.stats.json"
+        st = json.loads(stats.read_text(encoding="utf-8")) if stats.is_file() else {}
+        if int(st.get("kept") or 0) >= num_pairs:
+            return 0
+        return max(0, max_attempts - int(st.get("attempts") or 0)) if stats.is_file() else max_attempts
+
     def specialize_done() -> bool:
-        for d in DOMAINS:
-            stats = data / f"{d}.stats.json"
-            if not stats.is_file():
-                return False
-            st = json.loads(stats.read_text(encoding="utf-8"))
-            if int(st.get("kept") or 0) < num_pairs and int(st.get("attempts") or 0) < max_attempts:
-                return False
-        return True
+        return all(attempts_left(d) == 0 for d in DOMAINS)
 
     def specialize_run() -> None:  # continues the domains' files by itself when rerun
-        sizes = _SPECIALIZE_QUICK if quick else _SPECIALIZE_REAL + ["--max-attempts", max_attempts]
         for d in DOMAINS:  # one call per domain: each gets its own attempt budget, counted over reruns
-            stats = data / f"{d}.stats.json"
-            st = json.loads(stats.read_text(encoding="utf-8")) if stats.is_file() else {}
-            if int(st.get("kept") or 0) >= num_pairs or (not quick and int(st.get("attempts") or 0) >= max_attempts):
+            left = attempts_left(d)
+            if left == 0:
                 continue
-            left = sizes if quick else sizes[:-1] + [max_attempts - int(st.get("attempts") or 0)]
+            sizes = _SPECIALIZE_QUICK if quick else _SPECIALIZE_REAL + ["--max-attempts", left]
             _cli("specialize", ["specialize", "--model", base["path"], *dev, "--seeds", "builtin", "--output", data,
-                                "--domains", d, "--num-pairs", num_pairs, *left, *nop])
+                                "--domains", d, "--num-pairs", num_pairs, *sizes, *nop])
 
     def expert_stage(domain: str) -> Stage:
         d = experts[domain]

@@ -18,46 +18,51 @@ from typing import Any, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["common_prefix_length", "mid_padded_batch", "prefill_prefix", "cache_kwarg", "supports_prefix_cache",
+__all__ = ["common_prefix_length", "suffix_block", "last_logits_only", "prefill_prefix", "cache_kwarg", "supports_prefix_cache",
            "prefix_batches"]
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """Length of the longest token prefix all of ``seqs`` share, capped one short of the shortest
-    sequence (``generate`` must run at least one token of every row itself to get its next-token logits)."""
+    sequence (the last prompt token must run with the rest of its row to give the next-token logits)."""
     if not seqs:
         return 0
-    first = seqs[0]
     n = min(len(s) for s in seqs) - 1
     for s in seqs[1:]:
-        i = 0
-        while i < n and s[i] == first[i]:
-            i += 1
-        n = i
+        n = min(n, _shared(seqs[0], s))
     return max(n, 0)
 
 
-def mid_padded_batch(seqs: Sequence[Sequence[int]], prefix_len: int, pad_id: int,
-                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` ``[B, prefix_len + max suffix]`` laid out as
-    ``[prefix | pad | suffix_i]`` (pads masked with 0). ``seqs`` must share their first ``prefix_len`` tokens."""
+def suffix_block(seqs: Sequence[Sequence[int]], prefix_len: int, pad_id: int,
+                 device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' own tokens after a shared ``prefix_len``-token prefix, as one left-padded block.
+
+    Returns ``input_ids [B, W]`` (``W`` = the longest suffix), ``attention_mask [B, prefix_len + W]``
+    laid out ``[prefix | pad | suffix]`` (pads 0) and ``position_ids [B, W]`` that continue each row's
+    prefix without a gap. ``seqs`` must share their first ``prefix_len`` tokens and be longer than it.
+    """
     width = max(len(s) for s in seqs) - prefix_len
-    ids = torch.full((len(seqs), prefix_len + width), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), prefix_len + width), dtype=torch.long)
-    if prefix_len:
-        ids[:, :prefix_len] = torch.as_tensor(list(seqs[0][:prefix_len]), dtype=torch.long)
-        mask[:, :prefix_len] = 1
+    mask[:, :prefix_len] = 1
+    positions = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        suffix = list(s[prefix_len:])
-        ids[i, ids.shape[1] - len(suffix):] = torch.as_tensor(suffix, dtype=torch.long)
-        mask[i, ids.shape[1] - len(suffix):] = 1
-    return ids.to(device), mask.to(device)
+        n = len(s) - prefix_len
+        ids[i, width - n:] = torch.as_tensor(list(s[prefix_len:]), dtype=torch.long)
+        mask[i, prefix_len + width - n:] = 1
+        positions[i, width - n:] = torch.arange(prefix_len, len(s))
+    return ids.to(device), mask.to(device), positions.to(device)
 
 
 def cache_kwarg(model: Any) -> str:
     """The name under which ``model``'s forward (and so ``generate``) takes its KV cache: ``cache`` from
     transformers 5.24 on, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def last_logits_only(model: Any) -> dict:
+    """Forward kwargs that make ``model`` compute the logits of the last position only, where it can."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def supports_prefix_cache(model: Any) -> bool:
@@ -80,10 +85,7 @@ def prefill_prefix(model: Any, prefix: Sequence[int], batch_size: int) -> Any:
     model allows it (the prefix's logits are never used)."""
     device = next(model.parameters()).device
     ids = torch.as_tensor([list(prefix)], dtype=torch.long, device=device)
-    kwargs: dict = {"use_cache": True}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **last_logits_only(model))
     cache = out["cache"] if "cache" in out else out["past_key_values"]
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         raise TypeError(f"{type(model).__name__} returned no repeatable KV cache ({type(cache).__name__})")

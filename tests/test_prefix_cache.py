@@ -8,7 +8,7 @@ import torch
 
 from selfmoe.data import encode_prompt
 from selfmoe.generate import HFGenerator, SamplingConfig
-from selfmoe.prefix_cache import common_prefix_length, mid_padded_batch, prefix_batches, supports_prefix_cache
+from selfmoe.prefix_cache import common_prefix_length, prefix_batches, suffix_block, supports_prefix_cache
 from selfmoe.specialization import SpecializeConfig, _draw_shots
 
 from _tiny_lm import load_tiny_lm, save_tiny_lm
@@ -39,10 +39,11 @@ def test_common_prefix_length_stops_one_short_of_the_shortest():
     assert common_prefix_length([]) == 0
 
 
-def test_mid_padded_layout():
-    ids, mask = mid_padded_batch([[1, 2, 3, 4], [1, 2, 5], [1, 2, 6, 7, 8]], 2, pad_id=0, device=torch.device("cpu"))
-    assert ids.tolist() == [[1, 2, 0, 3, 4], [1, 2, 0, 0, 5], [1, 2, 6, 7, 8]]
-    assert mask.tolist() == [[1, 1, 0, 1, 1], [1, 1, 0, 0, 1], [1, 1, 1, 1, 1]]
+def test_suffix_block_layout():
+    ids, mask, pos = suffix_block([[1, 2, 3, 4], [1, 2, 5], [1, 2, 6, 7, 8]], 2, pad_id=0, device=torch.device("cpu"))
+    assert ids.tolist() == [[0, 3, 4], [0, 0, 5], [6, 7, 8]]  # each row's own tokens end in the last column
+    assert mask.tolist() == [[1, 1, 0, 1, 1], [1, 1, 0, 0, 1], [1, 1, 1, 1, 1]]  # [prefix | pad | suffix]
+    assert pos.tolist() == [[0, 2, 3], [0, 0, 2], [2, 3, 4]]  # positions continue the prefix, no gap
 
 
 def test_prefix_batches_keep_shot_groups_together():
