@@ -166,3 +166,23 @@ def test_sampling_scores_match_transformers_warpers(temperature, top_k, top_p):
     finite = ~torch.isinf(got)
     assert torch.allclose(got[finite], expected[finite])
     assert finite.any(dim=-1).all()
+
+
+def test_reserved_cache_appends_in_place_and_keeps_the_values(lm):
+    from selfmoe.prefix_cache import cache_kwarg, prefill_prefix, reserve_capacity
+
+    model, tok = lm
+    ids = encode_prompt(tok, HEAD)
+    cache = prefill_prefix(model, ids[:20], 2)
+    plain = prefill_prefix(model, ids[:20], 2)
+    assert reserve_capacity(cache, 40)
+    layer = cache.layers[0]
+    buffer = layer.keys.data_ptr()
+    step = torch.tensor([[ids[20]], [ids[21]]])
+    mask = torch.ones(2, 21, dtype=torch.long)
+    with torch.no_grad():
+        a = model(input_ids=step, attention_mask=mask, use_cache=True, **{cache_kwarg(model): cache}).logits
+        b = model(input_ids=step, attention_mask=mask, use_cache=True, **{cache_kwarg(model): plain}).logits
+    assert layer.keys.shape[-2] == 21 and layer.keys.data_ptr() == buffer  # written into the reserved room
+    assert torch.equal(layer.keys, plain.layers[0].keys) and torch.equal(a, b)
+    assert not reserve_capacity(object(), 10)  # anything but a plain DynamicCache is left alone
