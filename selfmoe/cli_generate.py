@@ -91,7 +91,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stop = () if args.raw or fmt == "chat" else STOP_MARKS
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed, stop=stop)
-    gen = HFGenerator(runner, tok, batch_size=args.batch_size, progress=False)
+    gen = HFGenerator(runner, tok, batch_size=args.batch_size, progress=False, decode_loop=True)
     if (args.routing_stats or args.routing_stats_json) and args.mixse:
         from .stats import format_routing_overview, routing_overview
 

@@ -1,4 +1,4 @@
-"""A decode loop for one batch that shares a prompt prefix: finished rows leave the batch at once.
+"""A decode loop for one batch (that may share a prompt prefix): finished rows leave the batch at once.
 
 ``model.generate`` keeps computing a row after it finished (EOS or a stop string) until the whole
 batch is done; on a CPU a decode step costs a fixed part (reading the weights) plus a part per row
@@ -6,7 +6,7 @@ batch is done; on a CPU a decode step costs a fixed part (reading the weights) p
 rows that stopped early keep costing until the longest one ends. Here a finished row is dropped from
 the batch and its cache (``batch_select_indices``) as soon as it stops.
 
-The prompt prefix that all rows share runs once (:func:`selfmoe.prefix_cache.prefill_prefix`), then
+The prompt prefix that all rows share (if any) runs once (:func:`selfmoe.prefix_cache.prefill_prefix`), then
 the rows' own suffixes as one ``[B, S]`` block laid out ``[prefix | pad | suffix]`` with explicit
 position ids (:mod:`selfmoe.prefix_cache`), then one token per step. Decoding matches
 ``generate``: greedy is the argmax; sampling applies temperature, then top-k, then top-p (the order
@@ -63,16 +63,28 @@ def decode_shared_prefix(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int
                          max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, stop: Sequence[str] = (),
                          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                          top_k: int = 0) -> Tuple[List[List[int]], int]:
-    """Generate for ``seqs`` (token lists sharing their first ``prefix_len`` tokens, ``prefix_len >= 1``
-    and shorter than every seq). Returns the new tokens of each row (EOS included when it ended there;
-    a row that hit a stop string ends with the token that completed it) and the row-steps computed."""
+    """Generate for ``seqs`` (token lists sharing their first ``prefix_len`` tokens, ``prefix_len`` shorter
+    than every seq; 0: nothing shared, the rows are simply left-padded). Returns the new tokens of each row
+    (EOS included when it ended there; a row that hit a stop string ends with the token that completed it)
+    and the row-steps computed."""
     B = len(seqs)
+    if prefix_len < 0 or any(len(s) <= prefix_len for s in seqs):
+        raise ValueError(f"prefix_len {prefix_len} must be >= 0 and shorter than every sequence "
+                         f"(lengths {sorted(len(s) for s in seqs)[:5]}...)")
     device = next(model.parameters()).device
-    cache = prefill_prefix(model, seqs[0][:prefix_len], B)
     ids, mask, positions = suffix_block(seqs, prefix_len, pad_id, device)
-    reserve_capacity(cache, mask.shape[1] + max_new_tokens)
-    kw = {cache_kwarg(model): cache, "use_cache": True}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, **last_logits_only(model), **kw).logits[:, -1]
+    name = cache_kwarg(model)
+    if prefix_len:
+        cache = prefill_prefix(model, seqs[0][:prefix_len], B)
+        reserve_capacity(cache, mask.shape[1] + max_new_tokens)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **last_logits_only(model), **{name: cache})
+    else:  # the model starts its own cache with the block; room to grow is reserved once it holds the prompt
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_logits_only(model))
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        reserve_capacity(cache, mask.shape[1] + max_new_tokens)
+    kw = {name: cache, "use_cache": True}
+    logits = out.logits[:, -1]
     next_pos = torch.as_tensor([len(s) for s in seqs], dtype=torch.long, device=device)
 
     eos = set(int(e) for e in eos_ids)

@@ -344,7 +344,8 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
     def make_generator() -> Any:
         from .generate import HFGenerator
 
-        return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress)
+        # decode_loop: a batch's finished rows stop costing at once (greedy outputs as generate's).
+        return HFGenerator(model, tokenizer, batch_size=batch_size, progress=progress, decode_loop=True)
 
     def make_scorer() -> Any:
         return LoglikScorer(model, tokenizer, batch_size=batch_size, progress=progress)

@@ -127,21 +127,26 @@ class HFGenerator(BatchedRunner):
     which keep per-cache state). Prompts are then ordered by their tokens and batched by shared
     prefix (:func:`~selfmoe.prefix_cache.prefix_batches`) instead of by length, and a batch uses the
     shared prefix when it is at least ``min_shared_prefix`` tokens long.
+    ``decode_loop``: decode in :func:`selfmoe.decode_loop.decode_shared_prefix`, where a row that
+    finished (EOS or a stop string) leaves the batch and its cache at once; ``generate`` computes it until
+    the whole batch is done. Same outputs up to float rounding; on where the model allows it (as for
+    ``prefix_cache``, which implies it).
     ``counters`` adds up, over calls: prompts, prompt tokens, prefill tokens actually computed,
-    generated tokens, and decode row-steps computed (what a benchmark reports). In prefix mode a batch
-    decodes in :func:`selfmoe.decode_loop.decode_shared_prefix`, where a row that finished leaves the
-    batch at once (``generate`` computes it until the whole batch is done).
+    generated tokens, and decode row-steps computed (what a benchmark reports).
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = True,
-                 sort_by_length: bool = True, prefix_cache: bool = False, min_shared_prefix: int = 32) -> None:
+                 sort_by_length: bool = True, prefix_cache: bool = False, min_shared_prefix: int = 32,
+                 decode_loop: bool = False) -> None:
         super().__init__(model, tokenizer, batch_size=batch_size, progress=progress)
         from .prefix_cache import supports_prefix_cache
 
         if min_shared_prefix < 1:
             raise ValueError(f"min_shared_prefix must be >= 1, got {min_shared_prefix}")
         self.sort_by_length = sort_by_length
-        self.prefix_cache = bool(prefix_cache) and supports_prefix_cache(model)
+        supported = supports_prefix_cache(model)
+        self.prefix_cache = bool(prefix_cache) and supported
+        self.decode_loop = (bool(decode_loop) or bool(prefix_cache)) and supported
         self.min_shared_prefix = min_shared_prefix
         self.counters = {"prompts": 0, "prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0,
                          "decode_row_steps": 0}
@@ -187,7 +192,9 @@ class HFGenerator(BatchedRunner):
         self.counters["prompts"] += len(seqs)
         self.counters["prompt_tokens"] += sum(len(s) for s in seqs)
         shared = common_prefix_length(seqs) if self.prefix_cache and len(seqs) > 1 else 0
-        if shared >= self.min_shared_prefix:
+        if shared < self.min_shared_prefix:
+            shared = 0
+        if self.decode_loop:
             from .decode_loop import decode_shared_prefix
 
             width = max(len(s) for s in seqs) - shared
@@ -206,13 +213,15 @@ class HFGenerator(BatchedRunner):
         return [self._trim(row.tolist()) for row in new]
 
     def _trim(self, row: List[int]) -> List[int]:
-        """A row of ``generate`` output without the pads written after it finished (EOS kept)."""
+        """A row of ``generate`` output without the pads written after it finished (EOS kept). Only the
+        trailing run of pads is cut: a pad token the model chose itself mid-row is part of its output."""
         for j, t in enumerate(row):
             if t in self.eos_ids:
                 return row[:j + 1]
-            if t == self.pad_id:
-                return row[:j]
-        return row
+        end = len(row)
+        while end and row[end - 1] == self.pad_id:
+            end -= 1
+        return row[:end]
 
     def _decode(self, row: List[int], config: SamplingConfig) -> Completion:
         finished = False

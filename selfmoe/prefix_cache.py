@@ -54,24 +54,46 @@ def suffix_block(seqs: Sequence[Sequence[int]], prefix_len: int, pad_id: int,
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def _forward_owner(model: Any) -> Any:
+    """The module whose ``forward`` signature decides the keyword names: a MiXSE passes every argument
+    through to the model it wraps."""
+    return model.base_model if hasattr(model, "mixse_config") and hasattr(model, "base_model") else model
+
+
 def cache_kwarg(model: Any) -> str:
     """The name under which ``model``'s forward (and so ``generate``) takes its KV cache: ``cache`` from
     transformers 5.24 on, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(_forward_owner(model).forward).parameters else "past_key_values"
 
 
 def last_logits_only(model: Any) -> dict:
     """Forward kwargs that make ``model`` compute the logits of the last position only, where it can."""
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(_forward_owner(model).forward).parameters else {}
+
+
+# MiXSE router kinds whose routing depends on the current token alone (no state kept per sequence or per
+# cache), so that a cache may be repeated over rows or have rows dropped: not X-LoRA's paired scaling cache.
+_STATELESS_ROUTERS = ("shared", "per_layer")
 
 
 def supports_prefix_cache(model: Any) -> bool:
-    """Whether ``model`` is a plain transformers causal LM whose forward returns a ``DynamicCache`` that
-    can be repeated over a batch (MiXSE and other wrappers keep their own per-cache state: not these)."""
+    """Whether ``model``'s KV cache may be handled outside ``generate``: repeated over a batch (a shared
+    prefix) and shrunk when rows finish (:mod:`selfmoe.decode_loop`). True for a plain transformers causal
+    LM (adapters put on with :func:`selfmoe.lora.attach_lora_adapter` included) and for a MiXSE over one
+    whose router keeps no per-sequence state (``shared``, ``per_layer``); False for X-LoRA routing (its
+    scaling pass keeps a cache of its own), PEFT wrappers and anything else."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
+    if hasattr(model, "mixse_config"):
+        try:
+            router = model.mixse_config.router
+        except Exception:  # noqa: BLE001 - an unloaded MiXSE or a foreign object: not ours to drive
+            return False
+        if router not in _STATELESS_ROUTERS:
+            return False
+        model = model.base_model
     if not isinstance(model, PreTrainedModel) or getattr(model.config, "is_encoder_decoder", False):
         return False
     if hasattr(model, "peft_config") or hasattr(model, "mixse_config"):

@@ -186,3 +186,59 @@ def test_reserved_cache_appends_in_place_and_keeps_the_values(lm):
     assert layer.keys.shape[-2] == 21 and layer.keys.data_ptr() == buffer  # written into the reserved room
     assert torch.equal(layer.keys, plain.layers[0].keys) and torch.equal(a, b)
     assert not reserve_capacity(object(), 10)  # anything but a plain DynamicCache is left alone
+
+
+def test_decode_loop_without_a_shared_prefix_drops_finished_rows(lm):
+    """decode_loop=True on prompts that share nothing: left-padded rows, finished ones leave the batch."""
+    model, tok = lm
+    prompts = ["Hi", "Two plus two?", "A box holds 12 eggs. How many eggs are in 7 boxes?", "Why?", "Name a colour."]
+    encoded = [encode_prompt(tok, p) for p in prompts]
+    assert common_prefix_length(encoded) == 0 or len({len(e) for e in encoded}) >= 4  # premise: ragged rows
+    free = [alone(model, tok, p, 16).text for p in prompts]
+    victim = max(range(len(free)), key=lambda i: len(free[i]))
+    stop = free[victim][len(free[victim]) // 3:][:3]
+    assert stop.strip()
+    cfg = SamplingConfig(max_new_tokens=16, do_sample=False, stop=(stop,))
+    gen = HFGenerator(model, tok, batch_size=5, progress=False, decode_loop=True)
+    assert gen.decode_loop and not gen.prefix_cache
+    got = gen.generate(prompts, cfg)
+    assert got == HFGenerator(model, tok, batch_size=1, progress=False).generate(prompts, cfg)
+    assert got[victim].finish_reason == "stop"
+    assert gen.counters["prefill_tokens"] == len(prompts) * max(map(len, encoded))  # nothing shared: padded block
+    assert gen.counters["decode_row_steps"] < len(prompts) * 16
+
+
+@pytest.mark.parametrize("router", ["shared", "per_layer"])
+def test_decode_loop_drives_a_mixse_like_generate(tmp_path, router):
+    from selfmoe.model import MiXSE
+
+    base, tok = load_tiny_lm(save_tiny_lm(tmp_path / "lm"))
+    torch.manual_seed(0)
+    mixse = MiXSE.from_scratch(base, num_experts=3, r=4, lora_alpha=8, top_k=1, router=router)
+    with torch.no_grad():  # experts that change the outputs (fresh LoRA B is zero)
+        for name, p in mixse.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert supports_prefix_cache(mixse)
+    prompts = [HEAD + s for s in SUFFIXES]
+    cfg = SamplingConfig(max_new_tokens=10, do_sample=False)
+    ref = HFGenerator(mixse, tok, batch_size=1, progress=False).generate(prompts, cfg)
+    with torch.no_grad():
+        plain = HFGenerator(base, tok, batch_size=1, progress=False)
+        mixse_off = [c.text for c in ref]
+        with mixse.disable_experts():
+            assert [c.text for c in plain.generate(prompts, cfg)] != mixse_off  # the experts matter
+    for kwargs in ({"decode_loop": True}, {"prefix_cache": True}):
+        gen = HFGenerator(mixse, tok, batch_size=5, progress=False, **kwargs)
+        assert gen.decode_loop
+        assert gen.generate(prompts, cfg) == ref
+
+
+def test_decode_loop_is_refused_for_xlora_routing(tmp_path):
+    from selfmoe.model import MiXSE
+
+    base, tok = load_tiny_lm(save_tiny_lm(tmp_path / "lm"))
+    mixse = MiXSE.from_scratch(base, num_experts=2, r=4, lora_alpha=8, top_k=1, router="xlora")
+    assert not supports_prefix_cache(mixse)  # its scaling pass keeps a cache of its own
+    gen = HFGenerator(mixse, tok, batch_size=2, progress=False, decode_loop=True, prefix_cache=True)
+    assert not gen.decode_loop and not gen.prefix_cache
