@@ -350,7 +350,7 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[Union[EvalExample, Ma
     def make_scorer() -> Any:
         return LoglikScorer(model, tokenizer, batch_size=batch_size, progress=progress)
 
-    # Chunks never mix tasks or domains, so routing statistics can be reported per task and per domain.
+    # Groups by task and domain: accuracy (and routing statistics) are reported per task and per domain.
     groups: Dict[Tuple[str, Optional[str]], List[int]] = {}
     for t in TASKS:
         for i, e in enumerate(examples):
@@ -434,52 +434,81 @@ def _code_sandbox(examples: List[EvalExample], allow: Optional[bool], box: Sandb
     return box_info
 
 
+def _calls(groups: Dict[Tuple[str, Optional[str]], List[int]], loglik: bool, chunk: int, *, per_group: bool
+           ) -> List[Tuple[int, int, str, bool, List[Tuple[Tuple[str, Optional[str]], List[int]]]]]:
+    """The model calls of an evaluation: ``(n, calls of its kind, task, by_loglik, [(group, indices)])``.
+
+    Multiple choice scored by log-likelihood, and every group when routing statistics are collected
+    (``per_group``: statistics are reported per task and domain), run group by group in chunks of
+    ``chunk``. Otherwise the generated groups (all greedy with the same settings) are chained and cut
+    into chunks across groups: on a CPU a decode step costs about the same for 2 rows as for 16 (it is
+    reading the weights), so one batch over several small groups takes far fewer steps than a batch
+    per group. Chunks are cut from the full index lists, never from what is left to do, so a resumed run
+    makes the same calls as an uninterrupted one.
+    """
+    out: List[Tuple[int, int, str, bool, List[Tuple[Tuple[str, Optional[str]], List[int]]]]] = []
+    chained: List[Tuple[Tuple[str, Optional[str]], int]] = []
+    for g, idx in groups.items():
+        by_loglik = g[0] == "multiple_choice" and loglik
+        if by_loglik or per_group:
+            cuts = [idx[k:k + chunk] for k in range(0, len(idx), chunk)]
+            out += [(n, len(cuts), g[0], by_loglik, [(g, part)]) for n, part in enumerate(cuts)]
+        else:
+            chained += [(g, i) for i in idx]
+    cuts = [chained[k:k + chunk] for k in range(0, len(chained), chunk)]
+    for n, cut in enumerate(cuts):
+        members: Dict[Tuple[str, Optional[str]], List[int]] = {}
+        for g, i in cut:
+            members.setdefault(g, []).append(i)
+        tasks = list(dict.fromkeys(g[0] for g in members))
+        out.append((n, len(cuts), "+".join(tasks), False, list(members.items())))
+    return out
+
+
 def _generate(examples: List[EvalExample], groups: Dict[Tuple[str, Optional[str]], List[int]], runners: _Runners,
               config: SamplingConfig, chunk: int, stats_model: Any, writer: Optional[PartialWriter]
               ) -> Tuple[Dict[int, Any], List[Tuple[int, Dict[str, Any]]]]:
     """A completion (or, for multiple choice by log-likelihood, an :class:`OptionScores`) per example,
-    made chunk by chunk (``chunk`` prompts of one task and domain per call) and saved by ``writer``
-    after each; what the writer already holds is reused. ``stats_model``: the MiXSE whose routing
-    statistics are collected per chunk (None: none). Returns the results by example index, and the
+    made call by call (:func:`_calls`) and saved by ``writer`` after each; what the writer already holds
+    is reused. ``stats_model``: the MiXSE whose routing statistics are collected per call (None: none). Returns the results by example index, and the
     chunks' routing summaries keyed by their first index."""
     done: Dict[int, Any] = dict(writer.completions) if writer else {}
     parts: List[Tuple[int, Dict[str, Any]]] = list(writer.routing) if writer else []
-    for (task, domain), idx in groups.items():
-        # Chunks are cut from the group's full index list, not from what is left to do, so a resumed run
-        # makes the same calls (and the same routing summaries) as an uninterrupted one.
-        chunks = [idx[k:k + chunk] for k in range(0, len(idx), chunk)]
-        by_loglik = task == "multiple_choice" and runners.loglik
-        for n, part in enumerate(chunks):
-            todo = [i for i in part if i not in done]
-            if not todo:
-                continue
-            prompts = [examples[i].prompt for i in todo]
-            desc = f"eval {task}" + (f" {domain}" if domain is not None else "") + (f" {n + 1}/{len(chunks)}" if len(chunks) > 1 else "")
-            if by_loglik:
-                letters = [list(option_letters(examples[i].instruction)) for i in todo]
-                scorer = runners.get_scorer()
-                run = lambda: scorer.score(prompts, letters, desc=desc)  # noqa: E731
-            else:
-                generator = runners.get_generator()
-                run = lambda: generator.generate(prompts, config, desc=desc)  # noqa: E731
-            summary = None
-            if stats_model is not None:
-                with stats_model.routing_stats() as stats:
-                    outs = run()
-                summary = stats.summary()
-            else:
+    for n, n_calls, task, by_loglik, members in _calls(groups, runners.loglik, chunk, per_group=stats_model is not None):
+        todo = [(g, i) for g, part in members for i in part if i not in done]
+        if not todo:
+            continue
+        prompts = [examples[i].prompt for _, i in todo]
+        domains = list(dict.fromkeys(g[1] for g, _ in members if g[1] is not None))
+        desc = f"eval {task}" + (f" {','.join(domains)}" if domains else "") + (f" {n + 1}/{n_calls}" if n_calls > 1 else "")
+        if by_loglik:
+            letters = [list(option_letters(examples[i].instruction)) for _, i in todo]
+            scorer = runners.get_scorer()
+            run = lambda: scorer.score(prompts, letters, desc=desc)  # noqa: E731
+        else:
+            generator = runners.get_generator()
+            run = lambda: generator.generate(prompts, config, desc=desc)  # noqa: E731
+        summary = None
+        if stats_model is not None:
+            with stats_model.routing_stats() as stats:
                 outs = run()
-            if len(outs) != len(prompts):
-                raise RuntimeError(f"{len(outs)} results for {len(prompts)} prompts")
-            if by_loglik:
-                new: Dict[int, Any] = {i: OptionScores(dict(o)) for i, o in zip(todo, outs)}
-            else:
-                new = {i: c if isinstance(c, Completion) else Completion(str(c), "stop") for i, c in zip(todo, outs)}
-            done.update(new)
-            if summary is not None:
-                parts.append((todo[0], summary))
-            if writer is not None:
-                writer.append(task, new, summary, domain)
+            summary = stats.summary()
+        else:
+            outs = run()
+        if len(outs) != len(prompts):
+            raise RuntimeError(f"{len(outs)} results for {len(prompts)} prompts")
+        if by_loglik:
+            new: Dict[int, Any] = {i: OptionScores(dict(o)) for (_, i), o in zip(todo, outs)}
+        else:
+            new = {i: c if isinstance(c, Completion) else Completion(str(c), "stop") for (_, i), c in zip(todo, outs)}
+        done.update(new)
+        if summary is not None:
+            parts.append((todo[0][1], summary))
+        if writer is not None:  # one saved line per group of the call (a line never mixes tasks or domains)
+            for g, part in members:
+                mine = {i: new[i] for i in part if i in new}
+                if mine:
+                    writer.append(g[0], mine, summary, g[1])
     return done, parts
 
 

@@ -269,8 +269,9 @@ def test_evaluate_end_to_end_with_a_scripted_generator(tmp_path):
     }
     assert (result.n, result.correct) == (11, 7)
     assert result.macro_accuracy == pytest.approx((2 / 3 + 0.5 + 0.75 + 0.5) / 4)
-    # one generate call per task, greedy, Alpaca prompts, the template's stop marks
-    assert len(gen.calls) == 4
+    # the tasks' prompts chained into one generate call (chunks cross tasks; 11 < the default chunk of 32),
+    # greedy, Alpaca prompts, the template's stop marks
+    assert len(gen.calls) == 1 and len(gen.calls[0][0]) == 11
     for prompts, config in gen.calls:
         assert not config.do_sample and config.max_new_tokens == 17 and "### Instruction" in config.stop
         assert all(p.startswith("Below is an instruction") and p.endswith("### Response:\n") for p in prompts)
@@ -475,17 +476,19 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         evaluate(None, None, RECORDS, generator=first, partial_path=partial, **kwargs)
     saved = [json.loads(x) for x in partial.read_text().splitlines()]
-    # header + chunks of at most 2 per task: multiple choice 2 + 1, exact match 2; numeric interrupted
-    assert saved[0]["selfmoe_eval_partial"] == 1 and [len(r["completions"]) for r in saved[1:]] == [2, 1, 2]
-    assert len(first.prompts) == 5
+    # header + one line per task of each finished call; calls of 2 prompts cut across tasks: (mc, mc),
+    # (mc, exact match), then the third call was interrupted
+    assert saved[0]["selfmoe_eval_partial"] == 1 and [len(r["completions"]) for r in saved[1:]] == [2, 1, 1]
+    assert [r["task"] for r in saved[1:]] == ["multiple_choice", "multiple_choice", "exact_match"]
+    assert len(first.prompts) == 4
 
     from selfmoe.evaluation import check_partial
 
-    assert check_partial(partial, RECORDS, max_new_tokens=17, run_info={"model": "m"}) == 5
+    assert check_partial(partial, RECORDS, max_new_tokens=17, run_info={"model": "m"}) == 4
     second = CountingGenerator(SCRIPT)
     resumed = evaluate(None, None, RECORDS, generator=second, partial_path=partial, **kwargs)
-    assert len(second.prompts) == len(RECORDS) - 5 and not set(second.prompts) & set(first.prompts)
-    assert resumed.resumed == 5
+    assert len(second.prompts) == len(RECORDS) - 4 and not set(second.prompts) & set(first.prompts)
+    assert resumed.resumed == 4
     assert resumed.predictions == reference.predictions and resumed.summary() == reference.summary()
 
     # a third run with the same settings generates nothing at all
@@ -558,7 +561,7 @@ def test_cli_eval_resumes_after_an_interrupt(lm_path, tmp_path, capsys, monkeypa
     code, _, err = run_cli(capsys, *args, "--output", out, "--max-new-tokens", "4")
     assert code == 2 and "sampling.max_new_tokens (3, now 4)" in err and "--restart" in err
     code, _, err = run_cli(capsys, *args, "--output", out)
-    assert code == 0 and "resuming: 3 of 9 completions" in err, err
+    assert code == 0 and "resuming: 4 of 9 completions" in err, err  # the first call (4 prompts) was saved
     assert (out / "predictions.jsonl").read_text() == reference
     assert not (out / "predictions.partial.jsonl").exists()
 
@@ -844,8 +847,8 @@ def test_domains_and_sources_in_the_summary(tmp_path):
     examples = load_eval_records(a) + load_eval_records(b)
     gen = ScriptedGenerator(SCRIPT)
     result = evaluate(None, None, examples, generator=gen, chunk_size=8)
-    # chunks never mix domains: "add" (2 prompts), then "sub"
-    assert [len(p) for p, _ in gen.calls] == [2, 1]
+    # without routing statistics the domains share one call (accuracy is still kept per domain)
+    assert [len(p) for p, _ in gen.calls] == [3]
     summary = result.summary()
     assert summary["domains"] == {"add": {"n": 2, "correct": 1, "accuracy": 0.5}, "sub": {"n": 1, "correct": 1, "accuracy": 1.0}}
     assert summary["sources"] == {str(a): {"n": 2, "correct": 2, "accuracy": 1.0}, str(b): {"n": 1, "correct": 0, "accuracy": 0.0}}
