@@ -30,7 +30,7 @@ ROUTER_KINDS: Tuple[str, ...] = ("shared", "xlora", "per_layer")
 #: How a router picks experts: its learned logits, or N(0, 1) logits (the random-routing ablation).
 ROUTING_MODES: Tuple[str, ...] = ("learned", "random")
 #: Optional router losses, the keys of :data:`selfmoe.routers.AUX_LOSSES`.
-AUX_LOSS_NAMES: Tuple[str, ...] = ("load_balancing", "z_loss", "mutual_information")
+AUX_LOSS_NAMES: Tuple[str, ...] = ("load_balancing", "z_loss", "mutual_information", "concentration")
 #: Weight-merging baselines (:mod:`selfmoe.merging`).
 MERGE_METHODS: Tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
 #: Evaluation record kinds, the ``"task"`` of an eval record (:mod:`selfmoe.evaluation`).

@@ -156,7 +156,7 @@ class MiXSE(nn.Module):
                 Default: the union of the adapters' modules. Adapter weights outside it raise.
             renormalize: renormalise the kept top-k probabilities (default False, as Self-MoE).
             routing: ``"learned"`` or ``"random"`` (ablation).
-            aux_loss: optional ``{"load_balancing"|"z_loss"|"mutual_information": coefficient}``; the
+            aux_loss: optional ``{"load_balancing"|"z_loss"|"mutual_information"|"concentration": coefficient}``; the
                 weighted sum is returned as ``output.aux_loss`` for the training loop to add.
             expert_dtype: dtype of the stacked experts (default: each base linear's dtype).
             strict: refuse experts that declare different ``base_model_name_or_path`` values (default:

@@ -44,6 +44,7 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "mutual_information_loss",
+    "load_concentration_loss",
     "compute_aux_loss",
 ]
 
@@ -143,21 +144,36 @@ def router_z_loss(logits: torch.Tensor, expert_ids: Optional[torch.Tensor] = Non
     return _masked_mean(torch.logsumexp(lg, dim=-1).square(), m)
 
 
+def _usage_entropy(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``H(mean_x p(e|x))`` of probabilities ``p [T, E]`` over the tokens weighted by ``m [T]``."""
+    mean_p = _masked_mean(p, m)  # [E]
+    return -(mean_p * torch.log(mean_p.clamp_min(torch.finfo(mean_p.dtype).tiny))).sum()
+
+
 def mutual_information_loss(logits: torch.Tensor, expert_ids: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ModuleFormer ``L_MI = -H(mean_x p(e|x)) + mean_x H(p(e|x))``: balanced usage, confident tokens."""
     lg, m = _flat(logits, mask)
     logp = torch.log_softmax(lg, dim=-1)
     p = logp.exp()
     token_entropy = -(p * logp).sum(-1)  # [T]
-    mean_p = _masked_mean(p, m)  # [E]
-    usage_entropy = -(mean_p * torch.log(mean_p.clamp_min(torch.finfo(mean_p.dtype).tiny))).sum()
-    return -usage_entropy + _masked_mean(token_entropy, m)
+    return -_usage_entropy(p, m) + _masked_mean(token_entropy, m)
+
+
+def load_concentration_loss(logits: torch.Tensor, expert_ids: Optional[torch.Tensor] = None,
+                            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ModuleFormer's load concentration loss ``L_conc = H(mean_x p(e|x))``, minimised when fine-tuning on
+    one task: the task's tokens gather on few experts, so the rest can be pruned
+    (:meth:`selfmoe.MiXSE.prune_experts`). 0 when every token puts all its mass on one expert, ``log E``
+    for uniform usage. ``logits [..., E]``, ``mask [...]`` (True = count the token); float32 scalar."""
+    lg, m = _flat(logits, mask)
+    return _usage_entropy(torch.softmax(lg, dim=-1), m)
 
 
 AUX_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "load_balancing": load_balancing_loss,
     "z_loss": router_z_loss,
     "mutual_information": mutual_information_loss,
+    "concentration": load_concentration_loss,
 }
 
 
