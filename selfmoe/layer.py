@@ -445,6 +445,36 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
             self.router.add_expert(router_init_logit)
         return E
 
+    @torch.no_grad()
+    def prune_experts(self, keep: Sequence[int], *, keep_normalizer: bool = True) -> None:
+        """Keep only the experts ``keep`` (indices, in their new order): their factors, ranks, alphas and
+        scalings, and their rows of the own router (see :meth:`TopKRouter.prune`). The stacked rank shrinks
+        to the largest kept rank. The parameters are new objects (same ``requires_grad``): rebuild
+        optimizers. ``ValueError`` when no kept expert has weights here (the caller unwraps the module)."""
+        if self.merged:
+            raise RuntimeError(f"{self._name()}: unmerge() before pruning experts")
+        keep = list(keep)
+        for e in keep:
+            self._check_expert_index(e)
+        if len(set(keep)) != len(keep) or not keep:
+            raise ValueError(f"{self._name()}: keep must be distinct expert indices, at least one, got {keep}")
+        ranks = [self.ranks[e] for e in keep]
+        if max(ranks) < 1:
+            raise ValueError(f"{self._name()}: none of the kept experts {keep} has weights in this module")
+        if self.router is not None:
+            self.router.prune(keep, keep_normalizer=keep_normalizer)
+        r_max = max(ranks)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.lora_A.device)
+        A = self.lora_A.detach().index_select(0, idx)[:, :r_max].contiguous()
+        B = self.lora_B.detach().index_select(0, idx)[:, :, :r_max].contiguous()
+        self.lora_A = nn.Parameter(A, requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(B, requires_grad=self.lora_B.requires_grad)
+        scalings = [float(self.expert_scaling[e]) for e in keep]
+        self.ranks = ranks
+        self.lora_alphas = [self.lora_alphas[e] for e in keep]
+        self.expert_scaling = torch.zeros(len(keep), dtype=torch.float32, device=A.device)
+        self._set_scalings(scalings)
+
     def expert_factors(self, expert: int) -> ExpertFactors:
         """PEFT-shaped ``(A [r_e, d_in], B [d_out, r_e])`` of one expert (unpadded), or None if absent here."""
         self._check_expert_index(expert)

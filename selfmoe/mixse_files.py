@@ -107,6 +107,9 @@ def load_mixse(cls: Type["MiXSE"], directory: PathLike, base_model: nn.Module,
         raise
     model = cls._attach(base_model, config, layers)
     try:
+        if config.pruned_experts:  # room for the pruned experts' router rows (load_state_dict checks them)
+            for rt in model._placement.routers(model):
+                rt.reserve_pruned(len(config.pruned_experts))
         with torch.no_grad():
             for owner, sd in router_sds.items():
                 model._placement.router_of(model, owner).load_state_dict(dict(sd), strict=True)

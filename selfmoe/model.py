@@ -94,6 +94,7 @@ class MiXSE(nn.Module):
         self._hooks: list = []
         self._attached = True
         self.router: Optional[TopKRouter] = None
+        self.hyper: Optional[nn.Module] = None
         # Flags as the user had them; MoLoRALinear already froze its base layer, but it remembers the originals.
         self._orig_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for path, layer in layers.items():
@@ -329,6 +330,7 @@ class MiXSE(nn.Module):
         return dataclasses.replace(
             cfg, expert_names=list(cfg.expert_names), top_k=rt.top_k, renormalize=rt.renormalize, routing=rt.mode,
             aux_loss=dict(self._state.aux_coefficients), expert_configs={k: dict(v) for k, v in cfg.expert_configs.items()},
+            pruned_experts=list(cfg.pruned_experts),
             modules={p: mixse_build.module_info(m) for p, m in self._lora_modules.items()},
         )
 
@@ -412,6 +414,32 @@ class MiXSE(nn.Module):
         """
         self._check_attached()
         return mixse_build.add_expert(self, name, adapter, router_init_logit)
+
+    def prune_experts(
+        self, keep: Optional[Sequence[Union[int, str]]] = None, *, min_share: Optional[float] = None,
+        top_n: Optional[int] = None, stats: Any = None, stat: str = "usage", keep_normalizer: bool = True,
+    ) -> List[str]:
+        """Drop experts (ModuleFormer's pruning after concentrated fine-tuning); returns the dropped names.
+
+        Which experts stay: ``keep`` (names or indices), or from routing statistics ``stats`` (a
+        :class:`RoutingStats` from :meth:`routing_stats`, its ``summary()`` / the JSON of ``selfmoe generate
+        --routing-stats-json``, or ``{expert: share}``): experts whose ``stat`` share (``"usage"``: fraction
+        of routed token-slots over all layers, token-weighted) is below ``min_share`` go, and/or only the
+        ``top_n`` largest stay. Kept experts keep their order and names.
+
+        Every LoRA linear and router (shared, X-LoRA or per layer) loses the dropped experts' factors and
+        rows; a module left without weights becomes its plain ``nn.Linear`` again. ``keep_normalizer=True``
+        (default) keeps the dropped router rows as a frozen softmax normaliser, so any token whose top-k
+        held only kept experts gives exactly the old output; ``False`` drops them too (gates then come from
+        a softmax over the kept experts; the same for ``renormalize=True`` routers). ``save_pretrained``
+        writes the smaller MiXSE; parameters are new objects, so rebuild optimizers. ``ValueError`` (the
+        model unchanged) for unknown names, empty selections or ``top_k`` above the kept count.
+        """
+        self._check_attached()
+        from .pruning import prune_experts
+
+        return prune_experts(self, keep, min_share=min_share, top_n=top_n, stats=stats, stat=stat,
+                             keep_normalizer=keep_normalizer)
 
     def unload(self) -> nn.Module:
         """Put the original ``nn.Linear`` modules back (unmerged, same objects), remove the hooks, restore the

@@ -65,7 +65,7 @@ def test_python_m_selfmoe_help_runs_in_a_subprocess():
         assert cmd in proc.stdout
 
 
-@pytest.mark.parametrize("cmd", ["specialize", "train-expert", "train-router", "merge", "generate", "eval"])
+@pytest.mark.parametrize("cmd", ["specialize", "train-expert", "train-router", "merge", "prune", "generate", "eval"])
 def test_every_subcommand_has_help_with_examples(capsys, cmd):
     with pytest.raises(SystemExit) as info:
         main([cmd, "--help"])
@@ -76,7 +76,7 @@ def test_every_subcommand_has_help_with_examples(capsys, cmd):
 # Each help below runs in one fresh interpreter, in order; the script prints whether torch was loaded
 # after each step. STUB: register a bare ``selfmoe`` package, so that only the CLI's own modules load
 # (not selfmoe/__init__.py, which imports the whole library).
-HELP_STEPS = ["--help", "specialize --help", "merge --help", "generate --help", "eval --help", "demo --help",
+HELP_STEPS = ["--help", "specialize --help", "merge --help", "prune --help", "generate --help", "eval --help", "demo --help",
               "train-expert --help", "train-router --help"]
 HELP_SCRIPT = """
 import json, sys, types
@@ -199,6 +199,25 @@ def test_pipeline_end_to_end(lm_path, tmp_path, capsys):
     stats = json.loads((tmp_path / "routing.json").read_text())
     assert set(stats) == {"model.layers.0", "model.layers.1"}
     assert set(stats["model.layers.0"]["usage"]) == {"math", "coding"}
+    # prune: the most used expert from those statistics; the least used one from routing the math data
+    code, _, err = run(capsys, "prune", "--model", lm_path, "--mixse", mixse_dir, "--stats", tmp_path / "routing.json",
+                       "--top-n", "1", "--output", tmp_path / "pruned")
+    assert code == 0, err
+    shares = {e: sum(s["usage"][e] * s["tokens"] for s in stats.values()) for e in ("math", "coding")}
+    top = max(shares, key=shares.get)
+    pruned = json.loads((tmp_path / "pruned" / "mixse_config.json").read_text())
+    assert pruned["expert_names"] == [top] and pruned["pruned_experts"] == [e for e in ("math", "coding") if e != top]
+    assert f"pruned 2 -> 1 experts" in err
+    code, _, err = run(capsys, "prune", "--model", lm_path, "--mixse", mixse_dir, "--data", data / "math.jsonl",
+                       "--top-n", "1", "--output", tmp_path / "pruned-math", "--no-progress")
+    assert code == 0, err
+    assert "routing: % of token-slots per expert" in err and "data" in err
+    assert len(json.loads((tmp_path / "pruned-math" / "mixse_config.json").read_text())["expert_names"]) == 1
+    code, _, err = run(capsys, "prune", "--model", lm_path, "--mixse", mixse_dir, "--top-n", "1", "--output", tmp_path / "x")
+    assert code == 2 and "--data PATH or --stats FILE" in err
+    code, _, err = run(capsys, "prune", "--model", lm_path, "--mixse", mixse_dir, "--keep", "nope", "--output", tmp_path / "x")
+    assert code == 2 and "no expert named 'nope'" in err
+
     rows = read_jsonl(answers, require_domain=False)
     assert [r["instruction"] for r in rows] == ["Write a function that adds one.", "What is 2 + 2?"]
     assert rows[1]["domain"] == "math" and all(isinstance(r["output"], str) for r in rows)
