@@ -176,6 +176,8 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         self.gate_slot: Optional[GateSlot] = None
         self.route_key: Optional[str] = None
         self.experts_enabled = True
+        # Set by MiXSE when it has a HyperExpert: (that module, this linear's index in it); not a submodule.
+        self.hyper_expert: Optional[Tuple[nn.Module, int]] = None
         self._merged_expert: Optional[int] = None
         self._unmerged_weight: Optional[torch.Tensor] = None
         # The base stays frozen; remember its flags so unwrap() hands it back as it came.
@@ -346,13 +348,17 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
                     f"{self._name()}: gates {_shape(expert_ids)} do not match the tokens of x {_shape(x)}"
                 )
         try:
-            return lora_mix(
+            y = lora_mix(
                 x, self.lora_A, self.lora_B, expert_ids, expert_weights, self.scaling,
                 base_weight=self.base_layer.weight, base_bias=self.base_layer.bias, backend="auto",
                 check_ids=False if from_router else None,
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{self._name()}: {exc}") from exc
+        if self.hyper_expert is not None:  # HyperMoE: the unselected experts' adapter, added on top
+            hyper, index = self.hyper_expert
+            y = y + hyper(x, expert_ids, index)
+        return y
 
     # ------------------------------------------------------------------------------------------------
     # experts

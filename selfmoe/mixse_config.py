@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 from .names import check_safe_name
-from .choices import ROUTER_KINDS, ROUTING_MODES, check_aux_loss
+from .choices import ROUTER_KINDS, ROUTING_MODES, check_aux_loss, check_hyper_sizes
 from .routers import check_top_k
 from .version import __version__
 
@@ -33,6 +33,8 @@ class MiXSEConfig:
     options needed to export it again (``use_rslora``, ``source``). ``pruned_experts``: experts removed by
     :meth:`~selfmoe.MiXSE.prune_experts` whose router rows still normalise the gates (``pruned.weight``
     ``[P, d]`` / ``pruned.bias [P]`` beside each router's ``linear.*``), in that order; empty by default.
+    ``hyper_expert``: None (default), or the sizes of HyperMoE's HyperExpert (:mod:`selfmoe.hyper`), whose
+    tensors are saved in ``router.safetensors`` as ``hyper.<name>``.
     """
 
     expert_names: List[str]
@@ -46,6 +48,7 @@ class MiXSEConfig:
     expert_configs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     base_model_name_or_path: Optional[str] = None
     pruned_experts: List[str] = field(default_factory=list)
+    hyper_expert: Optional[Dict[str, int]] = None
     format_version: int = FORMAT_VERSION
     selfmoe_version: str = __version__
 
@@ -70,6 +73,7 @@ class MiXSEConfig:
         if not isinstance(self.aux_loss, dict):
             raise ValueError(f"aux_loss must be an object {{name: coefficient}}, got {self.aux_loss!r}")
         self.aux_loss = check_aux_loss(self.aux_loss)
+        self.hyper_expert = check_hyper_sizes(self.hyper_expert)
         pruned = self.pruned_experts
         if not isinstance(pruned, list):
             raise ValueError(f"pruned_experts must be a list of expert names, got {pruned!r}")

@@ -117,6 +117,10 @@ def prune_experts(model: "MiXSE", keep: Optional[Sequence[ExpertRef]] = None, *,
         raise ValueError(f"the kept experts {[names[e] for e in kept]} have no weights in any module")
 
     # All checks passed: mutate.
+    if model.hyper is not None:
+        model.hyper.prune_experts(kept)
+        if emptied:
+            model.hyper.keep_linears([i for i, p in enumerate(lora) if p not in emptied])
     for path in emptied:
         layer = lora.pop(path)
         model.base_model.set_submodule(path, layer.unwrap())
@@ -125,8 +129,7 @@ def prune_experts(model: "MiXSE", keep: Optional[Sequence[ExpertRef]] = None, *,
         layer.prune_experts(kept, keep_normalizer=keep_normalizer)
     if model.router is not None:
         model.router.prune(kept, keep_normalizer=keep_normalizer)
-    if model.hyper is not None:
-        model.hyper.prune_experts(kept)
+    model._wire_hyper()
     cfg.expert_names = [names[e] for e in kept]
     cfg.expert_configs = {n: c for n, c in cfg.expert_configs.items() if n in cfg.expert_names}
     cfg.pruned_experts = (list(cfg.pruned_experts) + dropped) if keep_normalizer else []

@@ -186,6 +186,23 @@ def test_pipeline_end_to_end(lm_path, tmp_path, capsys):
     base, _ = load_tiny_lm(lm_path)
     MiXSE.from_pretrained(mixse_dir, base).unload()
 
+    # HyperMoE's HyperExpert and ModuleFormer's concentration loss through the same flags and files
+    hyper_dir = tmp_path / "mixse-hyper"
+    code, _, err = run(capsys, "train-router", "--model", lm_path, "--data", data, "--output", hyper_dir,
+                       "--expert", f"math={experts['math']}", "--expert", experts["coding"], "--max-steps", "2",
+                       "--hyper-expert", "--hyper-size", "adapter_dim=4", "--hyper-size", "bottleneck=8",
+                       "--aux-loss", "concentration=0.01", *TRAIN_FAST)
+    assert code == 0, err
+    config = json.loads((hyper_dir / "mixse_config.json").read_text())
+    assert config["hyper_expert"]["adapter_dim"] == 4 and config["aux_loss"] == {"concentration": 0.01}
+    assert any(k.startswith("hyper.") for k in load_file(str(hyper_dir / "router.safetensors")))
+    code, out, err = run(capsys, "generate", "--model", lm_path, "--mixse", hyper_dir, "--prompt", "2 + 2 =",
+                         "--max-new-tokens", "4")
+    assert code == 0, err
+    code, _, err = run(capsys, "train-router", "--model", lm_path, "--data", data, "--output", tmp_path / "bad",
+                       "--expert", experts["math"], "--hyper-size", "adapter_dim=4", *TRAIN_FAST)
+    assert code == 2 and "pass --hyper-expert too" in err
+
     (tmp_path / "questions.jsonl").write_text(json.dumps({"instruction": "What is 2 + 2?", "domain": "math"}) + "\n")
     answers = tmp_path / "answers.jsonl"
     code, _, err = run(capsys, "generate", "--model", lm_path, "--mixse", mixse_dir, "--input", tmp_path / "questions.jsonl",
