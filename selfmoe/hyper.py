@@ -21,8 +21,10 @@ numbers (and ``T x a x d_out``), kept for backward. Both products factor through
     (v_t W_up(t))_o   = sum_{j,c} (v_tj z_tc) H_up[j, c, o] ->  (v_t (x) z_t) [T, a*d_z] @ H_up.view(a*d_z, d_out)
 
 The FLOPs are those of the naive way (2 T a d_z (d_in + d_out)), now in two dense GEMMs; the largest
-intermediate is ``T x a x d_z`` instead of ``T x a x (d_in + d_out)``, and nothing of size ``T x d x a``
-exists. (The other order for the down product, ``(x_t (x) z_t) @ H``, would hold ``T x d_in x d_z``.)
+temporary is ``T x a x d_z`` instead of ``T x a x (d_in + d_out)``, nothing of size ``T x d x a`` exists,
+and :class:`FactoredAdapter` keeps only ``x``, ``z_t`` and the ``[T, a]`` pre-activation for backward
+(rebuilding ``G`` there: one more GEMM). (The other order for the down product, ``(x_t (x) z_t) @ H``,
+would hold ``T x d_in x d_z``.)
 ``impl = "naive"`` keeps the materialising version beside it, as the reference for tests and the benchmark.
 
 ``H_up``, ``G_up`` and ``c_up`` start at zero, so a fresh HyperExpert adds nothing (the MiXSE's outputs are
@@ -48,6 +50,65 @@ def group_name(in_features: int, out_features: int) -> str:
     return f"g{in_features}x{out_features}"
 
 
+def _down_pre(x: torch.Tensor, z: torch.Tensor, down: torch.Tensor, down_bias: torch.Tensor,
+              down_bias0: torch.Tensor) -> torch.Tensor:
+    """``x_t W_down(t) + b_down(t)`` ``[T, a]`` without ``W_down(t)``: ``G = x @ H_down`` ``[T, a, d_z]``,
+    then a batched dot with ``z_t``."""
+    T, dz = x.shape[0], z.shape[1]
+    g = (x @ down).view(T, -1, dz)
+    return torch.bmm(g, z.unsqueeze(-1)).squeeze(-1) + z @ down_bias + down_bias0
+
+
+class FactoredAdapter(torch.autograd.Function):
+    """The generated adapter through the bottleneck, forward and backward.
+
+    Forward: ``pre = _down_pre(...)``, ``v = relu(pre)``, ``y = (v (x) z) @ H_up + z G_up + c_up``. Autograd
+    on those ops would keep ``G`` and ``v (x) z`` (two ``[T, a*d_z]`` tensors) for backward; this keeps
+    ``x``, ``z`` and ``pre`` and rebuilds them there (one more GEMM, ``x @ H_down``), so what a layer holds
+    between forward and backward is ``O(T (d_z + a))`` beside the input it shares with the base linear.
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, down, down_bias, down_bias0, up, up_bias, up_bias0):  # type: ignore[override]
+        T, dz = x.shape[0], z.shape[1]
+        pre = _down_pre(x, z, down, down_bias, down_bias0)
+        outer = (torch.relu(pre).unsqueeze(-1) * z.unsqueeze(1)).reshape(T, -1)  # v_t (x) z_t  [T, a*d_z]
+        y = outer @ up + z @ up_bias + up_bias0
+        ctx.save_for_backward(x, z, pre, down, down_bias, up, up_bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, z, pre, down, down_bias, up, up_bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        T, a, dz = x.shape[0], pre.shape[1], z.shape[1]
+        v = torch.relu(pre)
+        d_up = d_up_bias = d_up_bias0 = d_down = d_down_bias = d_down_bias0 = dx = None
+        if need[5]:
+            d_up = (v.unsqueeze(-1) * z.unsqueeze(1)).reshape(T, a * dz).T @ dy
+        if need[6]:
+            d_up_bias = z.T @ dy
+        if need[7]:
+            d_up_bias0 = dy.sum(0)
+        d_outer = (dy @ up.T).view(T, a, dz)
+        dpre = torch.bmm(d_outer, z.unsqueeze(-1)).squeeze(-1) * (pre > 0)  # through v = relu(pre)
+        dz_ = torch.bmm(v.unsqueeze(1), d_outer).squeeze(1) + dy @ up_bias.T + dpre @ down_bias.T
+        if need[3]:
+            d_down_bias = z.T @ dpre
+        if need[4]:
+            d_down_bias0 = dpre.sum(0)
+        if need[0] or need[2]:
+            d_g = (dpre.unsqueeze(-1) * z.unsqueeze(1)).reshape(T, a * dz)  # dL/d(x @ H_down)
+            if need[2]:
+                d_down = x.T @ d_g
+            if need[0]:
+                dx = d_g @ down.T
+        if need[1]:
+            g = (x @ down).view(T, a, dz)  # rebuilt instead of kept
+            dz_ = dz_ + torch.bmm(dpre.unsqueeze(1), g).squeeze(1)
+        return dx, dz_ if need[1] else None, d_down, d_down_bias, d_down_bias0, d_up, d_up_bias, d_up_bias0
+
+
 class HyperGroup(nn.Module):
     """The hypernetwork's output side for linears ``d_in -> d_out``: ``down [d_in, a*d_z]`` (column
     ``j*d_z + c`` is ``H_down[:, j, c]``), ``down_bias [d_z, a]`` + ``down_bias0 [a]``, ``up [a*d_z, d_out]``
@@ -68,13 +129,10 @@ class HyperGroup(nn.Module):
         self.d_in, self.d_out, self.adapter_dim, self.bottleneck = d_in, d_out, a, dz
 
     def factored(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """``x [T, d_in]``, ``z [T, d_z]`` -> ``[T, d_out]`` through two GEMMs; largest temporary ``[T, a*d_z]``."""
-        T, a, dz = x.shape[0], self.adapter_dim, self.bottleneck
-        g = (x @ self.down).view(T, a, dz)  # x_t H_down[:, j, c]
-        pre = torch.bmm(g, z.unsqueeze(-1)).squeeze(-1) + z @ self.down_bias + self.down_bias0  # [T, a]
-        v = torch.relu(pre)
-        outer = (v.unsqueeze(-1) * z.unsqueeze(1)).reshape(T, a * dz)  # v_t (x) z_t
-        return outer @ self.up + z @ self.up_bias + self.up_bias0
+        """``x [T, d_in]``, ``z [T, d_z]`` -> ``[T, d_out]`` through two GEMMs (:class:`FactoredAdapter`):
+        kept for backward only ``x``, ``z`` and the ``[T, a]`` pre-activation."""
+        return FactoredAdapter.apply(x, z, self.down, self.down_bias, self.down_bias0, self.up, self.up_bias,
+                                     self.up_bias0)
 
     def naive(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The same adapter with its per-token weights built: ``W_down [T, d_in, a]``, ``W_up [T, a, d_out]``
@@ -153,8 +211,9 @@ class HyperExpert(nn.Module):
         w = self.expert_embedding
         x2 = x.reshape(-1, x.shape[-1]).to(device=w.device, dtype=w.dtype)
         ids = expert_ids.reshape(x2.shape[0], -1)
-        z = self.bottleneck_code(ids, index)
-        out = group.naive(x2, z) if self.impl == "naive" else group.factored(x2, z)
+        with torch.autocast(x2.device.type, enabled=False):  # in the parameters' dtype, like the router
+            z = self.bottleneck_code(ids, index)
+            out = group.naive(x2, z) if self.impl == "naive" else group.factored(x2, z)
         return out.to(device=x.device, dtype=x.dtype).reshape(*lead, group.d_out)
 
     # ------------------------------------------------------------------------------------------------

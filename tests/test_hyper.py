@@ -78,7 +78,7 @@ def test_adapter_matches_the_float64_reference_with_gradients(impl, T, k):
 
 def test_factored_never_builds_per_token_weights():
     """What backward keeps: the naive way holds T x d_in x a per-token weights, the factored way nothing
-    larger than T x a x d_z (here 4x smaller), for the same output."""
+    larger than its input x [T, d_in] (z [T, d_z] and the [T, a] pre-activation beside it)."""
     torch.manual_seed(0)
     T, d = 33, 40
     sizes = dict(SIZES, adapter_dim=8, bottleneck=10)
@@ -102,7 +102,7 @@ def test_factored_never_builds_per_token_weights():
         largest[impl] = max(saved)
     assert rel_err(outs["factored"], outs["naive"]) < 1e-5
     assert largest["naive"] >= T * d * 8
-    assert largest["factored"] <= T * 8 * 10 < T * d * 8
+    assert largest["factored"] == T * d  # x itself
 
 
 @pytest.mark.parametrize("router", ["shared", "per_layer", "xlora"])
