@@ -6,8 +6,18 @@ Providers, all on the same random base model and the same E adapters (rank r on 
   xlora   PEFT X-LoRA (the Self-MoE paper's stack): adapter-free scaling pass, classifier, real pass;
           top-k LoRA masking; adapters named "0".."E-1" (peft's X-LoRA training path needs digit names)
   mixse   selfmoe.MiXSE, shared router (one pass), top-k, fused lora_mix (Triton on CUDA via "auto")
+  mixse-conc         mixse plus ModuleFormer's load concentration loss (aux_loss concentration=0.01)
+  mixse-hyper        mixse plus HyperMoE's HyperExpert (paper sizes: embeddings 128, bottleneck 128,
+                     adapter 64), its adapter computed through the bottleneck (no per-token weights)
+  mixse-hyper-naive  the same HyperExpert materialising per-token adapter weights (T x d x 64): the
+                     baseline the factored form is measured against (not in the default set: it needs
+                     T x a x (d_in + d_out) floats per linear kept for backward)
+
+Memory, per provider, for one step: saved_mb = what autograd keeps for backward (distinct storages,
+parameters excluded), measured on every device; peak_mb = torch.cuda.max_memory_allocated on CUDA.
 
 Presets:
+  tiny    Llama hidden 64, 2 layers, batch 2x64 (a smoke run of every provider in seconds)
   small   Llama hidden 256, 4 layers, 8 heads / 4 KV heads, intermediate 688, vocab 2048; batch 4x256;
           4 experts of rank 8, top-1 (the CPU target: mixse <= 1.25x bare, >= 2x faster than xlora)
   large   Llama hidden 2048, 16 layers, 16 heads / 8 KV heads, intermediate 5632, vocab 32000;
@@ -69,12 +79,14 @@ class Preset:
 
 
 PRESETS = {
+    "tiny": Preset("tiny", 64, 2, 4, 2, 128, 256, 2, 64),
     "small": Preset("small", 256, 4, 8, 4, 688, 2048, 4, 256),
     "large": Preset("large", 2048, 16, 16, 8, 5632, 32000, 4, 1024),
     "smollm2-135m": Preset("smollm2-135m", 576, 30, 9, 3, 1536, 49152, 4, 128, head_dim=64, tie_embeddings=True,
                            builtin="smollm2-135m"),
 }
-PROVIDERS = ("bare", "xlora", "mixse")
+PROVIDERS = ("bare", "xlora", "mixse", "mixse-conc", "mixse-hyper", "mixse-hyper-naive")
+DEFAULT_PROVIDERS = ("bare", "xlora", "mixse", "mixse-conc", "mixse-hyper")
 
 
 def builtin_weights(p: Preset) -> str:
@@ -160,7 +172,32 @@ def build_mixse(p, device, dtype, adapters):
     return model, model.router_parameters()
 
 
-BUILDERS = {"bare": build_bare, "xlora": build_xlora, "mixse": build_mixse}
+def build_mixse_conc(p, device, dtype, adapters):
+    from selfmoe import MiXSE
+
+    base = make_base(p, device, dtype)
+    model = MiXSE.from_adapters(base, adapters, top_k=p.top_k, router="shared", aux_loss={"concentration": 0.01})
+    model.train()
+    return model, model.router_parameters()
+
+
+def build_mixse_hyper(p, device, dtype, adapters, impl="factored"):
+    from selfmoe import MiXSE
+
+    base = make_base(p, device, dtype)
+    model = MiXSE.from_adapters(base, adapters, top_k=p.top_k, router="shared", hyper_expert=True)
+    model.hyper.impl = impl
+    with torch.no_grad():  # a trained-looking HyperExpert: its up side starts at zero otherwise
+        for q in model.hyper.parameters():
+            if not q.abs().sum():
+                q.normal_(0, 1e-3)
+    model.train()
+    return model, model.router_parameters()
+
+
+BUILDERS = {"bare": build_bare, "xlora": build_xlora, "mixse": build_mixse, "mixse-conc": build_mixse_conc,
+            "mixse-hyper": build_mixse_hyper,
+            "mixse-hyper-naive": lambda *a: build_mixse_hyper(*a, impl="naive")}
 
 
 def make_step(model: nn.Module, params: List[nn.Parameter], ids: torch.Tensor) -> Callable[[], float]:
@@ -169,18 +206,40 @@ def make_step(model: nn.Module, params: List[nn.Parameter], ids: torch.Tensor) -
     def step():
         opt.zero_grad(set_to_none=True)
         out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
+        loss = out.loss + out["aux_loss"] if "aux_loss" in out else out.loss
+        loss.backward()
         opt.step()
-        return out.loss
+        return loss
 
     return step
+
+
+def step_memory_mb(step: Callable[[], object], params: List[nn.Parameter], device: torch.device) -> Dict[str, float]:
+    """One step's memory: ``saved_mb`` = the distinct storages autograd keeps for backward (not the
+    parameters), ``peak_mb`` = CUDA's peak allocation during the step (CUDA only, else None)."""
+    weights = {q.untyped_storage().data_ptr() for q in params}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"saved_mb": sum(seen.values()) / 2**20, "peak_mb": peak}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: small on CPU, large on CUDA")
-    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma-separated, from {PROVIDERS}")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: fp32 CPU, bf16 CUDA")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -208,13 +267,14 @@ def main() -> None:
         probe = make_base(preset, torch.device("cpu"), torch.float32) if device.type == "cpu" else None
         adapters = make_adapters(preset, probe if probe is not None else make_base(preset, device, dtype), Path(tmp))
         del probe
-        steps = {}
+        steps, memory = {}, {}
         for name in providers:
             model, params = BUILDERS[name](preset, device, dtype, adapters)
             steps[name] = make_step(model, params, ids)
             loss = steps[name]()
             if not torch.isfinite(loss):
                 raise RuntimeError(f"{name}: non-finite loss {loss.item()}")
+            memory[name] = step_memory_mb(steps[name], [q for q in model.parameters()], device)
     if device.type == "cpu":  # ratios: median over rounds of the same-round ratio (load varies between rounds)
         samples = time_rounds_ms(steps, reps=args.reps, warmup=args.warmup)
         times = {name: statistics.median(v) for name, v in samples.items()}
@@ -234,13 +294,16 @@ def main() -> None:
     weights = builtin_weights(preset) and f"{preset.builtin} weights" or "random weights"
     print(f"\ntrain step, preset {preset.name}, {weights} ({preset.batch}x{preset.seq} tokens, {preset.layers} layers, hidden {preset.hidden}, "
           f"{preset.experts} experts r={preset.rank} top-{preset.top_k}), {dtype}, {label}")
-    print(f"{'provider':<8} {'ms':>10} {'x bare':>8}")
+    print(f"{'provider':<18} {'ms':>10} {'x bare':>8} {'saved MB':>9} {'peak MB':>8}")
     for name in providers:
         ratio = ratio_of.get(name, float("nan"))
-        print(f"{name:<8} {times[name]:>10.2f} {ratio:>8.3f}")
+        mem = memory[name]
+        peak = f"{mem['peak_mb']:>8.1f}" if mem["peak_mb"] is not None else f"{'-':>8}"
+        print(f"{name:<18} {times[name]:>10.2f} {ratio:>8.3f} {mem['saved_mb']:>9.1f} {peak}")
         rows.append({
             "timestamp": timestamp(), "device": label, "provider": name, "ms": round(times[name], 4),
-            "ratio_to_bare": round(ratio, 4), "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
+            "ratio_to_bare": round(ratio, 4), "saved_mb": round(mem["saved_mb"], 2),
+            "peak_mb": round(mem["peak_mb"], 2) if mem["peak_mb"] is not None else "", "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
             "threads": torch.get_num_threads() if device.type == "cpu" else "",
             "torch": vers["torch"], "triton": vers["triton"], "transformers": transformers.__version__,
             "peft": peft.__version__, "xlora_over_mixse": round(xlora_mixse, 4) if xlora_mixse else "", "commit": git_commit(), "weights": weights, **{f"preset_{k}": v for k, v in asdict(preset).items()},

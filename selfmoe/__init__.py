@@ -54,6 +54,7 @@ _EXPORTS = {
     "TopKRouter": "routers",
     "load_balancing_loss": "routers",
     "mutual_information_loss": "routers",
+    "load_concentration_loss": "routers",
     "router_z_loss": "routers",
     "SpecializeConfig": "specialization",
     "specialize": "specialization",
@@ -121,6 +122,7 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "mutual_information_loss",
+    "load_concentration_loss",
 ]
 
 

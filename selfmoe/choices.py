@@ -22,7 +22,9 @@ __all__ = [
     "MC_SCORING",
     "COMPARE_BY",
     "PROMPT_FORMATS",
+    "HYPER_DEFAULTS",
     "check_aux_loss",
+    "check_hyper_sizes",
 ]
 
 #: Where a MiXSE's router sits (:mod:`selfmoe.routers`, :mod:`selfmoe.placements`).
@@ -30,7 +32,7 @@ ROUTER_KINDS: Tuple[str, ...] = ("shared", "xlora", "per_layer")
 #: How a router picks experts: its learned logits, or N(0, 1) logits (the random-routing ablation).
 ROUTING_MODES: Tuple[str, ...] = ("learned", "random")
 #: Optional router losses, the keys of :data:`selfmoe.routers.AUX_LOSSES`.
-AUX_LOSS_NAMES: Tuple[str, ...] = ("load_balancing", "z_loss", "mutual_information")
+AUX_LOSS_NAMES: Tuple[str, ...] = ("load_balancing", "z_loss", "mutual_information", "concentration")
 #: Weight-merging baselines (:mod:`selfmoe.merging`).
 MERGE_METHODS: Tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
 #: Evaluation record kinds, the ``"task"`` of an eval record (:mod:`selfmoe.evaluation`).
@@ -52,6 +54,10 @@ COMPARE_BY: Tuple[str, ...] = ("task", "source", "domain")
 #: tokenizer has a chat template, else ``alpaca``; ``chat`` = the tokenizer's chat template;
 #: ``alpaca`` = the Alpaca template the paper trains with.
 PROMPT_FORMATS: Tuple[str, ...] = ("auto", "chat", "alpaca")
+#: HyperMoE's HyperExpert sizes (:mod:`selfmoe.hyper`): expert embeddings, MLP width, layer embeddings,
+#: the hypernetwork's bottleneck, the generated adapter's width.
+HYPER_DEFAULTS: Dict[str, int] = {"embedding_dim": 128, "mlp_dim": 128, "layer_dim": 10, "bottleneck": 128,
+                                  "adapter_dim": 64}
 
 
 def check_aux_loss(aux_loss: Any) -> Dict[str, float]:
@@ -70,4 +76,24 @@ def check_aux_loss(aux_loss: Any) -> Dict[str, float]:
             raise ValueError(f"aux_loss[{name!r}] must be a finite float >= 0, got {coef!r}")
         if coef > 0:
             out[name] = float(coef)
+    return out
+
+
+def check_hyper_sizes(sizes: Any, where: str = "hyper_expert") -> Any:
+    """The HyperExpert option: ``None``/``False`` -> None (off); ``True`` -> :data:`HYPER_DEFAULTS`; a dict ->
+    the defaults updated with it (known keys, ints >= 1). ``ValueError`` naming the key otherwise."""
+    if sizes is None or sizes is False:
+        return None
+    if sizes is True:
+        return dict(HYPER_DEFAULTS)
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{where} must be True, None or a dict of sizes {sorted(HYPER_DEFAULTS)}, got {sizes!r}")
+    unknown = sorted(set(sizes) - set(HYPER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{where}: unknown sizes {unknown}; known: {sorted(HYPER_DEFAULTS)}")
+    out = dict(HYPER_DEFAULTS)
+    for key, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}[{key!r}] must be an int >= 1, got {value!r}")
+        out[key] = value
     return out

@@ -6,6 +6,7 @@ Subcommands (``selfmoe <command> --help`` shows each one's flags and examples)::
     selfmoe train-expert  JSONL -> one LoRA expert (PEFT adapter); --all-domains: instance-merging baseline
     selfmoe train-router  base + experts + JSONL -> MiXSE directory (router trained, experts frozen)
     selfmoe merge         experts -> one merged adapter (linear / TIES / DARE) or a merged base model
+    selfmoe prune         MiXSE -> a smaller MiXSE without the experts a task hardly routes to (ModuleFormer)
     selfmoe generate      complete prompts with a base model, a LoRA adapter or a MiXSE
     selfmoe eval          accuracy on MMLU/BBH/GSM8K/HumanEval-style JSONL (multiple choice, exact match, numeric, code)
     selfmoe bench         run the kernel benchmark from a source checkout (arguments passed through)
@@ -15,7 +16,7 @@ line or flag; no traceback unless ``--debug``), 130 interrupted (a checkpoint wa
 ``--resume``).
 
 This module assembles the parser and maps errors to exit codes. Each command lives in its own module
-(``cli_specialize``, ``cli_train`` (train-expert, train-router), ``cli_merge``, ``cli_generate``,
+(``cli_specialize``, ``cli_train`` (train-expert, train-router), ``cli_merge``, ``cli_prune``, ``cli_generate``,
 ``cli_eval``, ``cli_bench``) as ``_add_<command>(subparsers)`` and ``_cmd_<command>(args)``; what they
 share is in ``cli_common``, and the choices they offer in :mod:`selfmoe.choices`. None of them imports
 torch before a command runs.
@@ -34,6 +35,7 @@ from .cli_common import PROG, CLIError, check_device, describe, load_model, say
 from .cli_eval import _add_eval, _cmd_eval
 from .cli_generate import _add_generate, _cmd_generate
 from .cli_merge import _add_merge, _cmd_merge
+from .cli_prune import _add_prune, _cmd_prune
 from .cli_specialize import _add_specialize, _cmd_specialize
 from .cli_train import _add_train_expert, _add_train_router, _cmd_train_expert, _cmd_train_router
 
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_expert(sub).set_defaults(func=_cmd_train_expert)
     _add_train_router(sub).set_defaults(func=_cmd_train_router)
     _add_merge(sub).set_defaults(func=_cmd_merge)
+    _add_prune(sub).set_defaults(func=_cmd_prune)
     _add_generate(sub).set_defaults(func=_cmd_generate)
     _add_eval(sub).set_defaults(func=_cmd_eval)
     _add_compare(sub).set_defaults(func=_cmd_compare)

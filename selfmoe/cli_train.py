@@ -9,7 +9,7 @@ import argparse
 import pathlib
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .choices import AUX_LOSS_NAMES, LR_SCHEDULERS, MIXED_PRECISIONS, PROMPT_FORMATS, ROUTER_KINDS
+from .choices import AUX_LOSS_NAMES, HYPER_DEFAULTS, LR_SCHEDULERS, MIXED_PRECISIONS, PROMPT_FORMATS, ROUTER_KINDS
 from .cli_common import PROG, CLIError, HelpFormatter, add_command, add_model_args, load_model, say
 from .names import is_safe_name
 
@@ -225,6 +225,10 @@ examples:
   selfmoe train-router --model ./llama-7b --data data/ --output mixse-x/ --expert experts/math \\
       --expert experts/coding --top-k 2 --router xlora --aux-loss load_balancing=0.01
 
+  # HyperMoE's HyperExpert beside the router (a smaller generated adapter than the paper's 64)
+  selfmoe train-router --model ./llama-7b --data data/ --output mixse-h/ --expert experts/math \\
+      --expert experts/coding --hyper-expert --hyper-size adapter_dim=32
+
   # 8 GPUs, the frozen base sharded over them (FSDP2); the router and experts stay whole on each
   torchrun --nproc_per_node 8 -m selfmoe train-router --fsdp --model ./llama-7b --data data/ --output mixse/ \\
       --expert experts/math --expert experts/coding
@@ -247,7 +251,13 @@ def _add_train_router(sub: Any) -> argparse.ArgumentParser:
                  help="shared (one pass), xlora (the paper's two passes), per_layer")
     _config_flag(g, "--top-k", dest="top_k", type=int, help="experts per token")
     g.add_argument("--aux-loss", action="append", default=[], metavar="NAME=COEF",
-                   help=f"auxiliary router loss: {', '.join(AUX_LOSS_NAMES)} (repeat)")
+                   help=f"auxiliary router loss: {', '.join(AUX_LOSS_NAMES)} (repeat); concentration: "
+                        "ModuleFormer's load concentration (a task on few experts, to prune the rest: selfmoe prune)")
+    g.add_argument("--hyper-expert", action="store_true",
+                   help="HyperMoE's HyperExpert: the unselected experts' embeddings generate a per-token adapter "
+                        "added to the selected experts' output; trains with the router")
+    g.add_argument("--hyper-size", action="append", default=[], metavar="NAME=N",
+                   help=f"a HyperExpert size (repeat): {', '.join(f'{k}={v}' for k, v in HYPER_DEFAULTS.items())}")
     p.add_argument("--strict", action="store_true",
                    help="refuse experts that declare different base models (default: a warning)")
     _add_train_args(p)
@@ -300,6 +310,13 @@ def _cmd_train_router(args: argparse.Namespace) -> int:
     extra: Dict[str, Any] = {"router": args.router, "top_k": args.top_k}
     if args.aux_loss:
         extra["aux_loss"] = _key_values(args.aux_loss, "--aux-loss")
+    if args.hyper_size and not args.hyper_expert:
+        raise CLIError("--hyper-size sets a HyperExpert size: pass --hyper-expert too")
+    if args.hyper_expert:
+        sizes = _key_values(args.hyper_size, "--hyper-size")
+        if any(v != int(v) for v in sizes.values()):
+            raise CLIError(f"--hyper-size: sizes are integers, got {sizes}")
+        extra["hyper_expert"] = {k: int(v) for k, v in sizes.items()}
     config = _train_config(args, extra)
     model, tok = load_model(args.model, dtype=args.dtype)
     return _run_training(args, f"MiXSE router over {list(experts)}", lambda: train_router(

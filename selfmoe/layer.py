@@ -176,6 +176,8 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         self.gate_slot: Optional[GateSlot] = None
         self.route_key: Optional[str] = None
         self.experts_enabled = True
+        # Set by MiXSE when it has a HyperExpert: (that module, this linear's index in it); not a submodule.
+        self.hyper_expert: Optional[Tuple[nn.Module, int]] = None
         self._merged_expert: Optional[int] = None
         self._unmerged_weight: Optional[torch.Tensor] = None
         # The base stays frozen; remember its flags so unwrap() hands it back as it came.
@@ -346,13 +348,17 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
                     f"{self._name()}: gates {_shape(expert_ids)} do not match the tokens of x {_shape(x)}"
                 )
         try:
-            return lora_mix(
+            y = lora_mix(
                 x, self.lora_A, self.lora_B, expert_ids, expert_weights, self.scaling,
                 base_weight=self.base_layer.weight, base_bias=self.base_layer.bias, backend="auto",
                 check_ids=False if from_router else None,
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{self._name()}: {exc}") from exc
+        if self.hyper_expert is not None:  # HyperMoE: the unselected experts' adapter, added on top
+            hyper, index = self.hyper_expert
+            y = y + hyper(x, expert_ids, index)
+        return y
 
     # ------------------------------------------------------------------------------------------------
     # experts
@@ -444,6 +450,36 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         if self.router is not None:
             self.router.add_expert(router_init_logit)
         return E
+
+    @torch.no_grad()
+    def prune_experts(self, keep: Sequence[int], *, keep_normalizer: bool = True) -> None:
+        """Keep only the experts ``keep`` (indices, in their new order): their factors, ranks, alphas and
+        scalings, and their rows of the own router (see :meth:`TopKRouter.prune`). The stacked rank shrinks
+        to the largest kept rank. The parameters are new objects (same ``requires_grad``): rebuild
+        optimizers. ``ValueError`` when no kept expert has weights here (the caller unwraps the module)."""
+        if self.merged:
+            raise RuntimeError(f"{self._name()}: unmerge() before pruning experts")
+        keep = list(keep)
+        for e in keep:
+            self._check_expert_index(e)
+        if len(set(keep)) != len(keep) or not keep:
+            raise ValueError(f"{self._name()}: keep must be distinct expert indices, at least one, got {keep}")
+        ranks = [self.ranks[e] for e in keep]
+        if max(ranks) < 1:
+            raise ValueError(f"{self._name()}: none of the kept experts {keep} has weights in this module")
+        if self.router is not None:
+            self.router.prune(keep, keep_normalizer=keep_normalizer)
+        r_max = max(ranks)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.lora_A.device)
+        A = self.lora_A.detach().index_select(0, idx)[:, :r_max].contiguous()
+        B = self.lora_B.detach().index_select(0, idx)[:, :, :r_max].contiguous()
+        self.lora_A = nn.Parameter(A, requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(B, requires_grad=self.lora_B.requires_grad)
+        scalings = [float(self.expert_scaling[e]) for e in keep]
+        self.ranks = ranks
+        self.lora_alphas = [self.lora_alphas[e] for e in keep]
+        self.expert_scaling = torch.zeros(len(keep), dtype=torch.float32, device=A.device)
+        self._set_scalings(scalings)
 
     def expert_factors(self, expert: int) -> ExpertFactors:
         """PEFT-shaped ``(A [r_e, d_in], B [d_out, r_e])`` of one expert (unpadded), or None if absent here."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .adapters import LoRAAdapter, check_same_base, load_lora_adapter
+from .choices import check_hyper_sizes
 from .io_utils import PathLike
 from .layer import MoLoRALinear, check_expert_factors
 from .mixse_config import MiXSEConfig
@@ -56,9 +57,11 @@ def build_from_adapters(
     base_model: nn.Module, adapters: Mapping[str, Union[PathLike, LoRAAdapter]], *, top_k: int, router: str,
     target_modules: Optional[Union[str, Sequence[str]]], renormalize: bool, routing: str,
     aux_loss: Optional[Dict[str, float]], expert_dtype: Optional[torch.dtype], strict: bool,
+    hyper_expert: Any = None,
 ) -> Tuple[MiXSEConfig, Layers]:
     """The layers of :meth:`selfmoe.MiXSE.from_adapters` (arguments documented there)."""
     check_not_wrapped(base_model)
+    hyper_expert = check_hyper_sizes(hyper_expert)
     if not isinstance(adapters, Mapping) or not adapters:
         raise ValueError(f"adapters must be a non-empty dict {{expert name: adapter path}}, got {adapters!r}")
     names = list(adapters)
@@ -115,7 +118,7 @@ def build_from_adapters(
         expert_names=names, router=router, top_k=top_k, renormalize=renormalize, routing=routing,
         aux_loss=dict(aux_loss or {}), trainable_experts=False, modules={p: module_info(m) for p, m in layers.items()},
         expert_configs={n: {"use_rslora": bool(loaded[n].config.get("use_rslora", False)), "source": sources[n]} for n in names},
-        base_model_name_or_path=base_name(base_model),
+        base_model_name_or_path=base_name(base_model), hyper_expert=hyper_expert,
     )
     return config, layers
 
@@ -123,10 +126,11 @@ def build_from_adapters(
 def build_from_scratch(
     base_model: nn.Module, num_experts: int, *, r: int, lora_alpha: float, top_k: int, router: str,
     target_modules: Optional[Union[str, Sequence[str]]], expert_names: Optional[Sequence[str]], renormalize: bool,
-    routing: str, aux_loss: Optional[Dict[str, float]], expert_dtype: Optional[torch.dtype],
+    routing: str, aux_loss: Optional[Dict[str, float]], expert_dtype: Optional[torch.dtype], hyper_expert: Any = None,
 ) -> Tuple[MiXSEConfig, Layers]:
     """The layers of :meth:`selfmoe.MiXSE.from_scratch` (arguments documented there)."""
     check_not_wrapped(base_model)
+    hyper_expert = check_hyper_sizes(hyper_expert)
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     placement = make_placement(router)
@@ -147,6 +151,7 @@ def build_from_scratch(
         expert_names=names, router=router, top_k=top_k, renormalize=renormalize, routing=routing,
         aux_loss=dict(aux_loss or {}), trainable_experts=True, modules={p: module_info(m) for p, m in layers.items()},
         expert_configs={n: {"use_rslora": False, "source": None} for n in names}, base_model_name_or_path=base_name(base_model),
+        hyper_expert=hyper_expert,
     )
     return config, layers
 
@@ -184,6 +189,9 @@ def add_expert(model: "MiXSE", name: str, adapter: Union[PathLike, LoRAAdapter],
             if why:
                 raise ValueError(f"{where}: {why}")
             new_paths.append(path)
+    if new_paths and model.hyper is not None:
+        raise ValueError(f"{where}: adds modules the MiXSE does not wrap yet ({new_paths[:3]}); with a HyperExpert "
+                         "the new expert must stay within the wrapped modules (they own its layer embeddings)")
     dtype_ref = next(iter(lora.values())).lora_A.dtype
     routers = placement.routers(model)
 
@@ -211,6 +219,8 @@ def add_expert(model: "MiXSE", name: str, adapter: Union[PathLike, LoRAAdapter],
         order = [p for p, _ in model.base_model.named_modules()]
         model._lora_modules = {p: lora[p] for p in order if p in lora}
     placement.add_expert(model, router_init_logit)
+    if model.hyper is not None:
+        model.hyper.add_expert()
     cfg.expert_names.append(name)
     cfg.expert_configs[name] = {"use_rslora": bool(ad.config.get("use_rslora", False)), "source": source}
     return E

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 from .names import check_safe_name
-from .choices import ROUTER_KINDS, ROUTING_MODES, check_aux_loss
+from .choices import ROUTER_KINDS, ROUTING_MODES, check_aux_loss, check_hyper_sizes
 from .routers import check_top_k
 from .version import __version__
 
@@ -30,7 +30,11 @@ class MiXSEConfig:
 
     ``modules[path] = {"ranks": [E], "lora_alphas": [E], "scalings": [E], "in_features", "out_features"}``
     (rank 0: that expert is absent from the module). ``expert_configs[name]`` keeps per-expert adapter
-    options needed to export it again (``use_rslora``, ``source``).
+    options needed to export it again (``use_rslora``, ``source``). ``pruned_experts``: experts removed by
+    :meth:`~selfmoe.MiXSE.prune_experts` whose router rows still normalise the gates (``pruned.weight``
+    ``[P, d]`` / ``pruned.bias [P]`` beside each router's ``linear.*``), in that order; empty by default.
+    ``hyper_expert``: None (default), or the sizes of HyperMoE's HyperExpert (:mod:`selfmoe.hyper`), whose
+    tensors are saved in ``router.safetensors`` as ``hyper.<name>``.
     """
 
     expert_names: List[str]
@@ -43,6 +47,8 @@ class MiXSEConfig:
     modules: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     expert_configs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     base_model_name_or_path: Optional[str] = None
+    pruned_experts: List[str] = field(default_factory=list)
+    hyper_expert: Optional[Dict[str, int]] = None
     format_version: int = FORMAT_VERSION
     selfmoe_version: str = __version__
 
@@ -67,6 +73,14 @@ class MiXSEConfig:
         if not isinstance(self.aux_loss, dict):
             raise ValueError(f"aux_loss must be an object {{name: coefficient}}, got {self.aux_loss!r}")
         self.aux_loss = check_aux_loss(self.aux_loss)
+        self.hyper_expert = check_hyper_sizes(self.hyper_expert)
+        pruned = self.pruned_experts
+        if not isinstance(pruned, list):
+            raise ValueError(f"pruned_experts must be a list of expert names, got {pruned!r}")
+        for n in pruned:
+            check_safe_name(n, "pruned expert name")
+        if len(set(pruned)) != len(pruned) or set(pruned) & set(names):
+            raise ValueError(f"pruned_experts must be unique names that are not experts {names}, got {pruned}")
         if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
             raise ValueError(f"base_model_name_or_path must be a string or null, got {self.base_model_name_or_path!r}")
         if not isinstance(self.expert_configs, dict) or not all(isinstance(v, dict) for v in self.expert_configs.values()):

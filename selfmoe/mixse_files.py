@@ -40,7 +40,7 @@ def save_mixse(model: "MiXSE", directory: PathLike, *, overwrite: bool = True) -
     for path, m in model._lora_modules.items():
         experts[f"{path}.lora_A"] = m.lora_A
         experts[f"{path}.lora_B"] = m.lora_B
-    router = model._placement.router_tensors(model)
+    router = model.router_state_dict()
     experts, router = ({k: v.detach().to("cpu", copy=True).contiguous() for k, v in d.items()} for d in (experts, router))
     meta = {"format": "pt", "selfmoe_version": __version__}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
@@ -85,6 +85,10 @@ def load_mixse(cls: Type["MiXSE"], directory: PathLike, base_model: nn.Module,
         raise ValueError(f"{root / EXPERTS_NAME}: unexpected tensors {unexpected[:5]} (not in {CONFIG_NAME})")
     placement = make_placement(config.router)
     in_features = {path: linears[path].in_features for path in config.modules}
+    hyper_sd = {k[len("hyper."):]: router_sd.pop(k) for k in [k for k in router_sd if k.startswith("hyper.")]}
+    if bool(hyper_sd) != (config.hyper_expert is not None):
+        raise ValueError(f"{root / ROUTER_NAME}: " + ("has hyper.* tensors but the config has no hyper_expert"
+                                                      if hyper_sd else "the config has a hyper_expert but no hyper.* tensors"))
     router_sds = placement.split_router_state(router_sd, E, in_features, root / ROUTER_NAME)
 
     # ---- build and attach; undone if anything fails from here on ----------------------------------------
@@ -107,9 +111,14 @@ def load_mixse(cls: Type["MiXSE"], directory: PathLike, base_model: nn.Module,
         raise
     model = cls._attach(base_model, config, layers)
     try:
+        if config.pruned_experts:  # room for the pruned experts' router rows (load_state_dict checks them)
+            for rt in model._placement.routers(model):
+                rt.reserve_pruned(len(config.pruned_experts))
         with torch.no_grad():
             for owner, sd in router_sds.items():
                 model._placement.router_of(model, owner).load_state_dict(dict(sd), strict=True)
+            if model.hyper is not None:
+                model.hyper.load_state_dict(hyper_sd, strict=True)
     except BaseException as exc:
         model.unload()
         if isinstance(exc, RuntimeError):  # load_state_dict: keys or shapes the router does not have

@@ -90,10 +90,13 @@ class MiXSE(nn.Module):
         self._state.aux_coefficients = dict(config.aux_loss)
         self._layers_prefix = layers_prefix
         self._decoder_layers = [decoder_layers]  # in a list: not registered twice
-        self._lora_modules: Dict[str, MoLoRALinear] = dict(layers)  # plain dict: already registered in base_model
+        # Model order, whatever order the caller (or a config file, whose keys are sorted) gave: the
+        # HyperExpert's layer embeddings are indexed by it. A plain dict: already registered in base_model.
+        self._lora_modules: Dict[str, MoLoRALinear] = {p: layers[p] for p in linears if p in layers}
         self._hooks: list = []
         self._attached = True
         self.router: Optional[TopKRouter] = None
+        self.hyper: Optional[nn.Module] = None
         # Flags as the user had them; MoLoRALinear already froze its base layer, but it remembers the originals.
         self._orig_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for path, layer in layers.items():
@@ -122,9 +125,21 @@ class MiXSE(nn.Module):
             layer.lora_B.requires_grad_(config.trainable_experts)
         for rt in self._placement.routers(self):
             rt.requires_grad_(True)
+        if config.hyper_expert is not None:  # trains with the router(s)
+            from .hyper import HyperExpert
+
+            shapes = [(m.in_features, m.out_features) for m in self._lora_modules.values()]
+            self.hyper = HyperExpert(len(config.expert_names), shapes, config.hyper_expert, device=model_device(base_model))
+            self.hyper.requires_grad_(True)
+            self._wire_hyper()
         # Per-forward bookkeeping (and the X-LoRA scaling pass) around the inner decoder model.
         self._hooks.append(inner_model.register_forward_pre_hook(self._inner_pre_hook, with_kwargs=True))
         self._hooks.append(inner_model.register_forward_hook(self._inner_post_hook))
+
+    def _wire_hyper(self) -> None:
+        """Tell every LoRA linear the HyperExpert and its index there (model order)."""
+        for i, m in enumerate(self._lora_modules.values()):
+            m.hyper_expert = (self.hyper, i) if self.hyper is not None else None
 
     # ------------------------------------------------------------------------------------------------
     # construction
@@ -143,6 +158,7 @@ class MiXSE(nn.Module):
         aux_loss: Optional[Dict[str, float]] = None,
         expert_dtype: Optional[torch.dtype] = None,
         strict: bool = False,
+        hyper_expert: Union[None, bool, Dict[str, int]] = None,
     ) -> "MiXSE":
         """Attach one PEFT LoRA adapter per expert to ``base_model`` (in place) behind a router.
 
@@ -156,18 +172,22 @@ class MiXSE(nn.Module):
                 Default: the union of the adapters' modules. Adapter weights outside it raise.
             renormalize: renormalise the kept top-k probabilities (default False, as Self-MoE).
             routing: ``"learned"`` or ``"random"`` (ablation).
-            aux_loss: optional ``{"load_balancing"|"z_loss"|"mutual_information": coefficient}``; the
+            aux_loss: optional ``{"load_balancing"|"z_loss"|"mutual_information"|"concentration": coefficient}``; the
                 weighted sum is returned as ``output.aux_loss`` for the training loop to add.
             expert_dtype: dtype of the stacked experts (default: each base linear's dtype).
             strict: refuse experts that declare different ``base_model_name_or_path`` values (default:
                 a warning).
+            hyper_expert: HyperMoE's HyperExpert (:mod:`selfmoe.hyper`): ``True`` (its sizes:
+                ``selfmoe.choices.HYPER_DEFAULTS``) or a dict overriding some of them. Per token, the
+                unselected experts' embeddings generate an adapter added to the selected experts' output;
+                it trains with the router (:meth:`router_parameters`) and starts as a no-op.
 
         Raises ``ValueError``/``FileNotFoundError``/``AdapterFormatError`` naming the expert, file,
         module and shapes; the base model is left untouched when anything fails.
         """
         config, layers = mixse_build.build_from_adapters(
             base_model, adapters, top_k=top_k, router=router, target_modules=target_modules, renormalize=renormalize,
-            routing=routing, aux_loss=aux_loss, expert_dtype=expert_dtype, strict=strict)
+            routing=routing, aux_loss=aux_loss, expert_dtype=expert_dtype, strict=strict, hyper_expert=hyper_expert)
         return cls._attach(base_model, config, layers)
 
     @classmethod
@@ -186,6 +206,7 @@ class MiXSE(nn.Module):
         routing: str = "learned",
         aux_loss: Optional[Dict[str, float]] = None,
         expert_dtype: Optional[torch.dtype] = None,
+        hyper_expert: Union[None, bool, Dict[str, int]] = None,
     ) -> "MiXSE":
         """Fresh, trainable experts (PEFT init: B = 0, so the model starts equal to its base) and router,
         for joint expert+router training (MixLoRA style). ``target_modules`` defaults to every linear in
@@ -193,7 +214,7 @@ class MiXSE(nn.Module):
         config, layers = mixse_build.build_from_scratch(
             base_model, num_experts, r=r, lora_alpha=lora_alpha, top_k=top_k, router=router,
             target_modules=target_modules, expert_names=expert_names, renormalize=renormalize, routing=routing,
-            aux_loss=aux_loss, expert_dtype=expert_dtype)
+            aux_loss=aux_loss, expert_dtype=expert_dtype, hyper_expert=hyper_expert)
         return cls._attach(base_model, config, layers)
 
     @classmethod
@@ -329,6 +350,8 @@ class MiXSE(nn.Module):
         return dataclasses.replace(
             cfg, expert_names=list(cfg.expert_names), top_k=rt.top_k, renormalize=rt.renormalize, routing=rt.mode,
             aux_loss=dict(self._state.aux_coefficients), expert_configs={k: dict(v) for k, v in cfg.expert_configs.items()},
+            pruned_experts=list(cfg.pruned_experts),
+            hyper_expert=dict(cfg.hyper_expert) if cfg.hyper_expert is not None else None,
             modules={p: mixse_build.module_info(m) for p, m in self._lora_modules.items()},
         )
 
@@ -346,14 +369,19 @@ class MiXSE(nn.Module):
         return dict(self._lora_modules)
 
     def router_parameters(self) -> List[nn.Parameter]:
-        """The router parameters (what Self-MoE trains)."""
-        return [p for rt in self._placement.routers(self) for p in rt.parameters()]
+        """The router parameters (what Self-MoE trains), and the HyperExpert's when there is one."""
+        params = [p for rt in self._placement.routers(self) for p in rt.parameters()]
+        return params + (list(self.hyper.parameters()) if self.hyper is not None else [])
 
     def router_state_dict(self) -> Dict[str, torch.Tensor]:
         """The router tensors under their names in ``router.safetensors`` (``router.<name>`` or
-        ``<module>.router.<name>``); they share storage with the live routers."""
+        ``<module>.router.<name>``, and ``hyper.<name>`` for a HyperExpert); they share storage with the
+        live modules."""
         self._check_attached()
-        return self._placement.router_tensors(self)
+        state = self._placement.router_tensors(self)
+        if self.hyper is not None:
+            state.update({f"hyper.{k}": v for k, v in self.hyper.state_dict().items()})
+        return state
 
     @torch.no_grad()
     def load_router_state_dict(self, state: Mapping[str, torch.Tensor], where: str = "router state") -> None:
@@ -413,6 +441,32 @@ class MiXSE(nn.Module):
         self._check_attached()
         return mixse_build.add_expert(self, name, adapter, router_init_logit)
 
+    def prune_experts(
+        self, keep: Optional[Sequence[Union[int, str]]] = None, *, min_share: Optional[float] = None,
+        top_n: Optional[int] = None, stats: Any = None, stat: str = "usage", keep_normalizer: bool = True,
+    ) -> List[str]:
+        """Drop experts (ModuleFormer's pruning after concentrated fine-tuning); returns the dropped names.
+
+        Which experts stay: ``keep`` (names or indices), or from routing statistics ``stats`` (a
+        :class:`RoutingStats` from :meth:`routing_stats`, its ``summary()`` / the JSON of ``selfmoe generate
+        --routing-stats-json``, or ``{expert: share}``): experts whose ``stat`` share (``"usage"``: fraction
+        of routed token-slots over all layers, token-weighted) is below ``min_share`` go, and/or only the
+        ``top_n`` largest stay. Kept experts keep their order and names.
+
+        Every LoRA linear and router (shared, X-LoRA or per layer) loses the dropped experts' factors and
+        rows; a module left without weights becomes its plain ``nn.Linear`` again. ``keep_normalizer=True``
+        (default) keeps the dropped router rows as a frozen softmax normaliser, so any token whose top-k
+        held only kept experts gives exactly the old output; ``False`` drops them too (gates then come from
+        a softmax over the kept experts; the same for ``renormalize=True`` routers). ``save_pretrained``
+        writes the smaller MiXSE; parameters are new objects, so rebuild optimizers. ``ValueError`` (the
+        model unchanged) for unknown names, empty selections or ``top_k`` above the kept count.
+        """
+        self._check_attached()
+        from .pruning import prune_experts
+
+        return prune_experts(self, keep, min_share=min_share, top_n=top_n, stats=stats, stat=stat,
+                             keep_normalizer=keep_normalizer)
+
     def unload(self) -> nn.Module:
         """Put the original ``nn.Linear`` modules back (unmerged, same objects), remove the hooks, restore the
         base parameters' ``requires_grad`` flags and return the plain base model. This MiXSE is unusable after."""
@@ -421,6 +475,7 @@ class MiXSE(nn.Module):
         for path, m in self._lora_modules.items():
             base.set_submodule(path, m.unwrap())
             m.gate_slot = None
+            m.hyper_expert = None
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -436,6 +491,7 @@ class MiXSE(nn.Module):
         return (
             f"experts={cfg.expert_names}, router={cfg.router!r}, top_k={cfg.top_k}, renormalize={cfg.renormalize}, "
             f"routing={cfg.routing!r}, lora_modules={len(self._lora_modules)}"
+            + (f", hyper_expert={cfg.hyper_expert}" if cfg.hyper_expert is not None else "")
         )
 
 

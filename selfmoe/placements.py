@@ -53,6 +53,7 @@ class Placement:
 
     def __init__(self) -> None:
         self.slots: List[GateSlot] = []
+        self.slot_hooks: Dict[str, Any] = {}  # slot name -> the hook handle that fills it (shared placement)
 
     # -- construction ----------------------------------------------------------------------------------
     def make_router(self, base_model: nn.Module, config: MiXSEConfig, device: torch.device) -> Optional[TopKRouter]:
@@ -69,6 +70,13 @@ class Placement:
         layer.route_key = path
         if layer.router is not None:
             layer.router.state = model._state
+
+    def detach_layer(self, model: "MiXSE", path: str, layer: MoLoRALinear) -> None:
+        """Undo :meth:`attach_layer` for a LoRA linear leaving the model (pruning took all its experts);
+        ``path`` is already gone from ``model._lora_modules``."""
+        layer.gate_slot = None
+        if layer.router is not None:
+            layer.router.state = None
 
     def before_forward(self, model: "MiXSE", module: nn.Module, args: tuple, kwargs: dict) -> Any:
         """Work before each forward of the inner decoder model; returns what a forward pre-hook returns."""
@@ -145,8 +153,21 @@ class SharedPlacement(Placement):
             slot.set(weights, ids)
 
         decoder_layer = model._decoder_layers[0][index]
-        model._hooks.append(decoder_layer.register_forward_pre_hook(route_layer_input, with_kwargs=True))
+        handle = decoder_layer.register_forward_pre_hook(route_layer_input, with_kwargs=True)
+        model._hooks.append(handle)
+        self.slot_hooks[key] = handle
         return slot
+
+    def detach_layer(self, model: "MiXSE", path: str, layer: MoLoRALinear) -> None:
+        slot = layer.gate_slot
+        super().detach_layer(model, path, layer)
+        if slot is None or any(m.gate_slot is slot for m in model._lora_modules.values()):
+            return
+        # The decoder layer holds no experts any more: stop routing it (no router call, no statistics).
+        handle = self.slot_hooks.pop(slot.name)
+        handle.remove()
+        model._hooks.remove(handle)
+        self.slots.remove(slot)
 
 
 class XLoRAPlacement(Placement):

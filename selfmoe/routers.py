@@ -44,6 +44,7 @@ __all__ = [
     "load_balancing_loss",
     "router_z_loss",
     "mutual_information_loss",
+    "load_concentration_loss",
     "compute_aux_loss",
 ]
 
@@ -143,21 +144,36 @@ def router_z_loss(logits: torch.Tensor, expert_ids: Optional[torch.Tensor] = Non
     return _masked_mean(torch.logsumexp(lg, dim=-1).square(), m)
 
 
+def _usage_entropy(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``H(mean_x p(e|x))`` of probabilities ``p [T, E]`` over the tokens weighted by ``m [T]``."""
+    mean_p = _masked_mean(p, m)  # [E]
+    return -(mean_p * torch.log(mean_p.clamp_min(torch.finfo(mean_p.dtype).tiny))).sum()
+
+
 def mutual_information_loss(logits: torch.Tensor, expert_ids: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ModuleFormer ``L_MI = -H(mean_x p(e|x)) + mean_x H(p(e|x))``: balanced usage, confident tokens."""
     lg, m = _flat(logits, mask)
     logp = torch.log_softmax(lg, dim=-1)
     p = logp.exp()
     token_entropy = -(p * logp).sum(-1)  # [T]
-    mean_p = _masked_mean(p, m)  # [E]
-    usage_entropy = -(mean_p * torch.log(mean_p.clamp_min(torch.finfo(mean_p.dtype).tiny))).sum()
-    return -usage_entropy + _masked_mean(token_entropy, m)
+    return -_usage_entropy(p, m) + _masked_mean(token_entropy, m)
+
+
+def load_concentration_loss(logits: torch.Tensor, expert_ids: Optional[torch.Tensor] = None,
+                            mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """ModuleFormer's load concentration loss ``L_conc = H(mean_x p(e|x))``, minimised when fine-tuning on
+    one task: the task's tokens gather on few experts, so the rest can be pruned
+    (:meth:`selfmoe.MiXSE.prune_experts`). 0 when every token puts all its mass on one expert, ``log E``
+    for uniform usage. ``logits [..., E]``, ``mask [...]`` (True = count the token); float32 scalar."""
+    lg, m = _flat(logits, mask)
+    return _usage_entropy(torch.softmax(lg, dim=-1), m)
 
 
 AUX_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "load_balancing": load_balancing_loss,
     "z_loss": router_z_loss,
     "mutual_information": mutual_information_loss,
+    "concentration": load_concentration_loss,
 }
 
 
@@ -221,6 +237,16 @@ class RouterState:
             self.aux_records.append((gates.logits, gates.ids, mask))
 
 
+class PrunedRows(nn.Module):
+    """Router rows of pruned experts (``weight [P, d]``, ``bias [P]``, frozen buffers saved with the router):
+    they only normalise the softmax, so the kept experts' gates stay what they were before pruning."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+
+
 class TopKRouter(nn.Module):
     """``top_k(softmax(linear(h)))`` over ``num_experts`` experts.
 
@@ -266,6 +292,8 @@ class TopKRouter(nn.Module):
             nn.init.zeros_(self.linear.bias)
         # Set by MiXSE; None for a standalone router (no stats, no aux records).
         self.state: Optional[RouterState] = None
+        # The rows of pruned experts, kept only to normalise the softmax (see prune_experts); None if none.
+        self.pruned: Optional[PrunedRows] = None
 
     @property
     def num_experts(self) -> int:
@@ -275,8 +303,65 @@ class TopKRouter(nn.Module):
     def in_features(self) -> int:
         return self.linear.in_features
 
+    @property
+    def num_pruned(self) -> int:
+        """How many pruned experts' rows still normalise the softmax (0: none)."""
+        return 0 if self.pruned is None else self.pruned.weight.shape[0]
+
     def extra_repr(self) -> str:
-        return f"top_k={self.top_k}, renormalize={self.renormalize}, mode={self.mode!r}"
+        pruned = f", normalising over {self.num_pruned} pruned experts" if self.pruned is not None else ""
+        return f"top_k={self.top_k}, renormalize={self.renormalize}, mode={self.mode!r}{pruned}"
+
+    def _kept_mass(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``[..., 1]`` float32: the probability mass of the kept experts in a softmax that also counts the
+        pruned ones, ``sigmoid(lse(kept logits) - lse(pruned logits))``. route_topk's gates (a softmax over
+        the kept experts) times this are the gates the router gave before pruning."""
+        pr = self.pruned
+        pruned_logits = F.linear(hidden.to(device=pr.weight.device, dtype=pr.weight.dtype), pr.weight, pr.bias)
+        lse_kept = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+        lse_pruned = torch.logsumexp(pruned_logits.float(), dim=-1, keepdim=True)
+        return torch.sigmoid(lse_kept - lse_pruned)
+
+    @torch.no_grad()
+    def prune(self, keep: Sequence[int], *, keep_normalizer: bool = True) -> None:
+        """Keep the experts ``keep`` (indices, in the new order) and drop the other rows.
+
+        ``keep_normalizer=True``: the dropped rows move to :attr:`pruned` (frozen buffers, never selected),
+        where they still count in the softmax's denominator, so a token whose top-k holds only kept experts
+        gets exactly its old gates. ``False``: they are gone; the softmax then runs over the kept experts
+        only (the gates of ``renormalize=True`` routers are the same either way).
+        """
+        E = self.num_experts
+        keep = list(keep)
+        if not keep or any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < E for e in keep) \
+                or len(set(keep)) != len(keep):
+            raise ValueError(f"keep must be distinct expert indices in [0, {E}), at least one, got {keep}")
+        check_top_k(self.top_k, len(keep), "top_k (experts per token) after pruning")
+        old = self.linear
+        idx = torch.tensor(keep, dtype=torch.long, device=old.weight.device)
+        new = nn.Linear(old.in_features, len(keep), bias=old.bias is not None, dtype=old.weight.dtype,
+                        device=old.weight.device)
+        new.weight.copy_(old.weight.index_select(0, idx))
+        if old.bias is not None:
+            new.bias.copy_(old.bias.index_select(0, idx))
+        new.requires_grad_(old.weight.requires_grad)
+        if keep_normalizer:
+            dropped = torch.tensor([e for e in range(E) if e not in set(keep)], dtype=torch.long, device=idx.device)
+            if dropped.numel():
+                w = old.weight.detach().index_select(0, dropped)
+                b = (old.bias.detach().index_select(0, dropped) if old.bias is not None
+                     else w.new_zeros(dropped.numel()))
+                if self.pruned is not None:
+                    w, b = torch.cat([self.pruned.weight, w]), torch.cat([self.pruned.bias, b])
+                self.pruned = PrunedRows(w, b)
+        else:
+            self.pruned = None
+        self.linear = new
+
+    def reserve_pruned(self, count: int) -> None:
+        """Zero :attr:`pruned` rows for ``count`` pruned experts, to be filled by ``load_state_dict``."""
+        w = self.linear.weight
+        self.pruned = PrunedRows(w.new_zeros(count, w.shape[1]), w.new_zeros(count)) if count else None
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., E]`` float logits of the learned router."""
@@ -297,6 +382,8 @@ class TopKRouter(nn.Module):
         else:
             logits = self.logits(hidden)
             weights, ids = route_topk(logits, self.top_k, self.renormalize)
+            if self.pruned is not None and not self.renormalize:
+                weights = weights * self._kept_mass(hidden, logits).to(weights.dtype)
             gates = RouterOutput(weights, ids, logits)
         state = self.state
         if state is not None and key is not None and state.active:

@@ -564,9 +564,10 @@ def train_router(base_model: nn.Module, tokenizer: Any, experts: Mapping[str, Pa
     """Train the MiXSE router over frozen ``experts`` (``{name: PEFT adapter dir}``) and save the MiXSE
     (:meth:`MiXSE.save_pretrained` format) to ``output_dir``.
 
-    Base and expert weights stay bit-identical; only the router learns, on the plain LM loss (plus
-    ``output.aux_loss`` when ``aux_loss`` is configured). ``base_model`` is restored afterwards (with
-    ``fsdp=True`` it is left sharded: see :mod:`selfmoe.fsdp`).
+    Base and expert weights stay bit-identical; only the router (and the HyperExpert, with
+    ``hyper_expert``) learns, on the plain LM loss (plus ``output.aux_loss`` when ``aux_loss`` is
+    configured). ``base_model`` is restored afterwards (with ``fsdp=True`` it is left sharded: see
+    :mod:`selfmoe.fsdp`).
     """
     cfg = dataclasses.replace(config or TrainConfig(), **overrides)
     if not isinstance(experts, Mapping) or not experts:
@@ -585,7 +586,8 @@ def train_router(base_model: nn.Module, tokenizer: Any, experts: Mapping[str, Pa
                 "base": base_signature(base_model),
                 "base_model": getattr(getattr(base_model, "config", None), "_name_or_path", None), **_format_info(fmt)}
     set_seed(cfg.seed)  # the router init is part of the run
-    model = MiXSE.from_adapters(base_model, dict(experts), top_k=cfg.top_k, router=cfg.router, aux_loss=dict(cfg.aux_loss))
+    model = MiXSE.from_adapters(base_model, dict(experts), top_k=cfg.top_k, router=cfg.router, aux_loss=dict(cfg.aux_loss),
+                                hyper_expert=cfg.hyper_expert)
     try:
         router_ids = {id(p) for p in model.router_parameters()}
         leaked = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in router_ids]

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from .io_utils import PathLike
 from .choices import LR_SCHEDULERS as SCHEDULERS
 from .choices import MIXED_PRECISIONS as PRECISIONS
-from .choices import PROMPT_FORMATS, ROUTER_KINDS, check_aux_loss
+from .choices import PROMPT_FORMATS, ROUTER_KINDS, check_aux_loss, check_hyper_sizes
 
 __all__ = ["TrainConfig", "TrainState", "TrainResult", "TrainingInterrupted", "CheckpointError", "NonFiniteLossError",
            "DistributedError", "SCHEDULERS", "PRECISIONS", "BOOKKEEPING_FIELDS"]
@@ -46,8 +46,9 @@ class TrainConfig:
     tokenizer's chat template when it has one, else Alpaca; ``"chat"``; ``"alpaca"``.
     ``lora_*``/``target_modules`` apply to expert training (``target_modules``: ``"all-linear"`` = every
     ``nn.Linear`` in the decoder layers, a list of names/suffixes, or a full-match regex); ``router``,
-    ``top_k``, ``aux_loss`` to router training. ``save_steps``/``logging_steps``/``progress`` are
-    bookkeeping and may change when resuming; every other field must match the saved run.
+    ``top_k``, ``aux_loss``, ``hyper_expert`` (HyperMoE's HyperExpert sizes, or None) to router training.
+    ``save_steps``/``logging_steps``/``progress`` are bookkeeping and may change when resuming; every
+    other field must match the saved run.
     """
 
     learning_rate: float = 3e-4
@@ -74,6 +75,7 @@ class TrainConfig:
     router: str = "shared"
     top_k: int = 1
     aux_loss: Dict[str, float] = field(default_factory=dict)
+    hyper_expert: Optional[Dict[str, int]] = None
     save_steps: int = 200
     logging_steps: int = 10
     progress: bool = True
@@ -122,6 +124,10 @@ class TrainConfig:
             self.aux_loss = check_aux_loss(dict(self.aux_loss))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"TrainConfig.aux_loss: {exc}") from None
+        try:
+            self.hyper_expert = check_hyper_sizes(self.hyper_expert)
+        except ValueError as exc:
+            raise ValueError(f"TrainConfig.{exc}") from None
         need(is_int(self.save_steps) and self.save_steps >= 1, "save_steps", "must be an int >= 1")
         need(is_int(self.logging_steps) and self.logging_steps >= 1, "logging_steps", "must be an int >= 1")
 

@@ -65,7 +65,7 @@ def test_python_m_selfmoe_help_runs_in_a_subprocess():
         assert cmd in proc.stdout
 
 
-@pytest.mark.parametrize("cmd", ["specialize", "train-expert", "train-router", "merge", "generate", "eval"])
+@pytest.mark.parametrize("cmd", ["specialize", "train-expert", "train-router", "merge", "prune", "generate", "eval"])
 def test_every_subcommand_has_help_with_examples(capsys, cmd):
     with pytest.raises(SystemExit) as info:
         main([cmd, "--help"])
@@ -76,7 +76,7 @@ def test_every_subcommand_has_help_with_examples(capsys, cmd):
 # Each help below runs in one fresh interpreter, in order; the script prints whether torch was loaded
 # after each step. STUB: register a bare ``selfmoe`` package, so that only the CLI's own modules load
 # (not selfmoe/__init__.py, which imports the whole library).
-HELP_STEPS = ["--help", "specialize --help", "merge --help", "generate --help", "eval --help", "demo --help",
+HELP_STEPS = ["--help", "specialize --help", "merge --help", "prune --help", "generate --help", "eval --help", "demo --help",
               "train-expert --help", "train-router --help"]
 HELP_SCRIPT = """
 import json, sys, types
@@ -186,6 +186,23 @@ def test_pipeline_end_to_end(lm_path, tmp_path, capsys):
     base, _ = load_tiny_lm(lm_path)
     MiXSE.from_pretrained(mixse_dir, base).unload()
 
+    # HyperMoE's HyperExpert and ModuleFormer's concentration loss through the same flags and files
+    hyper_dir = tmp_path / "mixse-hyper"
+    code, _, err = run(capsys, "train-router", "--model", lm_path, "--data", data, "--output", hyper_dir,
+                       "--expert", f"math={experts['math']}", "--expert", experts["coding"], "--max-steps", "2",
+                       "--hyper-expert", "--hyper-size", "adapter_dim=4", "--hyper-size", "bottleneck=8",
+                       "--aux-loss", "concentration=0.01", *TRAIN_FAST)
+    assert code == 0, err
+    config = json.loads((hyper_dir / "mixse_config.json").read_text())
+    assert config["hyper_expert"]["adapter_dim"] == 4 and config["aux_loss"] == {"concentration": 0.01}
+    assert any(k.startswith("hyper.") for k in load_file(str(hyper_dir / "router.safetensors")))
+    code, out, err = run(capsys, "generate", "--model", lm_path, "--mixse", hyper_dir, "--prompt", "2 + 2 =",
+                         "--max-new-tokens", "4")
+    assert code == 0, err
+    code, _, err = run(capsys, "train-router", "--model", lm_path, "--data", data, "--output", tmp_path / "bad",
+                       "--expert", experts["math"], "--hyper-size", "adapter_dim=4", *TRAIN_FAST)
+    assert code == 2 and "pass --hyper-expert too" in err
+
     (tmp_path / "questions.jsonl").write_text(json.dumps({"instruction": "What is 2 + 2?", "domain": "math"}) + "\n")
     answers = tmp_path / "answers.jsonl"
     code, _, err = run(capsys, "generate", "--model", lm_path, "--mixse", mixse_dir, "--input", tmp_path / "questions.jsonl",
@@ -199,6 +216,25 @@ def test_pipeline_end_to_end(lm_path, tmp_path, capsys):
     stats = json.loads((tmp_path / "routing.json").read_text())
     assert set(stats) == {"model.layers.0", "model.layers.1"}
     assert set(stats["model.layers.0"]["usage"]) == {"math", "coding"}
+    # prune: the most used expert from those statistics; the least used one from routing the math data
+    code, _, err = run(capsys, "prune", "--model", lm_path, "--mixse", mixse_dir, "--stats", tmp_path / "routing.json",
+                       "--top-n", "1", "--output", tmp_path / "pruned")
+    assert code == 0, err
+    shares = {e: sum(s["usage"][e] * s["tokens"] for s in stats.values()) for e in ("math", "coding")}
+    top = max(shares, key=shares.get)
+    pruned = json.loads((tmp_path / "pruned" / "mixse_config.json").read_text())
+    assert pruned["expert_names"] == [top] and pruned["pruned_experts"] == [e for e in ("math", "coding") if e != top]
+    assert f"pruned 2 -> 1 experts" in err
+    code, _, err = run(capsys, "prune", "--model", lm_path, "--mixse", mixse_dir, "--data", data / "math.jsonl",
+                       "--top-n", "1", "--output", tmp_path / "pruned-math", "--no-progress")
+    assert code == 0, err
+    assert "routing: % of token-slots per expert" in err and "data" in err
+    assert len(json.loads((tmp_path / "pruned-math" / "mixse_config.json").read_text())["expert_names"]) == 1
+    code, _, err = run(capsys, "prune", "--model", lm_path, "--mixse", mixse_dir, "--top-n", "1", "--output", tmp_path / "x")
+    assert code == 2 and "--data PATH or --stats FILE" in err
+    code, _, err = run(capsys, "prune", "--model", lm_path, "--mixse", mixse_dir, "--keep", "nope", "--output", tmp_path / "x")
+    assert code == 2 and "no expert named 'nope'" in err
+
     rows = read_jsonl(answers, require_domain=False)
     assert [r["instruction"] for r in rows] == ["Write a function that adds one.", "What is 2 + 2?"]
     assert rows[1]["domain"] == "math" and all(isinstance(r["output"], str) for r in rows)

@@ -249,6 +249,19 @@ def test_aux_loss_is_exposed_and_differentiable(adapter):
     ids = ids_for()
     out = model(ids, labels=ids, attention_mask=torch.ones_like(ids))
     assert out.aux_loss.dim() == 0 and out.aux_loss.item() != 0
+    # the concentration loss: the mean over the decoder layers' router calls of H(mean p), padding excluded
+    conc = MiXSE.from_adapters(make_base(), {"a": adapter("llama", "a"), "b": adapter("llama", "b")},
+                               aux_loss={"concentration": 0.5})
+    spread_router(conc)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    hidden = conc(ids, attention_mask=mask, output_hidden_states=True)
+    want = []
+    for layer in range(2):  # the shared router reads each decoder layer's input hidden state
+        p = torch.softmax(conc.router.logits(hidden.hidden_states[layer]).double(), -1)[mask.bool()]
+        mean_p = p.mean(0)
+        want.append(-(mean_p * mean_p.log()).sum())
+    assert hidden.aux_loss.item() == pytest.approx(0.5 * torch.stack(want).mean().item(), rel=1e-5)
     (out.loss + out.aux_loss).backward()
     assert model.router.linear.weight.grad.abs().sum() > 0
     plain = MiXSE.from_adapters(make_base(), {"a": adapter("llama", "a")})

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from helpers import rel_err
 from selfmoe import RoutingStats, TopKRouter
 from selfmoe.routers import (
     GateSlot,
@@ -13,6 +14,7 @@ from selfmoe.routers import (
     check_aux_loss,
     compute_aux_loss,
     load_balancing_loss,
+    load_concentration_loss,
     mutual_information_loss,
     router_z_loss,
 )
@@ -120,6 +122,49 @@ def test_z_loss_and_mutual_information_values():
     # confident but all on one expert: 0 usage entropy, 0 token entropy
     collapsed = torch.tensor([[50.0, 0, 0, 0]]).expand(8, E)
     assert mutual_information_loss(collapsed).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def _concentration_reference(logits, mask):
+    """``H(mean p)`` by hand in float64 over the counted tokens only (a [B, S] mask, True = count)."""
+    lg = logits.double()
+    counted = lg[mask.bool()] if mask is not None else lg.reshape(-1, lg.shape[-1])
+    p = torch.exp(counted - torch.logsumexp(counted, -1, keepdim=True))
+    mean_p = p.sum(0) / counted.shape[0]
+    return -(mean_p * torch.log(mean_p)).sum()
+
+
+def test_concentration_loss_matches_float64_and_masks_padding():
+    g = torch.Generator().manual_seed(7)
+    logits = (torch.randn(3, 5, 6, generator=g) * 2).requires_grad_()
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    for m in (mask, None):
+        got = load_concentration_loss(logits, None, m)
+        ref64 = logits.detach().double().requires_grad_()
+        want = _concentration_reference(ref64, m)
+        assert got.dtype == torch.float32
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+        (g_got,) = torch.autograd.grad(got, logits)
+        (g_want,) = torch.autograd.grad(want, ref64)
+        assert rel_err(g_got, g_want) < 1e-5
+        if m is not None:  # padded tokens get no gradient: they do not count
+            assert g_got[~mask.bool()].abs().max() == 0
+    # the padding changes the value (the reference without the mask differs)
+    assert load_concentration_loss(logits, None, mask).item() != pytest.approx(
+        load_concentration_loss(logits, None, None).item(), rel=1e-3)
+    E = 4
+    assert load_concentration_loss(torch.zeros(8, E)).item() == pytest.approx(math.log(E), rel=1e-6)
+    collapsed = torch.tensor([[50.0, 0, 0, 0]]).expand(8, E)  # one expert for every token: minimum
+    assert load_concentration_loss(collapsed).item() == pytest.approx(0.0, abs=1e-4)
+    # confident tokens spread over experts: the usage is uniform, so the loss is at its maximum
+    assert load_concentration_loss(torch.eye(E).repeat(2, 1) * 50).item() == pytest.approx(math.log(E), rel=1e-4)
+    # gradient descent concentrates: usage entropy goes down
+    lg = torch.randn(16, E, generator=g).requires_grad_()
+    before = load_concentration_loss(lg).item()
+    for _ in range(20):
+        (grad,) = torch.autograd.grad(load_concentration_loss(lg), lg)
+        lg = (lg - 50.0 * grad).detach().requires_grad_()
+    assert load_concentration_loss(lg).item() < before - 0.1
+    assert "concentration" in check_aux_loss({"concentration": 0.1})
 
 
 def test_aux_loss_config_and_combination():
