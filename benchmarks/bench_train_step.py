@@ -6,6 +6,11 @@ Providers, all on the same random base model and the same E adapters (rank r on 
   xlora   PEFT X-LoRA (the Self-MoE paper's stack): adapter-free scaling pass, classifier, real pass;
           top-k LoRA masking; adapters named "0".."E-1" (peft's X-LoRA training path needs digit names)
   mixse   selfmoe.MiXSE, shared router (one pass), top-k, fused lora_mix (Triton on CUDA via "auto")
+  mixse-intuition  the same with the intuition prior (Liu et al. 2024) mixed into the router: centroids =
+          the E experts (fitted on the batch), prior from the mean-pooled token embeddings
+  mor1e   MiXSE.from_rank1: a rank-r LoRA whose r rank-1 components are the experts, per-layer routers,
+          dense softmax; experts and routers both train (an expert-training step, not a router one)
+  mor1e-mm  the 4 x 8 mix-and-match variant (32 pair experts from 4 A rows and 8 B columns), dense
 
 Presets:
   small   Llama hidden 256, 4 layers, 8 heads / 4 KV heads, intermediate 688, vocab 2048; batch 4x256;
@@ -21,6 +26,7 @@ Usage:
   python benchmarks/bench_train_step.py                        # small on CPU (or large on CUDA)
   python benchmarks/bench_train_step.py --device cuda --preset large
   python benchmarks/bench_train_step.py --providers bare,mixse --reps 20
+  python benchmarks/bench_train_step.py --providers bare,mixse,mixse-intuition,mor1e,mor1e-mm
 
 Results: a table on stdout and <results-dir>/train_step_<device>.csv (device, versions, commit,
 ms, ratio to bare). Ratios compare timings from the same run only (CPU: round-robin timing, so load
@@ -74,7 +80,8 @@ PRESETS = {
     "smollm2-135m": Preset("smollm2-135m", 576, 30, 9, 3, 1536, 49152, 4, 128, head_dim=64, tie_embeddings=True,
                            builtin="smollm2-135m"),
 }
-PROVIDERS = ("bare", "xlora", "mixse")
+PROVIDERS = ("bare", "xlora", "mixse", "mixse-intuition", "mor1e", "mor1e-mm")
+DEFAULT_PROVIDERS = ("bare", "xlora", "mixse")  # the issue-13 targets; the related designs on request
 
 
 def builtin_weights(p: Preset) -> str:
@@ -160,7 +167,30 @@ def build_mixse(p, device, dtype, adapters):
     return model, model.router_parameters()
 
 
-BUILDERS = {"bare": build_bare, "xlora": build_xlora, "mixse": build_mixse}
+def build_mixse_intuition(p, device, dtype, adapters, ids=None):
+    from selfmoe import MiXSE
+    from selfmoe.intuition import IntuitionConfig
+
+    base = make_base(p, device, dtype)
+    model = MiXSE.from_adapters(base, adapters, top_k=p.top_k, router="shared",
+                                intuition=IntuitionConfig(clusters=p.experts, dim=p.hidden, learned_map=False))
+    # one sequence per expert's cluster (the batch stands in for the training data)
+    model.fit_intuition([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                        labels=[i % p.experts for i in range(ids.shape[0])])
+    model.train()
+    return model, model.router_parameters()
+
+
+def build_mor1e(p, device, dtype, adapters, mix_and_match=None):
+    from selfmoe import MiXSE
+
+    model = MiXSE.from_rank1(make_base(p, device, dtype), r=p.rank, lora_alpha=p.alpha, mix_and_match=mix_and_match)
+    model.train()
+    return model, [q for q in model.parameters() if q.requires_grad]
+
+
+BUILDERS = {"bare": build_bare, "xlora": build_xlora, "mixse": build_mixse, "mixse-intuition": build_mixse_intuition,
+            "mor1e": build_mor1e, "mor1e-mm": lambda *a: build_mor1e(*a, mix_and_match=(4, 8))}
 
 
 def make_step(model: nn.Module, params: List[nn.Parameter], ids: torch.Tensor) -> Callable[[], float]:
@@ -180,7 +210,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: small on CPU, large on CUDA")
-    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"from {', '.join(PROVIDERS)}")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: fp32 CPU, bf16 CUDA")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -210,7 +240,10 @@ def main() -> None:
         del probe
         steps = {}
         for name in providers:
-            model, params = BUILDERS[name](preset, device, dtype, adapters)
+            if name == "mixse-intuition":
+                model, params = BUILDERS[name](preset, device, dtype, adapters, ids=ids)
+            else:
+                model, params = BUILDERS[name](preset, device, dtype, adapters)
             steps[name] = make_step(model, params, ids)
             loss = steps[name]()
             if not torch.isfinite(loss):
@@ -234,10 +267,10 @@ def main() -> None:
     weights = builtin_weights(preset) and f"{preset.builtin} weights" or "random weights"
     print(f"\ntrain step, preset {preset.name}, {weights} ({preset.batch}x{preset.seq} tokens, {preset.layers} layers, hidden {preset.hidden}, "
           f"{preset.experts} experts r={preset.rank} top-{preset.top_k}), {dtype}, {label}")
-    print(f"{'provider':<8} {'ms':>10} {'x bare':>8}")
+    print(f"{'provider':<16} {'ms':>10} {'x bare':>8}")
     for name in providers:
         ratio = ratio_of.get(name, float("nan"))
-        print(f"{name:<8} {times[name]:>10.2f} {ratio:>8.3f}")
+        print(f"{name:<16} {times[name]:>10.2f} {ratio:>8.3f}")
         rows.append({
             "timestamp": timestamp(), "device": label, "provider": name, "ms": round(times[name], 4),
             "ratio_to_bare": round(ratio, 4), "dtype": str(dtype).replace("torch.", ""), "reps": args.reps,
