@@ -415,8 +415,10 @@ class MiXSE(nn.Module):
         if self.intuition is None:
             raise ValueError("this MiXSE has no intuition prior")
         device = self.intuition.centroids.device
-        embs = [self.sequence_embeddings(b["input_ids"].to(device), b.get("attention_mask") if b.get("attention_mask") is None
-                                         else b["attention_mask"].to(device)) for b in batches]
+        embs = []
+        for b in batches:
+            mask = b.get("attention_mask")
+            embs.append(self.sequence_embeddings(b["input_ids"].to(device), None if mask is None else mask.to(device)))
         if not embs:
             raise ValueError("fit_intuition: no batches")
         points = torch.cat(embs).float()
