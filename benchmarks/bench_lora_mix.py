@@ -23,6 +23,7 @@ Modes:
 Usage:
   python benchmarks/bench_lora_mix.py                 # default shapes for the device present
   python benchmarks/bench_lora_mix.py --shapes paper-cpu --modes fwd+bwd-router --reps 20
+  python benchmarks/bench_lora_mix.py --shapes rank1 --reps 3   # rank-1 experts, E up to 256
 
 Results: a table on stdout, ``<results-dir>/<device>.csv`` (one row per provider, mode and
 shape, with device, versions and commit) and ``<results-dir>/<device>.png`` (time relative to the
@@ -67,8 +68,21 @@ SHAPES: Dict[str, Shape] = {
     "paper": Shape("paper", 8192, 4096, 4096, 4, 8, 1),
     "many-experts": Shape("many-experts", 8192, 4096, 4096, 64, 16, 2),
     **{f"decode-T{t}": Shape(f"decode-T{t}", t, 4096, 4096, 8, 16, 2) for t in (1, 16, 64)},
+    # Rank-1 experts (MoR1E, Liu et al. 2024): a rank-r LoRA whose r rank-1 components are the experts,
+    # so E is the rank and may run into the hundreds: dense softmax gating (k = E), sparse top-8, and the
+    # 4 x 8 mix-and-match count (32 experts). "-cpu": the same at a CPU-sized width.
+    "r1-E256-dense": Shape("r1-E256-dense", 8192, 4096, 4096, 256, 1, 256),
+    "r1-E256-top8": Shape("r1-E256-top8", 8192, 4096, 4096, 256, 1, 8),
+    "r1-E32-dense": Shape("r1-E32-dense", 8192, 4096, 4096, 32, 1, 32),
+    "r1-E256-decode-T1": Shape("r1-E256-decode-T1", 1, 4096, 4096, 256, 1, 256),
+    "r1-E256-dense-cpu": Shape("r1-E256-dense-cpu", 1024, 1024, 1024, 256, 1, 256),
+    "r1-E256-top8-cpu": Shape("r1-E256-top8-cpu", 1024, 1024, 1024, 256, 1, 8),
+    "r1-E32-dense-cpu": Shape("r1-E32-dense-cpu", 1024, 1024, 1024, 32, 1, 32),
 }
-DEFAULT_SHAPES = {"cpu": ["paper-cpu", "top2-cpu"], "cuda": ["prefill", "paper", "many-experts", "decode-T1", "decode-T16", "decode-T64"]}
+RANK1_SHAPES = {"cpu": ["r1-E256-dense-cpu", "r1-E256-top8-cpu", "r1-E32-dense-cpu"],
+                "cuda": ["r1-E256-dense", "r1-E256-top8", "r1-E32-dense", "r1-E256-decode-T1"]}
+DEFAULT_SHAPES = {"cpu": ["paper-cpu", "top2-cpu"],
+                  "cuda": ["prefill", "paper", "many-experts", "decode-T1", "decode-T16", "decode-T64", *RANK1_SHAPES["cuda"]]}
 MODES = ("fwd", "fwd+bwd-router", "fwd+bwd-experts")
 GRADS = {"fwd": (), "fwd+bwd-router": ("x", "w"), "fwd+bwd-experts": ("x", "w", "A", "B")}
 SCALING = 2.0
@@ -348,7 +362,8 @@ def plot(rows: List[Dict[str, object]], path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", default=None, help=f"comma-separated, from: {', '.join(SHAPES)}")
+    parser.add_argument("--shapes", default=None,
+                        help=f"comma-separated, from: {', '.join(SHAPES)}; 'rank1' = the rank-1-expert shapes of the device")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -365,6 +380,7 @@ def main(argv=None) -> int:
         parser.error("--device cuda but no CUDA device is available")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = args.shapes.split(",") if args.shapes else DEFAULT_SHAPES[device.type]
+    shapes = [s for name in shapes for s in (RANK1_SHAPES[device.type] if name == "rank1" else [name])]
     modes = args.modes.split(",")
     providers = args.providers.split(",")
     for value, known, what in ((shapes, SHAPES, "shape"), (modes, MODES, "mode"), (providers, PROVIDERS, "provider")):

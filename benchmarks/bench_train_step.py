@@ -12,6 +12,11 @@ Providers, all on the same random base model and the same E adapters (rank r on 
   mixse-hyper-naive  the same HyperExpert materialising per-token adapter weights (T x d x 64): the
                      baseline the factored form is measured against (not in the default set: it needs
                      T x a x (d_in + d_out) floats per linear kept for backward)
+  mixse-intuition    mixse with the intuition prior (Liu et al. 2024) mixed into the router: centroids =
+                     the E experts (fitted on the batch), prior from the mean-pooled token embeddings
+  mor1e              MiXSE.from_rank1: a rank-r LoRA whose r rank-1 components are the experts, per-layer
+                     routers, dense softmax; experts and routers both train (an expert-training step)
+  mor1e-mm           the 4 x 8 mix-and-match variant (32 pair experts from 4 A rows and 8 B columns), dense
 
 Memory, per provider, for one step: saved_mb = what autograd keeps for backward (distinct storages,
 parameters excluded), measured on every device; peak_mb = torch.cuda.max_memory_allocated on CUDA.
@@ -31,6 +36,7 @@ Usage:
   python benchmarks/bench_train_step.py                        # small on CPU (or large on CUDA)
   python benchmarks/bench_train_step.py --device cuda --preset large
   python benchmarks/bench_train_step.py --providers bare,mixse --reps 20
+  python benchmarks/bench_train_step.py --providers bare,mixse,mixse-intuition,mor1e,mor1e-mm
 
 Results: a table on stdout and <results-dir>/train_step_<device>.csv (device, versions, commit,
 ms, ratio to bare). Ratios compare timings from the same run only (CPU: round-robin timing, so load
@@ -85,7 +91,9 @@ PRESETS = {
     "smollm2-135m": Preset("smollm2-135m", 576, 30, 9, 3, 1536, 49152, 4, 128, head_dim=64, tie_embeddings=True,
                            builtin="smollm2-135m"),
 }
-PROVIDERS = ("bare", "xlora", "mixse", "mixse-conc", "mixse-hyper", "mixse-hyper-naive")
+PROVIDERS = ("bare", "xlora", "mixse", "mixse-conc", "mixse-hyper", "mixse-hyper-naive", "mixse-intuition", "mor1e",
+             "mor1e-mm")
+# the issue-13 targets, plus the ModuleFormer / HyperMoE rows; the other related designs on request
 DEFAULT_PROVIDERS = ("bare", "xlora", "mixse", "mixse-conc", "mixse-hyper")
 
 
@@ -181,6 +189,20 @@ def build_mixse_conc(p, device, dtype, adapters):
     return model, model.router_parameters()
 
 
+def build_mixse_intuition(p, device, dtype, adapters, ids=None):
+    from selfmoe import MiXSE
+    from selfmoe.intuition import IntuitionConfig
+
+    base = make_base(p, device, dtype)
+    model = MiXSE.from_adapters(base, adapters, top_k=p.top_k, router="shared",
+                                intuition=IntuitionConfig(clusters=p.experts, dim=p.hidden, learned_map=False))
+    # one sequence per expert's cluster (the batch stands in for the training data)
+    model.fit_intuition([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                        labels=[i % p.experts for i in range(ids.shape[0])])
+    model.train()
+    return model, model.router_parameters()
+
+
 def build_mixse_hyper(p, device, dtype, adapters, impl="factored"):
     from selfmoe import MiXSE
 
@@ -195,9 +217,19 @@ def build_mixse_hyper(p, device, dtype, adapters, impl="factored"):
     return model, model.router_parameters()
 
 
+def build_mor1e(p, device, dtype, adapters, mix_and_match=None):
+    from selfmoe import MiXSE
+
+    model = MiXSE.from_rank1(make_base(p, device, dtype), r=p.rank, lora_alpha=p.alpha, mix_and_match=mix_and_match)
+    model.train()
+    return model, [q for q in model.parameters() if q.requires_grad]
+
+
 BUILDERS = {"bare": build_bare, "xlora": build_xlora, "mixse": build_mixse, "mixse-conc": build_mixse_conc,
             "mixse-hyper": build_mixse_hyper,
-            "mixse-hyper-naive": lambda *a: build_mixse_hyper(*a, impl="naive")}
+            "mixse-hyper-naive": lambda *a: build_mixse_hyper(*a, impl="naive"),
+            "mixse-intuition": build_mixse_intuition,
+            "mor1e": build_mor1e, "mor1e-mm": lambda *a: build_mor1e(*a, mix_and_match=(4, 8))}
 
 
 def make_step(model: nn.Module, params: List[nn.Parameter], ids: torch.Tensor) -> Callable[[], float]:
@@ -239,7 +271,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: small on CPU, large on CUDA")
-    ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"comma-separated, from {PROVIDERS}")
+    ap.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=f"from {', '.join(PROVIDERS)}")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: fp32 CPU, bf16 CUDA")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -269,7 +301,10 @@ def main() -> None:
         del probe
         steps, memory = {}, {}
         for name in providers:
-            model, params = BUILDERS[name](preset, device, dtype, adapters)
+            if name == "mixse-intuition":
+                model, params = BUILDERS[name](preset, device, dtype, adapters, ids=ids)
+            else:
+                model, params = BUILDERS[name](preset, device, dtype, adapters)
             steps[name] = make_step(model, params, ids)
             loss = steps[name]()
             if not torch.isfinite(loss):

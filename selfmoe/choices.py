@@ -11,6 +11,8 @@ from typing import Any, Dict, Tuple
 
 __all__ = [
     "ROUTER_KINDS",
+    "ROUTER_CHOICES",
+    "EXPERT_KINDS",
     "ROUTING_MODES",
     "AUX_LOSS_NAMES",
     "MERGE_METHODS",
@@ -29,6 +31,12 @@ __all__ = [
 
 #: Where a MiXSE's router sits (:mod:`selfmoe.routers`, :mod:`selfmoe.placements`).
 ROUTER_KINDS: Tuple[str, ...] = ("shared", "xlora", "per_layer")
+#: What router training offers: the kinds above, and ``intuition`` = the shared router with an
+#: instance-level intuition prior mixed in (Liu et al. 2024; :mod:`selfmoe.intuition`).
+ROUTER_CHOICES: Tuple[str, ...] = ROUTER_KINDS + ("intuition",)
+#: What ``train-expert`` trains: one plain LoRA (``lora``), or a mixture of rank-1 experts (``rank1``,
+#: MoR1E: a rank-r LoRA whose r components are experts behind per-layer token routers; :mod:`selfmoe.rank1`).
+EXPERT_KINDS: Tuple[str, ...] = ("lora", "rank1")
 #: How a router picks experts: its learned logits, or N(0, 1) logits (the random-routing ablation).
 ROUTING_MODES: Tuple[str, ...] = ("learned", "random")
 #: Optional router losses, the keys of :data:`selfmoe.routers.AUX_LOSSES`.

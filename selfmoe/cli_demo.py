@@ -59,6 +59,9 @@ def _add_demo(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None,
                    help="epochs of every training run (default: 1; --quick: 2 optimizer steps)")
     p.add_argument("--eval-size", type=int, default=None, help="benchmark items per domain (default: 40; --quick 4)")
+    p.add_argument("--intuition", action="store_true",
+                   help="also a MiXSE with the intuition router (train-router --router intuition: an instance-level "
+                        "prior from the domains' mean embeddings mixed into the shared router), row mixse-intuition")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -72,7 +75,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     try:
         result = run_demo(args.output, model=args.model, quick=args.quick, num_pairs=args.num_pairs,
                           epochs=args.epochs, eval_size=args.eval_size, device=args.device,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, intuition=args.intuition)
     except DemoStageError as exc:
         say(f"selfmoe demo: {exc}")
         return exc.code

@@ -9,7 +9,8 @@ import argparse
 import pathlib
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .choices import AUX_LOSS_NAMES, HYPER_DEFAULTS, LR_SCHEDULERS, MIXED_PRECISIONS, PROMPT_FORMATS, ROUTER_KINDS
+from .choices import (AUX_LOSS_NAMES, EXPERT_KINDS, HYPER_DEFAULTS, LR_SCHEDULERS, MIXED_PRECISIONS, PROMPT_FORMATS,
+                      ROUTER_CHOICES)
 from .cli_common import PROG, CLIError, HelpFormatter, add_command, add_model_args, load_model, say
 from .names import is_safe_name
 
@@ -147,6 +148,12 @@ examples:
   # interrupted (Ctrl-C writes a checkpoint)? rerun the same command with --resume
   selfmoe train-expert --model ./llama-7b --data data/ --domain math --output experts/math --resume
 
+  # MoR1E: rank 8 = 8 rank-1 experts per linear behind per-layer routers (dense), with an intuition prior;
+  # or 4 x 8 mix-and-match pairs, top-4 (output: a MiXSE directory; selfmoe generate --mixse DIR)
+  selfmoe train-expert --model ./llama-7b --data data/ --domain math --output mor1e/math --experts rank1 --intuition
+  selfmoe train-expert --model ./llama-7b --data data/ --domain math --output mor1e/math-mm --experts rank1 \\
+      --mix-and-match 4x8 --top-k 4
+
   # several GPUs (or CPU processes over gloo: accelerate launch --multi_gpu --num_processes 2 ..., or torchrun)
   accelerate launch -m selfmoe train-expert --model ./llama-7b --data data/ --domain math --output experts/math
   torchrun --nproc_per_node 8 -m selfmoe train-expert --model ./llama-7b --data data/ --domain math --output experts/math
@@ -171,8 +178,34 @@ def _add_train_expert(sub: Any) -> argparse.ArgumentParser:
     _config_flag(g, "--lora-dropout", dest="lora_dropout", type=float, help="dropout on the LoRA input")
     g.add_argument("--target-modules", default=None,
                    help="all-linear (the default), comma-separated names (q_proj,v_proj) or a full-match regex")
+    r1 = p.add_argument_group("rank-1 experts (MoR1E)")
+    _config_flag(r1, "--experts", dest="experts", choices=EXPERT_KINDS,
+                 help="lora: one plain LoRA (a PEFT adapter); rank1: the rank's components are experts behind "
+                      "per-layer token routers, trained together (a MiXSE directory)")
+    r1.add_argument("--mix-and-match", default=None, metavar="R1xR2",
+                    help="rank1: the R1*R2 experts are the pairs of R1 A rows and R2 B columns (replaces --lora-r)")
+    _config_flag(r1, "--top-k", dest="expert_top_k", type=int, help="rank1: experts per token (default: all, dense softmax)")
+    r1.add_argument("--intuition", action="store_true", default=None,
+                    help="rank1: mix an instance-level prior (k-means clusters of the training data) into the routers")
+    _add_intuition_args(r1)
     _add_train_args(p)
     return p
+
+
+def _add_intuition_args(g: Any) -> None:
+    _config_flag(g, "--intuition-clusters", dest="intuition_clusters", type=int,
+                 help="intuition prior: k-means clusters (when the clusters are not the experts' domains)")
+    _config_flag(g, "--intuition-layer", dest="intuition_layer", type=int,
+                 help="intuition prior: the hidden state mean-pooled per sequence (0: the token embeddings)")
+
+
+def _mix_and_match(text: Optional[str]) -> Optional[List[int]]:
+    if text is None:
+        return None
+    a, sep, b = text.lower().partition("x")
+    if not sep or not a.isdigit() or not b.isdigit() or int(a) < 1 or int(b) < 1:
+        raise CLIError(f"--mix-and-match {text!r}: expected R1xR2 with positive integers, e.g. 4x8")
+    return [int(a), int(b)]
 
 
 def _target_modules(text: Optional[str]) -> Any:
@@ -201,8 +234,17 @@ def _cmd_train_expert(args: argparse.Namespace) -> int:
     from .train import load_records, train_expert
 
     records, what = _pick_records(load_records(args.data), args)
-    config = _train_config(args, {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-                                  "target_modules": _target_modules(args.target_modules)})
+    extra = {"lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+             "target_modules": _target_modules(args.target_modules), "experts": args.experts,
+             "mix_and_match": _mix_and_match(args.mix_and_match), "expert_top_k": args.expert_top_k,
+             "intuition": args.intuition, "intuition_clusters": args.intuition_clusters,
+             "intuition_layer": args.intuition_layer}
+    if args.experts != "rank1":
+        given = [f for f, v in (("--mix-and-match", args.mix_and_match), ("--top-k", args.expert_top_k),
+                                ("--intuition", args.intuition)) if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)}: only with --experts rank1")
+    config = _train_config(args, extra)
     model, tok = load_model(args.model, dtype=args.dtype)
     return _run_training(args, what, lambda: train_expert(
         model, tok, records, args.output, config, resume=args.resume, overwrite=args.overwrite,
@@ -220,6 +262,10 @@ examples:
   selfmoe train-router --model ./llama-7b --data data/ --output mixse/ \\
       --expert knowledge=experts/knowledge --expert reasoning=experts/reasoning \\
       --expert math=experts/math --expert coding=experts/coding
+
+  # intuition routing: a per-sequence prior (cosine to each domain's mean embedding) mixed into the router
+  selfmoe train-router --model ./llama-7b --data data/ --output mixse-i/ --expert experts/math \\
+      --expert experts/coding --router intuition
 
   # top-2, the paper's two-pass X-LoRA router, a small load-balancing loss
   selfmoe train-router --model ./llama-7b --data data/ --output mixse-x/ --expert experts/math \\
@@ -247,8 +293,10 @@ def _add_train_router(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", metavar="PATH", help="JSONL files and/or directories of *.jsonl")
     p.add_argument("--output", required=True, metavar="DIR", help="run / MiXSE directory")
     g = p.add_argument_group("router")
-    _config_flag(g, "--router", dest="router", choices=ROUTER_KINDS,
-                 help="shared (one pass), xlora (the paper's two passes), per_layer")
+    _config_flag(g, "--router", dest="router", choices=ROUTER_CHOICES,
+                 help="shared (one pass), xlora (the paper's two passes), per_layer, intuition (shared, with an "
+                      "instance-level prior from the domains' mean embeddings mixed in)")
+    _add_intuition_args(g)
     _config_flag(g, "--top-k", dest="top_k", type=int, help="experts per token")
     g.add_argument("--aux-loss", action="append", default=[], metavar="NAME=COEF",
                    help=f"auxiliary router loss: {', '.join(AUX_LOSS_NAMES)} (repeat); concentration: "
@@ -307,7 +355,10 @@ def _cmd_train_router(args: argparse.Namespace) -> int:
 
         check_same_base({name: load_lora_adapter(path) for name, path in experts.items()}, strict=True)
     records = load_records(args.data)
-    extra: Dict[str, Any] = {"router": args.router, "top_k": args.top_k}
+    extra: Dict[str, Any] = {"router": args.router, "top_k": args.top_k, "intuition_clusters": args.intuition_clusters,
+                             "intuition_layer": args.intuition_layer}
+    if args.router != "intuition" and (args.intuition_clusters is not None or args.intuition_layer is not None):
+        raise CLIError("--intuition-clusters / --intuition-layer: only with --router intuition")
     if args.aux_loss:
         extra["aux_loss"] = _key_values(args.aux_loss, "--aux-loss")
     if args.hyper_size and not args.hyper_expert:

@@ -8,8 +8,9 @@ Every stage runs the command a user would type (``selfmoe.cli.main([...])``), in
     union        instance merging (--all-domains)       -> <out>/experts/union
     ties, dare   weight merging of the four experts     -> <out>/merged/ties, <out>/merged/dare
     mixse        shared top-1 router over the experts  -> <out>/mixse
+    mixse-intuition  (--intuition) the same with the intuition prior mixed in -> <out>/mixse-intuition
     benchmark    the built-in benchmark                 -> <out>/bench/<domain>.jsonl
-    eval-*       base, each expert, union, ties, dare, MiXSE top-1 and top-2 -> <out>/eval/<system>
+    eval-*       base, each expert, union, ties, dare, MiXSE top-1 and top-2 (+ mixse-intuition) -> <out>/eval/<system>
     compare      a row per system, a column per domain + average -> <out>/results.md, results.json
     heatmap      routing of MiXSE top-1, benchmark domain x expert -> <out>/routing_heatmap.txt (.png)
 
@@ -179,13 +180,18 @@ def _write_pipeline_csv(path: pathlib.Path, timings: Dict[str, Dict[str, Any]], 
 
 def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = False, num_pairs: Optional[int] = None,
              epochs: Optional[int] = None, eval_size: Optional[int] = None, device: Optional[str] = None,
-             progress: bool = True) -> Dict[str, Any]:
+             progress: bool = True, intuition: bool = False) -> Dict[str, Any]:
     """Run (or continue) the demo in ``output_dir``; returns ``{"output", "model", "paths", "timings"}``.
 
     ``quick``: a tiny random Llama built by :mod:`selfmoe.tiny_model` instead of ``model``, a handful of
     items per stage. Raises :class:`DemoStageError` when a command fails and ``KeyboardInterrupt`` when
     interrupted (after naming the stage); rerunning continues either way.
+    ``intuition``: also train a MiXSE whose shared router mixes in the intuition prior (the domains' mean
+    embeddings; ``train-router --router intuition``) and evaluate it top-1 as the row ``mixse-intuition``,
+    next to the token router's ``mixse-top1``. Turning it on in a finished demo runs only the new stages
+    and the comparison.
     """
+    systems = SYSTEMS + (("mixse-intuition",) if intuition else ())
     out = pathlib.Path(output_dir)
     sizes = QUICK if quick else DEFAULTS
     num_pairs = sizes["num_pairs"] if num_pairs is None else num_pairs
@@ -198,7 +204,7 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
 
     data, bench, evals = out / "data", out / "bench", out / "eval"
     experts = {d: out / "experts" / d for d in DOMAINS}
-    union, mixse = out / "experts" / "union", out / "mixse"
+    union, mixse, mixse_i = out / "experts" / "union", out / "mixse", out / "mixse-intuition"
     merged = {m: out / "merged" / m for m in ("ties", "dare")}
     results_md, results_json = out / "results.md", out / "results.json"
     heat_txt, heat_png = out / "routing_heatmap.txt", out / "routing_heatmap.png"
@@ -275,6 +281,11 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
                        *[a for dom in DOMAINS for a in ("--expert", f"{dom}={experts[dom]}")],
                        "--router", "shared", "--top-k", "1", *train_sizes, *nop, *_train_flags(mixse)])
 
+    def mixse_intuition_run() -> None:
+        _cli("mixse-intuition", ["train-router", "--model", base["path"], *dev, "--data", data, "--output", mixse_i,
+                                 *[a for dom in DOMAINS for a in ("--expert", f"{dom}={experts[dom]}")],
+                                 "--router", "intuition", "--top-k", "1", *train_sizes, *nop, *_train_flags(mixse_i)])
+
     def bench_run() -> None:
         from .benchmark import write_benchmark
 
@@ -287,11 +298,12 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
             _files(*(bench / f"{d}.jsonl" for d in DOMAINS))
 
     eval_reads = {"base": "model", **{d: f"expert-{d}" for d in DOMAINS}, "union": "union", "ties": "ties",
-                  "dare": "dare", "mixse-top1": "mixse", "mixse-top2": "mixse"}
+                  "dare": "dare", "mixse-top1": "mixse", "mixse-top2": "mixse", "mixse-intuition": "mixse-intuition"}
     eval_targets = {"base": [], **{d: ["--adapter", experts[d]] for d in DOMAINS}, "union": ["--adapter", union],
                     "ties": ["--adapter", merged["ties"]], "dare": ["--adapter", merged["dare"]],
                     "mixse-top1": ["--mixse", mixse, "--routing-stats"],
-                    "mixse-top2": ["--mixse", mixse, "--route-top-k", "2", "--routing-stats"]}
+                    "mixse-top2": ["--mixse", mixse, "--route-top-k", "2", "--routing-stats"],
+                    "mixse-intuition": ["--mixse", mixse_i, "--routing-stats"]}
 
     def eval_stage(system: str) -> Stage:
         d = evals / system
@@ -305,7 +317,7 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
                      key=" ".join(_EVAL_QUICK if quick else _EVAL_REAL), outputs=(d,))
 
     def compare_run() -> None:
-        _cli("compare", ["compare", *[f"{s}={evals / s}" for s in SYSTEMS], "--by", "domain",
+        _cli("compare", ["compare", *[f"{s}={evals / s}" for s in systems], "--by", "domain",
                          "--columns", ",".join(DOMAINS),
                          "--output", results_md, "--json", results_json])
 
@@ -340,10 +352,14 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
         merge_stage("dare"),
         Stage("mixse", mixse_run, lambda: _files(mixse / "mixse_config.json", mixse / "router.safetensors"),
               deps=("specialize", *(f"expert-{d}" for d in DOMAINS)), key=" ".join(train_sizes), outputs=(mixse,)),
+        *([Stage("mixse-intuition", mixse_intuition_run,
+                 lambda: _files(mixse_i / "mixse_config.json", mixse_i / "intuition.safetensors"),
+                 deps=("specialize", *(f"expert-{d}" for d in DOMAINS)), key=" ".join(train_sizes),
+                 outputs=(mixse_i,))] if intuition else []),
         Stage("benchmark", bench_run, bench_done, key=f"eval_size={eval_size}", outputs=(bench,)),
-        *[eval_stage(s) for s in SYSTEMS],
+        *[eval_stage(s) for s in systems],
         Stage("compare", compare_run, lambda: _files(results_md, results_json),
-              deps=tuple(f"eval-{s}" for s in SYSTEMS), outputs=(results_md, results_json)),
+              deps=tuple(f"eval-{s}" for s in systems), outputs=(results_md, results_json)),
         Stage("heatmap", heatmap_run, lambda: _files(heat_txt), deps=("eval-mixse-top1",),
               outputs=(heat_txt, heat_png, out / "routing_overview.json")),
     ]
@@ -385,11 +401,11 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
     total = round(sum(t["seconds"] or 0.0 for t in timings.values() if not t["skipped"]), 2)
     record = {"stages": timings, "total_seconds_this_run": total,
               "settings": {"model": model, "quick": quick, "num_pairs": num_pairs, "epochs": epochs,
-                           "eval_size": eval_size, "device": device}}
+                           "eval_size": eval_size, "device": device, "intuition": intuition}}
     timings_path.write_text(json.dumps(record, indent=2) + "\n")
     _write_pipeline_csv(out / "pipeline.csv", timings, record["settings"], device)
     paths = {"data": data, "experts": {**experts, "union": union}, "merged": merged, "mixse": mixse, "bench": bench,
-             "eval": {s: evals / s for s in SYSTEMS}, "results_md": results_md, "results_json": results_json,
+             "eval": {s: evals / s for s in systems}, "mixse_intuition": mixse_i if intuition else None, "results_md": results_md, "results_json": results_json,
              "routing_heatmap_txt": heat_txt, "pipeline_csv": out / "pipeline.csv", "routing_heatmap_png": heat_png if heat_png.is_file() else None,
              "timings": timings_path}
     return {"output": out, "model": base.get("path"), "paths": paths, "timings": record}

@@ -19,6 +19,7 @@ from torch import nn
 
 from selfmoe.kernels import lora_mix
 
+from .rank1 import check_mix_and_match, mix_and_match_lora, pair_of
 from .routers import ROUTING_MODES, GateSlot, TopKRouter, check_top_k
 
 __all__ = ["BaseLayerProxy", "MoLoRALinear"]
@@ -130,9 +131,14 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         init_lora_weights: True (default) = PEFT init: ``lora_A`` kaiming-uniform(a=sqrt(5)) per expert,
             ``lora_B`` zero, so a fresh layer equals its base. False = both zero (weights loaded later).
         scalings: optional per-expert scalings overriding ``lora_alpha / r`` (e.g. rsLoRA adapters).
+        mix_and_match: ``(r1, r2)`` with ``num_experts = r1 * r2`` and ``r = 1``: the rank-1 experts are the
+            pairs ``b_j a_i^T`` of r1 A rows and r2 B columns (MoR1E's mix-and-match, :mod:`selfmoe.rank1`);
+            ``lora_A`` is then ``[r1, 1, d_in]`` and ``lora_B`` ``[r2, d_out, 1]``, and all experts share one
+            scaling.
 
     Parameters: ``lora_A [E, r_max, d_in]``, ``lora_B [E, d_out, r_max]`` (PEFT's ``lora_A.weight`` /
-    ``lora_B.weight`` stacked over experts), ``router.linear`` when ``router="linear"``.
+    ``lora_B.weight`` stacked over experts; ``[r1, 1, d_in]`` / ``[r2, d_out, 1]`` with ``mix_and_match``),
+    ``router.linear`` when ``router="linear"``.
     Buffer: ``expert_scaling [E]`` float32 (not persistent: derived from ranks and alphas).
     """
 
@@ -150,18 +156,27 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         expert_dtype: Optional[torch.dtype] = None,
         init_lora_weights: bool = True,
         scalings: Optional[Sequence[float]] = None,
+        mix_and_match: Optional[Tuple[int, int]] = None,
     ) -> None:
         super().__init__()
         ranks, alphas = _check_layer_args(base_layer, num_experts, r, lora_alpha, top_k, router, routing)
         self.base_layer = base_layer
         self.ranks: List[int] = ranks
         self.lora_alphas: List[float] = alphas
+        self.mix_and_match: Optional[Tuple[int, int]] = None
+        if mix_and_match is not None:
+            self.mix_and_match = check_mix_and_match(mix_and_match, num_experts)
+            if ranks != [1] * num_experts:
+                raise ValueError(f"mix_and_match experts are rank-1 pairs: r must be 1, got {r!r}")
+        self._num_experts = num_experts
 
         w = base_layer.weight
         dtype = expert_dtype or w.dtype
         r_max = max(ranks)
-        self.lora_A = nn.Parameter(torch.zeros(num_experts, r_max, self.in_features, dtype=dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(num_experts, self.out_features, r_max, dtype=dtype, device=w.device))
+        # mix-and-match stores the r1 A rows and r2 B columns once (rank1.py), not r1*r2 experts
+        rows_A, rows_B = self.mix_and_match or (num_experts, num_experts)
+        self.lora_A = nn.Parameter(torch.zeros(rows_A, r_max, self.in_features, dtype=dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(rows_B, self.out_features, r_max, dtype=dtype, device=w.device))
         if init_lora_weights:
             self.reset_lora_parameters()
         self.register_buffer("expert_scaling", torch.zeros(num_experts, dtype=torch.float32, device=w.device), persistent=False)
@@ -236,6 +251,9 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform(a=sqrt(5)) on an [r, d_in] matrix
         self.lora_A.zero_()
         self.lora_B.zero_()
+        if self.mix_and_match is not None:
+            self.lora_A.uniform_(-bound, bound)
+            return
         for e, r in enumerate(self.ranks):
             if r > 0:
                 self.lora_A[e, :r].uniform_(-bound, bound)
@@ -251,13 +269,15 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         present = {v for v, r in zip(values, self.ranks) if r > 0}
         # One float for the op when all present experts share it (absent experts are zero anyway).
         self._uniform_scaling: Optional[float] = present.pop() if len(present) == 1 else None
+        if self.mix_and_match is not None and self._uniform_scaling is None:
+            raise ValueError(f"mix_and_match experts share one scaling, got {values}")
 
     # ------------------------------------------------------------------------------------------------
     # properties
 
     @property
     def num_experts(self) -> int:
-        return self.lora_A.shape[0]
+        return self._num_experts
 
     @property
     def r(self) -> int:
@@ -293,6 +313,8 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
             f"r={ranks}, scaling={scaling}, top_k={self.top_k}, router={src}"
         )
+        if self.mix_and_match is not None:
+            s += f", mix_and_match={self.mix_and_match[0]}x{self.mix_and_match[1]}"
         if self.merged:
             s += f", merged_expert={self._merged_expert}"
         return s
@@ -348,11 +370,20 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
                     f"{self._name()}: gates {_shape(expert_ids)} do not match the tokens of x {_shape(x)}"
                 )
         try:
-            y = lora_mix(
-                x, self.lora_A, self.lora_B, expert_ids, expert_weights, self.scaling,
-                base_weight=self.base_layer.weight, base_bias=self.base_layer.bias, backend="auto",
-                check_ids=False if from_router else None,
-            )
+            if self.mix_and_match is not None:  # the factored product (rank1.py says why not lora_mix)
+                if not from_router and expert_ids.numel() and not (
+                        0 <= int(expert_ids.min()) and int(expert_ids.max()) < self.num_experts):
+                    raise ValueError(f"expert_ids must lie in [0, {self.num_experts}), got values "
+                                     f"{int(expert_ids.min())}..{int(expert_ids.max())}")
+                y = mix_and_match_lora(
+                    x, self.lora_A[:, 0, :], self.lora_B[:, :, 0].t(), expert_ids, expert_weights, self._uniform_scaling,
+                    base_weight=self.base_layer.weight, base_bias=self.base_layer.bias)
+            else:
+                y = lora_mix(
+                    x, self.lora_A, self.lora_B, expert_ids, expert_weights, self.scaling,
+                    base_weight=self.base_layer.weight, base_bias=self.base_layer.bias, backend="auto",
+                    check_ids=False if from_router else None,
+                )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{self._name()}: {exc}") from exc
         if self.hyper_expert is not None:  # HyperMoE: the unselected experts' adapter, added on top
@@ -367,9 +398,15 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
     def get_delta_weight(self, expert: int) -> torch.Tensor:
         """Dense ``[d_out, d_in]`` update ``scaling_e * B_e @ A_e`` of one expert, float32."""
         self._check_expert_index(expert)
-        A = self.lora_A[expert].float()
-        B = self.lora_B[expert].float()
-        return (B @ A) * self.expert_scaling[expert].float()
+        A, B = self._factors(expert)
+        return (B.float() @ A.float()) * self.expert_scaling[expert].float()
+
+    def _factors(self, expert: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r_max, d_in], B [d_out, r_max])`` of one expert as stored (a pair's rows for mix-and-match)."""
+        if self.mix_and_match is not None:
+            i, j = pair_of(expert, self.mix_and_match[1])
+            return self.lora_A[i], self.lora_B[j]
+        return self.lora_A[expert], self.lora_B[expert]
 
     def _check_expert_index(self, expert: int) -> None:
         if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < self.num_experts:
@@ -423,6 +460,9 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         """
         if self.merged:
             raise RuntimeError(f"{self._name()}: unmerge() before adding experts")
+        if self.mix_and_match is not None:
+            raise ValueError(f"{self._name()}: a mix-and-match layer's experts are its r1 x r2 pairs; "
+                             "experts cannot be added one at a time")
         if (lora_A is None) != (lora_B is None):
             raise ValueError(f"{self._name()}: pass both lora_A and lora_B, or neither (absent expert)")
         r_new = 0
@@ -430,6 +470,7 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
             check_expert_factors(self.base_layer, lora_A, lora_B, f"{self._name()}: new expert")
             r_new = lora_A.shape[0]
         E, r_old = self.num_experts, self.r
+        self._num_experts = E + 1
         r_max = max(r_old, r_new)
         old_A, old_B = self.lora_A, self.lora_B
         A = old_A.new_zeros(E + 1, r_max, self.in_features)
@@ -459,6 +500,8 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         optimizers. ``ValueError`` when no kept expert has weights here (the caller unwraps the module)."""
         if self.merged:
             raise RuntimeError(f"{self._name()}: unmerge() before pruning experts")
+        if self.mix_and_match is not None:  # the pairs share their A rows and B columns
+            raise ValueError(f"{self._name()}: mix-and-match experts cannot be pruned one by one")
         keep = list(keep)
         for e in keep:
             self._check_expert_index(e)
@@ -479,6 +522,7 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         self.ranks = ranks
         self.lora_alphas = [self.lora_alphas[e] for e in keep]
         self.expert_scaling = torch.zeros(len(keep), dtype=torch.float32, device=A.device)
+        self._num_experts = len(keep)
         self._set_scalings(scalings)
 
     def expert_factors(self, expert: int) -> ExpertFactors:
@@ -487,7 +531,8 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         r = self.ranks[expert]
         if r == 0:
             return None
-        return self.lora_A[expert, :r].detach(), self.lora_B[expert, :, :r].detach()
+        A, B = self._factors(expert)
+        return A[:r].detach(), B[:, :r].detach()
 
     def unwrap(self) -> nn.Linear:
         """Unmerge, restore the base parameters' ``requires_grad`` flags and return the original ``base_layer``."""

@@ -127,8 +127,10 @@ def build_from_scratch(
     base_model: nn.Module, num_experts: int, *, r: int, lora_alpha: float, top_k: int, router: str,
     target_modules: Optional[Union[str, Sequence[str]]], expert_names: Optional[Sequence[str]], renormalize: bool,
     routing: str, aux_loss: Optional[Dict[str, float]], expert_dtype: Optional[torch.dtype], hyper_expert: Any = None,
+    mix_and_match: Optional[Tuple[int, int]] = None,
 ) -> Tuple[MiXSEConfig, Layers]:
-    """The layers of :meth:`selfmoe.MiXSE.from_scratch` (arguments documented there)."""
+    """The layers of :meth:`selfmoe.MiXSE.from_scratch` (arguments documented there; ``mix_and_match``:
+    :meth:`selfmoe.MiXSE.from_rank1`)."""
     check_not_wrapped(base_model)
     hyper_expert = check_hyper_sizes(hyper_expert)
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
@@ -144,7 +146,7 @@ def build_from_scratch(
     layers = {
         path: MoLoRALinear(linears[path], num_experts, r=r, lora_alpha=lora_alpha, top_k=top_k,
                            router=placement.layer_router, renormalize=renormalize, routing=routing,
-                           expert_dtype=expert_dtype)
+                           expert_dtype=expert_dtype, mix_and_match=mix_and_match)
         for path in paths
     }
     config = MiXSEConfig(
@@ -152,6 +154,7 @@ def build_from_scratch(
         aux_loss=dict(aux_loss or {}), trainable_experts=True, modules={p: module_info(m) for p, m in layers.items()},
         expert_configs={n: {"use_rslora": False, "source": None} for n in names}, base_model_name_or_path=base_name(base_model),
         hyper_expert=hyper_expert,
+        mix_and_match=list(mix_and_match) if mix_and_match is not None else None,
     )
     return config, layers
 

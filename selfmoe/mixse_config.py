@@ -35,6 +35,12 @@ class MiXSEConfig:
     ``[P, d]`` / ``pruned.bias [P]`` beside each router's ``linear.*``), in that order; empty by default.
     ``hyper_expert``: None (default), or the sizes of HyperMoE's HyperExpert (:mod:`selfmoe.hyper`), whose
     tensors are saved in ``router.safetensors`` as ``hyper.<name>``.
+
+    Rank-1 experts (MoR1E, :mod:`selfmoe.rank1`): ``mix_and_match = [r1, r2]`` when the E = r1*r2 experts
+    are the pairs of r1 A rows and r2 B columns (their tensors are then ``lora_A [r1, 1, d_in]`` and
+    ``lora_B [r2, d_out, 1]``); null otherwise. ``intuition``: the intuition prior's settings
+    (:class:`selfmoe.intuition.IntuitionConfig` as an object; its tensors in ``intuition.safetensors``),
+    or null. Both fields are absent from directories written before they existed, which load unchanged.
     """
 
     expert_names: List[str]
@@ -49,6 +55,8 @@ class MiXSEConfig:
     base_model_name_or_path: Optional[str] = None
     pruned_experts: List[str] = field(default_factory=list)
     hyper_expert: Optional[Dict[str, int]] = None
+    mix_and_match: Optional[List[int]] = None
+    intuition: Optional[Dict[str, Any]] = None
     format_version: int = FORMAT_VERSION
     selfmoe_version: str = __version__
 
@@ -89,6 +97,14 @@ class MiXSEConfig:
             raise ValueError(f"modules must be an object {{module path: {{ranks, lora_alphas, scalings}}}}, "
                              f"got {type(self.modules).__name__}")
         E = len(names)
+        if self.mix_and_match is not None:
+            from .rank1 import check_mix_and_match
+
+            self.mix_and_match = list(check_mix_and_match(self.mix_and_match, E))
+        if self.intuition is not None:
+            from .intuition import IntuitionConfig
+
+            IntuitionConfig.from_dict(self.intuition).validate(E)
         for path, info in self.modules.items():
             if not isinstance(info, dict):
                 raise ValueError(f"module {path!r}: expected an object, got {info!r}")
@@ -107,7 +123,11 @@ class MiXSEConfig:
                     raise ValueError(f"module {path!r}: {key} must be a positive integer, got {v!r}")
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("mix_and_match", "intuition"):  # only written when used: older readers keep loading the rest
+            if d[key] is None:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> "MiXSEConfig":

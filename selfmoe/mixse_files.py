@@ -21,6 +21,7 @@ from .adapters import save_lora_adapter
 from .io_utils import PathLike, atomic_directory, atomic_write_json, read_json_object, safetensors_bytes, write_bytes
 from .layer import MoLoRALinear
 from .mixse_build import check_not_wrapped
+from .intuition import INTUITION_NAME
 from .mixse_config import CONFIG_NAME, EXPERTS_NAME, ROUTER_NAME, MiXSEConfig
 from .placements import make_placement
 from .targets import linear_modules
@@ -41,11 +42,17 @@ def save_mixse(model: "MiXSE", directory: PathLike, *, overwrite: bool = True) -
         experts[f"{path}.lora_A"] = m.lora_A
         experts[f"{path}.lora_B"] = m.lora_B
     router = model.router_state_dict()
-    experts, router = ({k: v.detach().to("cpu", copy=True).contiguous() for k, v in d.items()} for d in (experts, router))
+    intuition = model.intuition.tensors() if model.intuition is not None else {}
+    experts, router, intuition = ({k: v.detach().to("cpu", copy=True).contiguous() for k, v in d.items()}
+                                  for d in (experts, router, intuition))
     meta = {"format": "pt", "selfmoe_version": __version__}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_bytes(tmp / EXPERTS_NAME, safetensors_bytes(experts, metadata=meta))
         write_bytes(tmp / ROUTER_NAME, safetensors_bytes(router, metadata=meta))
+        if model.intuition is not None:
+            if not model.intuition.fitted:
+                raise ValueError("save_pretrained: the intuition prior has no centroids yet (fit_intuition first)")
+            write_bytes(tmp / INTUITION_NAME, safetensors_bytes(intuition, metadata=meta))
         atomic_write_json(tmp / CONFIG_NAME, cfg.to_dict())
 
 
@@ -59,6 +66,10 @@ def load_mixse(cls: Type["MiXSE"], directory: PathLike, base_model: nn.Module,
     config = _read_config(root / CONFIG_NAME)
     experts = _read_tensors(root / EXPERTS_NAME)
     router_sd = _read_tensors(root / ROUTER_NAME)
+    intuition_sd = _read_tensors(root / INTUITION_NAME) if config.intuition is not None else None
+    pairs = tuple(config.mix_and_match) if config.mix_and_match is not None else None
+    # stacked rows: one per expert, or mix-and-match's r1 A rows and r2 B columns (selfmoe/rank1.py)
+    rows_A, rows_B = pairs or (len(config.expert_names),) * 2
 
     # ---- check everything against the base model before touching it -----------------------------------
     linears = linear_modules(base_model)
@@ -75,10 +86,10 @@ def load_mixse(cls: Type["MiXSE"], directory: PathLike, base_model: nn.Module,
         if kA not in experts or kB not in experts:
             raise ValueError(f"{where}: missing tensor {kA if kA not in experts else kB!r}")
         A, B = experts[kA], experts[kB]
-        if tuple(A.shape) != (E, r_max, base.in_features) or tuple(B.shape) != (E, base.out_features, r_max):
+        if tuple(A.shape) != (rows_A, r_max, base.in_features) or tuple(B.shape) != (rows_B, base.out_features, r_max):
             raise ValueError(
                 f"{where}: lora_A {list(A.shape)} / lora_B {list(B.shape)} do not fit: expected "
-                f"[{E}, {r_max}, {base.in_features}] / [{E}, {base.out_features}, {r_max}] for the base linear"
+                f"[{rows_A}, {r_max}, {base.in_features}] / [{rows_B}, {base.out_features}, {r_max}] for the base linear"
             )
     unexpected = sorted(set(experts) - expected)
     if unexpected:
@@ -100,6 +111,7 @@ def load_mixse(cls: Type["MiXSE"], directory: PathLike, base_model: nn.Module,
                 linears[path], E, r=list(info["ranks"]), lora_alpha=info["lora_alphas"], top_k=config.top_k,
                 router=placement.layer_router, renormalize=config.renormalize, routing=config.routing,
                 expert_dtype=expert_dtype or A.dtype, init_lora_weights=False, scalings=info["scalings"],
+                mix_and_match=pairs,
             )
             layers[path] = layer
             with torch.no_grad():
@@ -119,6 +131,8 @@ def load_mixse(cls: Type["MiXSE"], directory: PathLike, base_model: nn.Module,
                 model._placement.router_of(model, owner).load_state_dict(dict(sd), strict=True)
             if model.hyper is not None:
                 model.hyper.load_state_dict(hyper_sd, strict=True)
+        if intuition_sd is not None:
+            model.intuition.load_tensors(intuition_sd, str(root / INTUITION_NAME))
     except BaseException as exc:
         model.unload()
         if isinstance(exc, RuntimeError):  # load_state_dict: keys or shapes the router does not have

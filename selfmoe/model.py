@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
+import weakref
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,7 +37,8 @@ from .adapters import LoRAAdapter
 from .io_utils import PathLike
 from .layer import MoLoRALinear
 from .mixse_config import CONFIG_NAME, EXPERTS_NAME, ROUTER_NAME, MiXSEConfig
-from .placements import input_arg, make_placement
+from .intuition import IntuitionConfig, IntuitionPrior, kmeans, masked_mean
+from .placements import _cache_argument, _new_cache, input_arg, make_placement
 from .routers import ROUTING_MODES, RouterState, TopKRouter, check_top_k, compute_aux_loss
 from .stats import RoutingStats
 from .targets import find_decoder_layers, layer_index_of, linear_modules, model_device
@@ -97,6 +99,12 @@ class MiXSE(nn.Module):
         self._attached = True
         self.router: Optional[TopKRouter] = None
         self.hyper: Optional[nn.Module] = None
+        # Intuition routing (selfmoe/intuition.py): the prior module, a user's sequence encoder, the prior
+        # kept per KV cache (so new tokens reuse their prompt's prior) and the flag of the embedding pass.
+        self.intuition: Optional[IntuitionPrior] = None
+        self._intuition_encoder: Optional[Callable[..., torch.Tensor]] = None
+        self._priors: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._prior_pass = False
         # Flags as the user had them; MoLoRALinear already froze its base layer, but it remembers the originals.
         self._orig_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         for path, layer in layers.items():
@@ -132,6 +140,13 @@ class MiXSE(nn.Module):
             self.hyper = HyperExpert(len(config.expert_names), shapes, config.hyper_expert, device=model_device(base_model))
             self.hyper.requires_grad_(True)
             self._wire_hyper()
+        if config.intuition is not None:
+            icfg = IntuitionConfig.from_dict(config.intuition)
+            if icfg.layer > len(decoder_layers):
+                raise ValueError(f"intuition.layer={icfg.layer}: the model has {len(decoder_layers)} decoder layers")
+            self.intuition = IntuitionPrior(icfg, len(config.expert_names), device=model_device(base_model))
+            for rt in self._placement.routers(self):
+                rt.enable_prior()
         # Per-forward bookkeeping (and the X-LoRA scaling pass) around the inner decoder model.
         self._hooks.append(inner_model.register_forward_pre_hook(self._inner_pre_hook, with_kwargs=True))
         self._hooks.append(inner_model.register_forward_hook(self._inner_post_hook))
@@ -159,6 +174,7 @@ class MiXSE(nn.Module):
         expert_dtype: Optional[torch.dtype] = None,
         strict: bool = False,
         hyper_expert: Union[None, bool, Dict[str, int]] = None,
+        intuition: Optional[IntuitionConfig] = None,
     ) -> "MiXSE":
         """Attach one PEFT LoRA adapter per expert to ``base_model`` (in place) behind a router.
 
@@ -181,6 +197,8 @@ class MiXSE(nn.Module):
                 ``selfmoe.choices.HYPER_DEFAULTS``) or a dict overriding some of them. Per token, the
                 unselected experts' embeddings generate an adapter added to the selected experts' output;
                 it trains with the router (:meth:`router_parameters`) and starts as a no-op.
+            intuition: add an intuition prior (:mod:`selfmoe.intuition`) to the router(s); fit its
+                centroids with :meth:`fit_intuition` before the first forward.
 
         Raises ``ValueError``/``FileNotFoundError``/``AdapterFormatError`` naming the expert, file,
         module and shapes; the base model is left untouched when anything fails.
@@ -188,6 +206,7 @@ class MiXSE(nn.Module):
         config, layers = mixse_build.build_from_adapters(
             base_model, adapters, top_k=top_k, router=router, target_modules=target_modules, renormalize=renormalize,
             routing=routing, aux_loss=aux_loss, expert_dtype=expert_dtype, strict=strict, hyper_expert=hyper_expert)
+        config.intuition = intuition.to_dict() if intuition is not None else None
         return cls._attach(base_model, config, layers)
 
     @classmethod
@@ -207,6 +226,7 @@ class MiXSE(nn.Module):
         aux_loss: Optional[Dict[str, float]] = None,
         expert_dtype: Optional[torch.dtype] = None,
         hyper_expert: Union[None, bool, Dict[str, int]] = None,
+        intuition: Optional[IntuitionConfig] = None,
     ) -> "MiXSE":
         """Fresh, trainable experts (PEFT init: B = 0, so the model starts equal to its base) and router,
         for joint expert+router training (MixLoRA style). ``target_modules`` defaults to every linear in
@@ -215,18 +235,75 @@ class MiXSE(nn.Module):
             base_model, num_experts, r=r, lora_alpha=lora_alpha, top_k=top_k, router=router,
             target_modules=target_modules, expert_names=expert_names, renormalize=renormalize, routing=routing,
             aux_loss=aux_loss, expert_dtype=expert_dtype, hyper_expert=hyper_expert)
+        config.intuition = intuition.to_dict() if intuition is not None else None
+        return cls._attach(base_model, config, layers)
+
+    @classmethod
+    def from_rank1(
+        cls,
+        base_model: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 16,
+        top_k: Optional[int] = None,
+        target_modules: Optional[Union[str, Sequence[str]]] = None,
+        *,
+        mix_and_match: Optional[Sequence[int]] = None,
+        router: str = "per_layer",
+        renormalize: bool = False,
+        aux_loss: Optional[Dict[str, float]] = None,
+        expert_dtype: Optional[torch.dtype] = None,
+        intuition: Optional[IntuitionConfig] = None,
+    ) -> "MiXSE":
+        """A mixture of rank-1 experts (MoR1E, Liu et al. 2024; :mod:`selfmoe.rank1`): on every target
+        linear a rank-``r`` LoRA whose ``r`` rank-1 components are the experts, gated per token by a
+        router per layer (``router="per_layer"``, the paper's; or ``"shared"``), trained jointly from the
+        PEFT init (B = 0: the model starts equal to its base).
+
+        Args:
+            r: the LoRA rank = the number of experts (ignored with ``mix_and_match``).
+            lora_alpha: each component is scaled by ``lora_alpha / r`` (``/ r1`` for mix-and-match), the
+                scaling of the rank-r LoRA it is part of.
+            top_k: experts per token; ``None`` (default) = all of them (dense softmax gating, the paper's).
+            mix_and_match: ``(r1, r2)``: the ``r1 * r2`` experts are the pairs ``b_j a_i^T`` of ``r1`` A
+                rows and ``r2`` B columns (expert ``i * r2 + j``, named ``a<i>b<j>``).
+            intuition: an intuition prior mixed into every router (fit it with :meth:`fit_intuition`).
+            Other arguments as in :meth:`from_scratch`. ``target_modules`` defaults to ``"all-linear"``.
+        """
+        if mix_and_match is not None:
+            from .rank1 import check_mix_and_match
+
+            r1, r2 = check_mix_and_match(tuple(mix_and_match))
+            num, a_rows = r1 * r2, r1
+            names = [f"a{i}b{j}" for i in range(r1) for j in range(r2)]
+        else:
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"r must be an int >= 1 (the number of rank-1 experts), got {r!r}")
+            num, a_rows = r, r
+            names = [f"rank{i}" for i in range(r)]
+        k = num if top_k is None else top_k
+        config, layers = mixse_build.build_from_scratch(
+            base_model, num, r=1, lora_alpha=float(lora_alpha) / a_rows, top_k=k, router=router,
+            target_modules=target_modules, expert_names=names, renormalize=renormalize, routing="learned",
+            aux_loss=aux_loss, expert_dtype=expert_dtype,
+            mix_and_match=None if mix_and_match is None else (r1, r2))
+        config.intuition = intuition.to_dict() if intuition is not None else None
         return cls._attach(base_model, config, layers)
 
     @classmethod
     def from_pretrained(cls, directory: PathLike, base_model: nn.Module, *,
-                        expert_dtype: Optional[torch.dtype] = None) -> "MiXSE":
+                        expert_dtype: Optional[torch.dtype] = None,
+                        intuition_encoder: Optional[Callable[..., torch.Tensor]] = None) -> "MiXSE":
         """Re-attach a MiXSE saved with :meth:`save_pretrained` to (a fresh copy of) its base model.
 
         Everything is read and checked (config fields, finite values, tensor names and shapes against
         the base linears) before the base model is modified; a failure after that restores it. Errors
-        name the file and the module.
+        name the file and the module. ``intuition_encoder``: the sequence encoder of a MiXSE whose
+        intuition prior was fitted with one (see :meth:`set_intuition_encoder`).
         """
-        return mixse_files.load_mixse(cls, directory, base_model, expert_dtype)
+        model = mixse_files.load_mixse(cls, directory, base_model, expert_dtype)
+        if intuition_encoder is not None:
+            model.set_intuition_encoder(intuition_encoder)
+        return model
 
     @classmethod
     def _attach(cls, base_model: nn.Module, config: MiXSEConfig, layers: Dict[str, MoLoRALinear]) -> "MiXSE":
@@ -242,12 +319,147 @@ class MiXSE(nn.Module):
     # hooks on the inner decoder model
 
     def _inner_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        if getattr(self._placement, "in_scaling_pass", False):
+        if getattr(self._placement, "in_scaling_pass", False) or self._prior_pass:
             return None
         if module.training and torch.is_grad_enabled():
             _refuse_reentrant_checkpointing(self._decoder_layers[0])
         self._state.begin_forward(input_arg(args, kwargs, "attention_mask", 1))
-        return self._placement.before_forward(self, module, args, kwargs)
+        if self.intuition is None:
+            return self._placement.before_forward(self, module, args, kwargs)
+        kwargs = self._route_prior(module, args, dict(kwargs))
+        out = self._placement.before_forward(self, module, args, kwargs)
+        return (args, kwargs) if out is None else out
+
+    # ------------------------------------------------------------------------------------------------
+    # intuition routing (selfmoe/intuition.py)
+
+    def set_intuition_encoder(self, encoder: Optional[Callable[..., torch.Tensor]]) -> None:
+        """Embed sequences with ``encoder(input_ids=..., attention_mask=...) -> [B, D]`` instead of the base
+        model's pooled hidden state (e.g. a sentence encoder). Not saved: pass it again after loading."""
+        if self.intuition is None:
+            raise ValueError("this MiXSE has no intuition prior")
+        if encoder is not None and not callable(encoder):
+            raise TypeError(f"encoder must be callable, got {type(encoder).__name__}")
+        self._intuition_encoder = encoder
+
+    @torch.no_grad()
+    def sequence_embeddings(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                            inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[B, D]`` float32 embedding of each sequence, as the intuition prior sees it: the user's encoder,
+        or the base model's hidden state at ``intuition.layer`` (0: the token embeddings) mean-pooled over
+        ``attention_mask``, computed without experts and without gradient."""
+        if self.intuition is None:
+            raise ValueError("this MiXSE has no intuition prior")
+        if self._intuition_encoder is not None:
+            emb = self._intuition_encoder(input_ids=input_ids, attention_mask=attention_mask)
+            if not isinstance(emb, torch.Tensor) or emb.dim() != 2:
+                raise ValueError(f"the intuition encoder must return a [B, D] tensor, got {getattr(emb, 'shape', emb)!r}")
+            return emb.float()
+        layer = self.intuition.config.layer
+        if layer == 0:
+            hidden = inputs_embeds if inputs_embeds is not None else self.base_model.get_input_embeddings()(input_ids)
+            return masked_mean(hidden, attention_mask)
+        return masked_mean(self._hidden_at(layer, input_ids, attention_mask, inputs_embeds), attention_mask)
+
+    def _hidden_at(self, layer: int, input_ids, attention_mask, inputs_embeds) -> torch.Tensor:
+        """The output of decoder layer ``layer`` (1-based) from an expert-free pass that stops right after it."""
+        inner = self._inner_model()
+        captured: Dict[str, torch.Tensor] = {}
+
+        def grab(module: nn.Module, args: tuple, output: Any) -> None:
+            captured["h"] = output[0] if isinstance(output, (tuple, list)) else output
+            raise _StopPass
+
+        handle = self._decoder_layers[0][layer - 1].register_forward_hook(grab)
+        slots = self._placement.slots
+        bypass = [slot.bypass for slot in slots]
+        self._prior_pass = True
+        try:
+            for slot in slots:
+                slot.bypass = True
+            with self.disable_experts():
+                inner(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False)
+        except _StopPass:
+            pass
+        finally:
+            handle.remove()
+            self._prior_pass = False
+            for slot, b in zip(slots, bypass):
+                slot.bypass = b
+        return captured["h"]
+
+    def _inner_model(self) -> nn.Module:
+        prefix = self._layers_prefix
+        return self.base_model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else self.base_model
+
+    def _route_prior(self, module: nn.Module, args: tuple, kwargs: dict) -> dict:
+        """Put this forward's prior ``[B, E]`` in the router state: computed from the input when the KV
+        cache is empty (or absent), else the one kept for that cache (a generated token reuses its
+        prompt's prior). Returns the forward's kwargs, with a cache added when ``use_cache`` needs one
+        (so the prior can be kept against it)."""
+        cache_name = _cache_argument(module)
+        past = kwargs.get("cache", kwargs.get("past_key_values"))
+        input_ids = input_arg(args, kwargs, "input_ids", 0)
+        embeds = kwargs.get("inputs_embeds")
+        if past is None and kwargs.get("use_cache", getattr(getattr(module, "config", None), "use_cache", False)):
+            past = _new_cache(getattr(module, "config", None))
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("cache", None)
+            kwargs[cache_name] = past
+        seen = past.get_seq_length() if past is not None else 0
+        if seen > 0:
+            prior = self._priors.get(past)
+            if prior is None:
+                raise RuntimeError("intuition routing: this KV cache holds tokens this MiXSE did not see, so their "
+                                   "prior is unknown; start generation/caching through this model")
+            B = (input_ids if input_ids is not None else embeds).shape[0]
+            if prior.shape[0] != B:
+                raise RuntimeError(f"intuition routing: the cache was started for {prior.shape[0]} sequences, this step "
+                                   f"has {B} (beam search and cache reordering are not supported)")
+        else:
+            prior = self.intuition(self.sequence_embeddings(input_ids, kwargs.get("attention_mask"), embeds))
+            if past is not None:
+                self._priors[past] = prior.detach()
+        self._state.prior = prior
+        return kwargs
+
+    @torch.no_grad()
+    def fit_intuition(self, batches: Iterable[Mapping[str, torch.Tensor]], labels: Optional[Sequence[int]] = None,
+                      *, seed: int = 0, iters: int = 50) -> torch.Tensor:
+        """Fit the prior's centroids on training data and return them ``[C, D]``.
+
+        ``batches``: mappings with ``input_ids [B, S]`` and ``attention_mask [B, S]`` (the training data in
+        batches). Without ``labels``: spherical k-means into ``intuition.clusters`` clusters (deterministic
+        for ``seed``). With ``labels`` (one expert index per sequence, in batch order; the experts' own
+        domains): centroid e = the normalised mean embedding of the sequences labelled e (C = E).
+        """
+        if self.intuition is None:
+            raise ValueError("this MiXSE has no intuition prior")
+        device = self.intuition.centroids.device
+        embs = []
+        for b in batches:
+            mask = b.get("attention_mask")
+            embs.append(self.sequence_embeddings(b["input_ids"].to(device), None if mask is None else mask.to(device)))
+        if not embs:
+            raise ValueError("fit_intuition: no batches")
+        points = torch.cat(embs).float()
+        C = self.intuition.config.clusters
+        if labels is None:
+            centroids = kmeans(points, C, iters=iters, seed=seed)
+        else:
+            lab = torch.as_tensor(list(labels), dtype=torch.long, device=points.device)
+            if lab.shape[0] != points.shape[0]:
+                raise ValueError(f"fit_intuition: {lab.shape[0]} labels for {points.shape[0]} sequences")
+            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= C):
+                raise ValueError(f"fit_intuition: labels must lie in [0, {C}), got {int(lab.min())}..{int(lab.max())}")
+            counts = torch.bincount(lab, minlength=C)
+            if (counts == 0).any():
+                missing = [self.expert_names[i] if i < self.num_experts else i for i in (counts == 0).nonzero().flatten().tolist()]
+                raise ValueError(f"fit_intuition: no training sequences for clusters {missing}")
+            unit = torch.nn.functional.normalize(points, dim=-1)
+            centroids = torch.zeros(C, points.shape[1], device=points.device).index_add_(0, lab, unit) / counts[:, None]
+        self.intuition.set_centroids(centroids.to(device))
+        return self.intuition.centroids.detach().clone()
 
     def _inner_post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if getattr(self._placement, "in_scaling_pass", False):
@@ -369,9 +581,14 @@ class MiXSE(nn.Module):
         return dict(self._lora_modules)
 
     def router_parameters(self) -> List[nn.Parameter]:
-        """The router parameters (what Self-MoE trains), and the HyperExpert's when there is one."""
+        """The router parameters (what Self-MoE trains), the HyperExpert's when there is one, and with
+        intuition routing the learned cluster map."""
         params = [p for rt in self._placement.routers(self) for p in rt.parameters()]
-        return params + (list(self.hyper.parameters()) if self.hyper is not None else [])
+        if self.hyper is not None:
+            params += list(self.hyper.parameters())
+        if self.intuition is not None:
+            params += list(self.intuition.parameters())
+        return params
 
     def router_state_dict(self) -> Dict[str, torch.Tensor]:
         """The router tensors under their names in ``router.safetensors`` (``router.<name>`` or
@@ -439,6 +656,9 @@ class MiXSE(nn.Module):
         Parameters are replaced by larger ones: rebuild the optimizer. Returns the new expert's index.
         """
         self._check_attached()
+        if self.intuition is not None:
+            raise ValueError("add_expert: the intuition prior's clusters map onto the current experts; "
+                             "build the MiXSE again with the new expert and refit the prior")
         return mixse_build.add_expert(self, name, adapter, router_init_logit)
 
     def prune_experts(
@@ -462,6 +682,9 @@ class MiXSE(nn.Module):
         model unchanged) for unknown names, empty selections or ``top_k`` above the kept count.
         """
         self._check_attached()
+        if self.intuition is not None:
+            raise ValueError("prune_experts: the intuition prior's clusters map onto the current experts; "
+                             "build the MiXSE again with the kept experts and refit the prior")
         from .pruning import prune_experts
 
         return prune_experts(self, keep, min_share=min_share, top_n=top_n, stats=stats, stat=stat,
@@ -493,6 +716,10 @@ class MiXSE(nn.Module):
             f"routing={cfg.routing!r}, lora_modules={len(self._lora_modules)}"
             + (f", hyper_expert={cfg.hyper_expert}" if cfg.hyper_expert is not None else "")
         )
+
+
+class _StopPass(Exception):
+    """Ends the intuition embedding pass once the chosen layer has run."""
 
 
 def _refuse_reentrant_checkpointing(decoder_layers: nn.ModuleList) -> None:

@@ -105,7 +105,8 @@ class Placement:
         out: Dict[str, Dict[str, torch.Tensor]] = {}
         for owner, d_in in self.owners(in_features).items():
             prefix = "router." if owner == "" else f"{owner}.router."
-            sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and (owner != "" or k.count(".") == 2)}
+            # ("router.prior_logit": one dot; "router.linear.weight": two)
+            sub = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and (owner != "" or k.count(".") <= 2)}
             if "linear.weight" not in sub:
                 raise ValueError(f"{where}: missing tensor {prefix + 'linear.weight'!r}")
             w = sub["linear.weight"]
@@ -146,6 +147,8 @@ class SharedPlacement(Placement):
         slot = GateSlot(key)
         self.slots.append(slot)
         def route_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if slot.bypass:  # an expert-free pass (the intuition prior's embedding pass): nothing to route
+                return
             hidden = input_arg(args, kwargs, "hidden_states", 0)
             if not isinstance(hidden, torch.Tensor):
                 raise RuntimeError(f"{key}: cannot find the decoder layer's hidden_states argument (got {type(hidden).__name__})")

@@ -81,17 +81,19 @@ def supports_prefix_cache(model: Any) -> bool:
     prefix) and shrunk when rows finish (:mod:`selfmoe.decode_loop`). True for a plain transformers causal
     LM (adapters put on with :func:`selfmoe.lora.attach_lora_adapter` included) and for a MiXSE over one
     whose router keeps no per-sequence state (``shared``, ``per_layer``); False for X-LoRA routing (its
-    scaling pass keeps a cache of its own), PEFT wrappers and anything else."""
+    scaling pass keeps a cache of its own), an intuition prior (kept per cache), PEFT wrappers and anything
+    else."""
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     if hasattr(model, "mixse_config"):
         try:
-            router = model.mixse_config.router
+            config = model.mixse_config
         except Exception:  # noqa: BLE001 - an unloaded MiXSE or a foreign object: not ours to drive
             return False
-        if router not in _STATELESS_ROUTERS:
+        # An intuition prior is kept per KV cache and per row (selfmoe.intuition): not ours to reshape either.
+        if config.router not in _STATELESS_ROUTERS or getattr(config, "intuition", None) is not None:
             return False
         model = model.base_model
     if not isinstance(model, PreTrainedModel) or getattr(model.config, "is_encoder_decoder", False):

@@ -202,6 +202,8 @@ class RouterState:
         aux_coefficients: ``{loss name: coefficient}``; empty = no records kept.
         aux_records: ``(logits, ids, mask)`` of each router call of the current forward.
         attention_mask: the 2-D attention mask of the current forward (to skip padding), or None.
+        prior: the intuition prior ``[B, E]`` of the current forward's sequences (routers with a
+            ``prior_logit`` mix it in; see :mod:`selfmoe.intuition`), or None.
     """
 
     def __init__(self) -> None:
@@ -209,6 +211,7 @@ class RouterState:
         self.aux_coefficients: Dict[str, float] = {}
         self.aux_records: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
         self.attention_mask: Optional[torch.Tensor] = None
+        self.prior: Optional[torch.Tensor] = None
 
     @property
     def active(self) -> bool:
@@ -294,6 +297,16 @@ class TopKRouter(nn.Module):
         self.state: Optional[RouterState] = None
         # The rows of pruned experts, kept only to normalise the softmax (see prune_experts); None if none.
         self.pruned: Optional[PrunedRows] = None
+        # Intuition routing (enable_prior): the learned mixing weight's logit, w = sigmoid(prior_logit).
+        self.prior_logit: Optional[nn.Parameter] = None
+
+    def enable_prior(self, init_logit: float = 0.0) -> None:
+        """Mix an instance-level prior into the gates: ``R = softmax(W h) * w + prior * (1 - w)``, top-k of R,
+        with ``w = sigmoid(prior_logit)`` learned (a new parameter, ``prior_logit``, saved with the router).
+        The prior ``[B, E]`` comes from ``state.prior`` on each call (set by MiXSE, :mod:`selfmoe.intuition`)."""
+        if self.prior_logit is None:
+            w = self.linear.weight
+            self.prior_logit = nn.Parameter(torch.full((), float(init_logit), dtype=torch.float32, device=w.device))
 
     @property
     def num_experts(self) -> int:
@@ -310,7 +323,8 @@ class TopKRouter(nn.Module):
 
     def extra_repr(self) -> str:
         pruned = f", normalising over {self.num_pruned} pruned experts" if self.pruned is not None else ""
-        return f"top_k={self.top_k}, renormalize={self.renormalize}, mode={self.mode!r}{pruned}"
+        prior = ", intuition_prior=True" if self.prior_logit is not None else ""
+        return f"top_k={self.top_k}, renormalize={self.renormalize}, mode={self.mode!r}{pruned}{prior}"
 
     def _kept_mass(self, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``[..., 1]`` float32: the probability mass of the kept experts in a softmax that also counts the
@@ -379,6 +393,8 @@ class TopKRouter(nn.Module):
             logits = torch.randn(*hidden.shape[:-1], self.num_experts, device=self.linear.weight.device, dtype=torch.float32)
             weights, ids = route_topk(logits, self.top_k, self.renormalize)
             gates = RouterOutput(weights, ids, None)
+        elif self.prior_logit is not None:
+            gates = self._with_prior(self.logits(hidden), key)
         else:
             logits = self.logits(hidden)
             weights, ids = route_topk(logits, self.top_k, self.renormalize)
@@ -389,6 +405,22 @@ class TopKRouter(nn.Module):
         if state is not None and key is not None and state.active:
             state.record(key, gates, hidden.shape[:-1])
         return gates
+
+    def _with_prior(self, logits: torch.Tensor, key: Optional[str]) -> RouterOutput:
+        """Top-k of ``softmax(logits) * w + prior * (1 - w)``; the returned logits are ``log R`` (their
+        softmax is R again, so router losses and statistics see the mixed distribution)."""
+        from .intuition import mix_with_prior
+
+        prior = self.state.prior if self.state is not None else None
+        if prior is None:
+            raise RuntimeError(
+                f"router{f' at {key}' if key else ''} mixes an intuition prior, but none was computed for this "
+                "forward: call it through its MiXSE (which embeds each sequence first)")
+        mixed = mix_with_prior(torch.softmax(logits.float(), dim=-1), prior, self.prior_logit)  # [..., E], sums to 1
+        weights, ids = mixed.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return RouterOutput(weights, ids, torch.log(mixed.clamp_min(torch.finfo(mixed.dtype).tiny)))
 
     @torch.no_grad()
     def add_expert(self, init_logit: Optional[float] = None) -> None:

@@ -541,6 +541,10 @@ def train_expert(base_model: nn.Module, tokenizer: Any, records: Sequence[Record
     dataset = SFTDataset(recs, tokenizer, max_length=cfg.max_length, progress=cfg.progress, prompt_format=fmt)
     run_info = {"kind": "expert", "data": data_info(recs, dataset), "base": base_signature(base_model),
                 "base_model": getattr(getattr(base_model, "config", None), "_name_or_path", None), **_format_info(fmt)}
+    if cfg.experts == "rank1":
+        run_info["kind"] = "rank1"
+        return _train_rank1(base_model, tokenizer, dataset, output_dir, cfg, run_info, recs, resume=resume,
+                            overwrite=overwrite, callbacks=callbacks, accelerate=accelerate, device=device, fsdp=fsdp)
     set_seed(cfg.seed)  # the LoRA init is part of the run
     add_lora(base_model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules)
     base_name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
@@ -554,6 +558,59 @@ def train_expert(base_model: nn.Module, tokenizer: Any, records: Sequence[Record
                    overwrite=overwrite, callbacks=callbacks, accelerate=accelerate, device=device, fsdp=fsdp)
     finally:
         remove_lora(base_model)
+
+
+def _fit_batches(dataset: SFTDataset, tokenizer: Any, size: int = 16) -> List[Dict[str, torch.Tensor]]:
+    """The training examples as padded batches (in dataset order) for fitting the intuition prior."""
+    collate = SFTCollator.for_tokenizer(tokenizer)
+    return [collate([dataset[j] for j in range(i, min(i + size, len(dataset)))]) for i in range(0, len(dataset), size)]
+
+
+def _train_rank1(base_model: nn.Module, tokenizer: Any, dataset: SFTDataset, output_dir: PathLike, cfg: TrainConfig,
+                 run_info: Dict[str, Any], recs: Sequence[Record], **fit_kwargs: Any) -> TrainResult:
+    """:func:`train_expert` with ``experts="rank1"``: a MoR1E adapter (:meth:`MiXSE.from_rank1`), saved as a
+    MiXSE directory. With ``intuition``, its prior's centroids are fitted (k-means) on the training
+    examples first (deterministic, so a resumed run fits the same ones)."""
+    from .intuition import IntuitionConfig
+    from .targets import hidden_size_of
+
+    if cfg.lora_dropout > 0:
+        raise ValueError("TrainConfig.lora_dropout: rank-1 experts have no dropout; set it to 0")
+    set_seed(cfg.seed)  # the experts' and routers' init is part of the run
+    intuition = None
+    if cfg.intuition:
+        intuition = IntuitionConfig(clusters=min(cfg.intuition_clusters, len(dataset)), dim=hidden_size_of(base_model),
+                                    layer=cfg.intuition_layer, learned_map=True)
+    model = MiXSE.from_rank1(base_model, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, top_k=cfg.expert_top_k,
+                             target_modules=cfg.target_modules, mix_and_match=cfg.mix_and_match, intuition=intuition,
+                             aux_loss=dict(cfg.aux_loss))
+    try:
+        if intuition is not None:
+            model.fit_intuition(_fit_batches(dataset, tokenizer), seed=cfg.seed)
+
+        def export(m: nn.Module, path: pathlib.Path) -> None:
+            m.save_pretrained(path)
+
+        return fit(model, tokenizer, dataset, output_dir, cfg, run_info=run_info, export=export, **fit_kwargs)
+    finally:
+        model.unload()
+
+
+def _router_intuition(model_base: nn.Module, experts: Mapping[str, PathLike], recs: Sequence[Record],
+                      cfg: TrainConfig) -> Any:
+    """``(IntuitionConfig, labels or None)`` for ``router="intuition"``: when every record's domain names
+    an expert, the clusters are the experts' domains (centroid = the domain's mean embedding, prior =
+    cluster softmax, no map to learn); otherwise k-means clusters with a learned cluster-to-expert map."""
+    from .intuition import IntuitionConfig
+    from .targets import hidden_size_of
+
+    names = list(experts)
+    domains = [r.get("domain") for r in recs]
+    d = hidden_size_of(model_base)
+    if all(dom in names for dom in domains):
+        return (IntuitionConfig(clusters=len(names), dim=d, layer=cfg.intuition_layer, learned_map=False),
+                [names.index(dom) for dom in domains])
+    return IntuitionConfig(clusters=min(cfg.intuition_clusters, len(recs)), dim=d, layer=cfg.intuition_layer), None
 
 
 def train_router(base_model: nn.Module, tokenizer: Any, experts: Mapping[str, PathLike], records: Sequence[Record],
@@ -586,9 +643,21 @@ def train_router(base_model: nn.Module, tokenizer: Any, experts: Mapping[str, Pa
                 "base": base_signature(base_model),
                 "base_model": getattr(getattr(base_model, "config", None), "_name_or_path", None), **_format_info(fmt)}
     set_seed(cfg.seed)  # the router init is part of the run
-    model = MiXSE.from_adapters(base_model, dict(experts), top_k=cfg.top_k, router=cfg.router, aux_loss=dict(cfg.aux_loss),
-                                hyper_expert=cfg.hyper_expert)
+    intuition, labels = _router_intuition(base_model, experts, recs, cfg) if cfg.router == "intuition" else (None, None)
+    model = MiXSE.from_adapters(base_model, dict(experts), top_k=cfg.top_k,
+                                router="shared" if cfg.router == "intuition" else cfg.router,
+                                aux_loss=dict(cfg.aux_loss), intuition=intuition, hyper_expert=cfg.hyper_expert)
     try:
+        if intuition is not None:  # centroids from the training data, before the first step
+            batches = _fit_batches(dataset, tokenizer)
+            if labels is not None:  # one domain at a time, so each example keeps its label
+                batches, labels = [], []
+                for e, name in enumerate(experts):
+                    part = SFTDataset([r for r in recs if r.get("domain") == name], tokenizer, max_length=cfg.max_length,
+                                      prompt_format=fmt)
+                    batches += _fit_batches(part, tokenizer)
+                    labels += [e] * len(part)
+            model.fit_intuition(batches, labels=labels, seed=cfg.seed)
         router_ids = {id(p) for p in model.router_parameters()}
         leaked = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in router_ids]
         if leaked:  # MiXSE.from_adapters freezes base and experts; training them here would be a silent bug

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 from .io_utils import PathLike
 from .choices import LR_SCHEDULERS as SCHEDULERS
 from .choices import MIXED_PRECISIONS as PRECISIONS
-from .choices import PROMPT_FORMATS, ROUTER_KINDS, check_aux_loss, check_hyper_sizes
+from .choices import EXPERT_KINDS, PROMPT_FORMATS, ROUTER_CHOICES, check_aux_loss, check_hyper_sizes
 
 __all__ = ["TrainConfig", "TrainState", "TrainResult", "TrainingInterrupted", "CheckpointError", "NonFiniteLossError",
            "DistributedError", "SCHEDULERS", "PRECISIONS", "BOOKKEEPING_FIELDS"]
@@ -27,6 +27,10 @@ __all__ = ["TrainConfig", "TrainState", "TrainResult", "TrainingInterrupted", "C
 # which covers every token), so "auto" and the format it picks resume each other, a switch is refused, and
 # runs saved before the field existed (all Alpaca) still resume.
 BOOKKEEPING_FIELDS = frozenset({"save_steps", "logging_steps", "progress", "prompt_format"})
+# Fields added with the related designs (HyperExpert, rank-1 experts, intuition routing): written only when
+# not at their default, so runs saved before they existed keep the same identity (and resume).
+_LATER_DEFAULTS = {"hyper_expert": None, "experts": "lora", "mix_and_match": None, "expert_top_k": None,
+                   "intuition": False, "intuition_clusters": 32, "intuition_layer": 0}
 
 
 @dataclass
@@ -46,7 +50,11 @@ class TrainConfig:
     tokenizer's chat template when it has one, else Alpaca; ``"chat"``; ``"alpaca"``.
     ``lora_*``/``target_modules`` apply to expert training (``target_modules``: ``"all-linear"`` = every
     ``nn.Linear`` in the decoder layers, a list of names/suffixes, or a full-match regex); ``router``,
-    ``top_k``, ``aux_loss``, ``hyper_expert`` (HyperMoE's HyperExpert sizes, or None) to router training.
+    ``top_k``, ``aux_loss``, ``hyper_expert`` (HyperMoE's HyperExpert sizes, or None) to router training
+    (``router="intuition"``: the shared router with an intuition prior, :mod:`selfmoe.intuition`). ``experts="rank1"`` makes expert training a mixture of ``lora_r``
+    rank-1 experts (or ``mix_and_match = [r1, r2]`` pairs) with ``expert_top_k`` experts per token (None:
+    all) and, with ``intuition=True``, an intuition prior of ``intuition_clusters`` k-means clusters;
+    ``intuition_layer``: the hidden state the prior pools (0: token embeddings).
     ``save_steps``/``logging_steps``/``progress`` are bookkeeping and may change when resuming; every
     other field must match the saved run.
     """
@@ -76,6 +84,12 @@ class TrainConfig:
     top_k: int = 1
     aux_loss: Dict[str, float] = field(default_factory=dict)
     hyper_expert: Optional[Dict[str, int]] = None
+    experts: str = "lora"
+    mix_and_match: Optional[List[int]] = None
+    expert_top_k: Optional[int] = None
+    intuition: bool = False
+    intuition_clusters: int = 32
+    intuition_layer: int = 0
     save_steps: int = 200
     logging_steps: int = 10
     progress: bool = True
@@ -118,7 +132,20 @@ class TrainConfig:
         need(isinstance(self.target_modules, str) or (isinstance(self.target_modules, list) and self.target_modules
                                                       and all(isinstance(t, str) for t in self.target_modules)),
              "target_modules", "must be 'all-linear', a regex string or a non-empty list of module names")
-        need(self.router in ROUTER_KINDS, "router", f"must be one of {ROUTER_KINDS}")
+        need(self.router in ROUTER_CHOICES, "router", f"must be one of {ROUTER_CHOICES}")
+        need(self.experts in EXPERT_KINDS, "experts", f"must be one of {EXPERT_KINDS}")
+        need(self.mix_and_match is None or (isinstance(self.mix_and_match, (list, tuple)) and len(self.mix_and_match) == 2
+                                            and all(is_int(v) and v >= 1 for v in self.mix_and_match)),
+             "mix_and_match", "must be None or two ints >= 1 [r1, r2]")
+        if self.mix_and_match is not None:
+            self.mix_and_match = list(self.mix_and_match)
+        need(self.expert_top_k is None or (is_int(self.expert_top_k) and self.expert_top_k >= 1), "expert_top_k",
+             "must be None (all experts) or an int >= 1")
+        need(isinstance(self.intuition, bool), "intuition", "must be true or false")
+        need(is_int(self.intuition_clusters) and self.intuition_clusters >= 1, "intuition_clusters", "must be an int >= 1")
+        need(is_int(self.intuition_layer) and self.intuition_layer >= 0, "intuition_layer", "must be an int >= 0")
+        need(self.experts == "rank1" or (self.mix_and_match is None and self.expert_top_k is None and not self.intuition),
+             "experts", "must be 'rank1' for mix_and_match, expert_top_k and intuition")
         need(is_int(self.top_k) and self.top_k >= 1, "top_k", "must be an int >= 1")
         try:
             self.aux_loss = check_aux_loss(dict(self.aux_loss))
@@ -132,8 +159,12 @@ class TrainConfig:
         need(is_int(self.logging_steps) and self.logging_steps >= 1, "logging_steps", "must be an int >= 1")
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain JSON-compatible dict (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON-compatible dict (tuples become lists; the later fields only when set)."""
+        d = json.loads(json.dumps(dataclasses.asdict(self)))
+        for key, default in _LATER_DEFAULTS.items():
+            if d.get(key) == default:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "TrainConfig") -> "TrainConfig":

@@ -143,3 +143,21 @@ def test_demo_reruns_exactly_the_stages_downstream_of_a_redone_one(tmp_path, cap
     assert rows[0].startswith("stage,seconds,skipped,device") and len(rows) == 1 + len(STAGES)
     timed = {r.split(",")[0]: r.split(",")[1] for r in rows[1:]}
     assert all((timed[n] != "") == (n in rerun) for n in STAGES)
+
+
+def test_demo_intuition_adds_its_row_to_a_finished_demo(tmp_path, capsys):
+    # --intuition on a finished demo: only the intuition MiXSE, its eval and the comparison run
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--output", str(out), "--no-progress", "--eval-size", "2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--intuition"]) == 0
+    stdout, err = capsys.readouterr()
+    for name in ("mixse-intuition", "eval-mixse-intuition", "compare"):
+        assert f"] {name} ..." in err
+    for name in ("specialize", "expert-math", "mixse", "eval-mixse-top1", "eval-base"):
+        assert f"] {name}: done already, skipped" in err
+    assert "| mixse-intuition |" in stdout and "| mixse-top1 |" in stdout
+    cfg = json.loads((out / "mixse-intuition" / "mixse_config.json").read_text())
+    assert cfg["router"] == "shared" and cfg["intuition"]["clusters"] == len(DOMAINS)
+    assert '"mixse-intuition"' in (out / "results.json").read_text()

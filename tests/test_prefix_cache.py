@@ -234,11 +234,17 @@ def test_decode_loop_drives_a_mixse_like_generate(tmp_path, router):
         assert gen.generate(prompts, cfg) == ref
 
 
-def test_decode_loop_is_refused_for_xlora_routing(tmp_path):
+@pytest.mark.parametrize("kind", ["xlora", "intuition"])
+def test_decode_loop_is_refused_for_routing_with_state_per_cache(tmp_path, kind):
+    from selfmoe.intuition import IntuitionConfig
     from selfmoe.model import MiXSE
 
     base, tok = load_tiny_lm(save_tiny_lm(tmp_path / "lm"))
-    mixse = MiXSE.from_scratch(base, num_experts=2, r=4, lora_alpha=8, top_k=1, router="xlora")
-    assert not supports_prefix_cache(mixse)  # its scaling pass keeps a cache of its own
+    if kind == "xlora":  # the scaling pass keeps a cache of its own
+        mixse = MiXSE.from_scratch(base, num_experts=2, r=4, lora_alpha=8, top_k=1, router="xlora")
+    else:  # the prompt's prior is kept per cache and row
+        mixse = MiXSE.from_scratch(base, num_experts=2, r=4, lora_alpha=8, top_k=1,
+                                   intuition=IntuitionConfig(clusters=2, dim=base.config.hidden_size, layer=0))
+    assert not supports_prefix_cache(mixse)
     gen = HFGenerator(mixse, tok, batch_size=2, progress=False, decode_loop=True, prefix_cache=True)
     assert not gen.decode_loop and not gen.prefix_cache
