@@ -14,7 +14,7 @@ of transformers' logits warpers) and draws from the global RNG (seeded by the ca
 """
 from __future__ import annotations
 
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -62,15 +62,22 @@ def _stop_hit(tokenizer: Any, row: List[int], stops: Sequence[str], window: int)
 def decode_shared_prefix(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int]], prefix_len: int, *,
                          max_new_tokens: int, eos_ids: Sequence[int], pad_id: int, stop: Sequence[str] = (),
                          do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                         top_k: int = 0) -> Tuple[List[List[int]], int]:
+                         top_k: int = 0, on_rows: Optional[Callable[[List[int]], None]] = None
+                         ) -> Tuple[List[List[int]], int]:
     """Generate for ``seqs`` (token lists sharing their first ``prefix_len`` tokens, ``prefix_len`` shorter
     than every seq; 0: nothing shared, the rows are simply left-padded). Returns the new tokens of each row
     (EOS included when it ended there; a row that hit a stop string ends with the token that completed it)
-    and the row-steps computed."""
+    and the row-steps computed. ``on_rows``: told, before the first forward and whenever rows left, which
+    rows of ``seqs`` the batch holds, in order (e.g. to keep statistics per row; needs ``prefix_len`` 0,
+    since the prefix runs as one row for all)."""
     B = len(seqs)
     if prefix_len < 0 or any(len(s) <= prefix_len for s in seqs):
         raise ValueError(f"prefix_len {prefix_len} must be >= 0 and shorter than every sequence "
                          f"(lengths {sorted(len(s) for s in seqs)[:5]}...)")
+    if on_rows is not None and prefix_len:
+        raise ValueError(f"on_rows needs prefix_len 0 (got {prefix_len}): a shared prefix runs as one row for all")
+    if on_rows is not None:
+        on_rows(list(range(B)))
     device = next(model.parameters()).device
     ids, mask, positions = suffix_block(seqs, prefix_len, pad_id, device)
     name = cache_kwarg(model)
@@ -109,6 +116,8 @@ def decode_shared_prefix(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int
             cache.batch_select_indices(index)
             chosen, mask, next_pos = chosen[index], mask[index], next_pos[index]
             alive = [alive[b] for b in keep]
+            if on_rows is not None:
+                on_rows(list(alive))
         mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         logits = model(input_ids=chosen[:, None], attention_mask=mask, position_ids=next_pos[:, None], **kw).logits[:, -1]
         next_pos = next_pos + 1

@@ -438,13 +438,13 @@ def _calls(groups: Dict[Tuple[str, Optional[str]], List[int]], loglik: bool, chu
            ) -> List[Tuple[int, int, str, bool, List[Tuple[Tuple[str, Optional[str]], List[int]]]]]:
     """The model calls of an evaluation: ``(n, calls of its kind, task, by_loglik, [(group, indices)])``.
 
-    Multiple choice scored by log-likelihood, and every group when routing statistics are collected
-    (``per_group``: statistics are reported per task and domain), run group by group in chunks of
-    ``chunk``. Otherwise the generated groups (all greedy with the same settings) are chained and cut
-    into chunks across groups: on a CPU a decode step costs about the same for 2 rows as for 16 (it is
-    reading the weights), so one batch over several small groups takes far fewer steps than a batch
-    per group. Chunks are cut from the full index lists, never from what is left to do, so a resumed run
-    makes the same calls as an uninterrupted one.
+    Multiple choice scored by log-likelihood runs group by group in chunks of ``chunk``, and so does
+    every group when ``per_group`` (routing statistics wanted from a generator that cannot say which
+    batch row is which prompt). Otherwise the generated groups (all greedy with the same settings) are
+    chained and cut into chunks across groups: on a CPU a decode step costs about the same for 2 rows
+    as for 16 (it is reading the weights), so one batch over several small groups takes far fewer steps
+    than a batch per group. Chunks are cut from the full index lists, never from what is left to do, so
+    a resumed run makes the same calls as an uninterrupted one.
     """
     out: List[Tuple[int, int, str, bool, List[Tuple[Tuple[str, Optional[str]], List[int]]]]] = []
     chained: List[Tuple[Tuple[str, Optional[str]], int]] = []
@@ -470,11 +470,16 @@ def _generate(examples: List[EvalExample], groups: Dict[Tuple[str, Optional[str]
               ) -> Tuple[Dict[int, Any], List[Tuple[int, Dict[str, Any]]]]:
     """A completion (or, for multiple choice by log-likelihood, an :class:`OptionScores`) per example,
     made call by call (:func:`_calls`) and saved by ``writer`` after each; what the writer already holds
-    is reused. ``stats_model``: the MiXSE whose routing statistics are collected per call (None: none). Returns the results by example index, and the
-    chunks' routing summaries keyed by their first index."""
+    is reused. ``stats_model``: the MiXSE whose routing statistics are collected per group of each call
+    (None: none); a call over several groups keeps them apart by batch row (the HF generator's
+    ``row_listener`` and :meth:`selfmoe.MiXSE.routing_stats_by_rows`). Returns the results by example
+    index, and the routing summaries, one per group of a call, keyed by that group's first index."""
     done: Dict[int, Any] = dict(writer.completions) if writer else {}
     parts: List[Tuple[int, Dict[str, Any]]] = list(writer.routing) if writer else []
-    for n, n_calls, task, by_loglik, members in _calls(groups, runners.loglik, chunk, per_group=stats_model is not None):
+    rows_known = stats_model is not None and hasattr(runners.get_generator(), "row_listener") \
+        and hasattr(stats_model, "routing_stats_by_rows")
+    for n, n_calls, task, by_loglik, members in _calls(groups, runners.loglik, chunk,
+                                                       per_group=stats_model is not None and not rows_known):
         todo = [(g, i) for g, part in members for i in part if i not in done]
         if not todo:
             continue
@@ -488,11 +493,22 @@ def _generate(examples: List[EvalExample], groups: Dict[Tuple[str, Optional[str]
         else:
             generator = runners.get_generator()
             run = lambda: generator.generate(prompts, config, desc=desc)  # noqa: E731
-        summary = None
-        if stats_model is not None:
+        summaries: Dict[Tuple[str, Optional[str]], Dict[str, Any]] = {}
+        if stats_model is not None and len(members) > 1:  # several groups share the batches: split by row
+            member_of = {g: m for m, (g, _) in enumerate(members)}
+            row_group = [member_of[g] for g, _ in todo]
+            with stats_model.routing_stats_by_rows(len(members)) as grouped:
+                generator.row_listener = lambda rows: grouped.set_rows([row_group[j] for j in rows])
+                try:
+                    outs = run()
+                finally:
+                    generator.row_listener = None
+            summaries = {g: grouped.groups[member_of[g]].summary() for g, part in members
+                         if any(i not in done for i in part)}
+        elif stats_model is not None:
             with stats_model.routing_stats() as stats:
                 outs = run()
-            summary = stats.summary()
+            summaries = {members[0][0]: stats.summary()}
         else:
             outs = run()
         if len(outs) != len(prompts):
@@ -502,13 +518,14 @@ def _generate(examples: List[EvalExample], groups: Dict[Tuple[str, Optional[str]
         else:
             new = {i: c if isinstance(c, Completion) else Completion(str(c), "stop") for (_, i), c in zip(todo, outs)}
         done.update(new)
-        if summary is not None:
-            parts.append((todo[0][1], summary))
-        if writer is not None:  # one saved line per group of the call (a line never mixes tasks or domains)
-            for g, part in members:
-                mine = {i: new[i] for i in part if i in new}
-                if mine:
-                    writer.append(g[0], mine, summary, g[1])
+        for g, part in members:
+            mine = {i: new[i] for i in part if i in new}
+            if not mine:
+                continue
+            if g in summaries:
+                parts.append((next(iter(mine)), summaries[g]))
+            if writer is not None:  # one saved line per group of the call (a line never mixes tasks or domains)
+                writer.append(g[0], mine, summaries.get(g), g[1])
     return done, parts
 
 

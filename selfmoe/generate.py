@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -133,6 +133,10 @@ class HFGenerator(BatchedRunner):
     ``prefix_cache``, which implies it).
     ``counters`` adds up, over calls: prompts, prompt tokens, prefill tokens actually computed,
     generated tokens, and decode row-steps computed (what a benchmark reports).
+    ``row_listener``: when set, called with the indices (into ``prompts`` of the current ``generate``
+    call) of the rows the model is about to run, at each batch's start and, in the decode loop,
+    whenever rows left (e.g. :meth:`selfmoe.MiXSE.routing_stats_by_rows`); no shared-prefix prefill
+    then, since a prefix runs as one row for all.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, progress: bool = True,
@@ -150,6 +154,7 @@ class HFGenerator(BatchedRunner):
         self.min_shared_prefix = min_shared_prefix
         self.counters = {"prompts": 0, "prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0,
                          "decode_row_steps": 0}
+        self.row_listener: Optional[Callable[[List[int]], None]] = None
         self.eos_ids = _eos_ids(model, tokenizer)
         if not self.eos_ids:
             raise ValueError("neither the tokenizer nor the model's generation_config has an eos_token_id")
@@ -185,15 +190,20 @@ class HFGenerator(BatchedRunner):
         return ids.to(device), mask.to(device)
 
     def _generate_batch(self, seqs: Sequence[List[int]], device: torch.device, config: SamplingConfig,
-                        kwargs: dict) -> List[List[int]]:
-        """The new tokens of each row of one batch (EOS kept where a row ended with it)."""
+                        kwargs: dict, batch: Sequence[int] = ()) -> List[List[int]]:
+        """The new tokens of each row of one batch (EOS kept where a row ended with it); ``batch``: the
+        rows' prompt indices (for :attr:`row_listener`)."""
         from .prefix_cache import common_prefix_length
 
         self.counters["prompts"] += len(seqs)
         self.counters["prompt_tokens"] += sum(len(s) for s in seqs)
-        shared = common_prefix_length(seqs) if self.prefix_cache and len(seqs) > 1 else 0
+        listener = self.row_listener
+        shared = common_prefix_length(seqs) if self.prefix_cache and len(seqs) > 1 and listener is None else 0
         if shared < self.min_shared_prefix:
             shared = 0
+        on_rows = None
+        if listener is not None:
+            on_rows = lambda rows: listener([batch[j] for j in rows])  # noqa: E731
         if self.decode_loop:
             from .decode_loop import decode_shared_prefix
 
@@ -202,9 +212,11 @@ class HFGenerator(BatchedRunner):
             rows, steps = decode_shared_prefix(
                 self.model, self.tokenizer, seqs, shared, max_new_tokens=config.max_new_tokens, eos_ids=self.eos_ids,
                 pad_id=self.pad_id, stop=config.stop, do_sample=config.do_sample, temperature=config.temperature,
-                top_p=config.top_p, top_k=config.top_k)
+                top_p=config.top_p, top_k=config.top_k, on_rows=on_rows)
             self.counters["decode_row_steps"] += steps
             return rows
+        if on_rows is not None:  # generate keeps every row to the end
+            on_rows(list(range(len(seqs))))
         ids, mask = self._left_pad(seqs, device)
         self.counters["prefill_tokens"] += ids.numel()  # padding is computed too
         gen = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -266,7 +278,7 @@ class HFGenerator(BatchedRunner):
             bar = tqdm(total=len(prompts), desc=desc or "generate", disable=not self.progress, unit="seq", leave=False)
             for batch in batches:
                 seqs = [encoded[i] for i in batch]
-                rows = self._generate_batch(seqs, device, config, kwargs)
+                rows = self._generate_batch(seqs, device, config, kwargs, batch)
                 for row, i in zip(rows, batch):
                     out[i] = self._decode(row, config)
                     self.counters["generated_tokens"] += len(row)

@@ -40,7 +40,7 @@ from .mixse_config import CONFIG_NAME, EXPERTS_NAME, ROUTER_NAME, MiXSEConfig
 from .intuition import IntuitionConfig, IntuitionPrior, kmeans, masked_mean
 from .placements import _cache_argument, _new_cache, input_arg, make_placement
 from .routers import ROUTING_MODES, RouterState, TopKRouter, check_top_k, compute_aux_loss
-from .stats import RoutingStats
+from .stats import RoutingStats, RowGroupedStats
 from .targets import find_decoder_layers, layer_index_of, linear_modules, model_device
 
 __all__ = ["MiXSE", "MiXSEConfig", "CONFIG_NAME", "EXPERTS_NAME", "ROUTER_NAME"]
@@ -515,6 +515,18 @@ class MiXSE(nn.Module):
             stats.summary()  # {layer: {"usage": {expert: fraction}, "mean_gate": ..., "tokens": n}}
         """
         stats = RoutingStats(self.expert_names)
+        previous, self._state.stats = self._state.stats, stats
+        try:
+            yield stats
+        finally:
+            self._state.stats = previous
+
+    @contextlib.contextmanager
+    def routing_stats_by_rows(self, num_groups: int) -> Iterator[RowGroupedStats]:
+        """Like :meth:`routing_stats`, but kept apart for ``num_groups`` groups of batch rows: call
+        ``set_rows([group of each row])`` on the yielded object before each forward whose batch
+        changed; its ``groups[g]`` is group ``g``'s :class:`RoutingStats`."""
+        stats = RowGroupedStats(self.expert_names, num_groups)
         previous, self._state.stats = self._state.stats, stats
         try:
             yield stats

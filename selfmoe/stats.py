@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["RoutingStats", "overall_shares", "routing_overview", "format_routing_overview"]
+__all__ = ["RoutingStats", "RowGroupedStats", "overall_shares", "routing_overview", "format_routing_overview"]
 
 #: A per-key summary: ``{key: {"tokens": int, "usage": {expert: float}, "mean_gate": ..., "mean_prob": ...}}``.
 PerKey = Mapping[str, Mapping[str, Any]]
@@ -161,6 +161,45 @@ def _weighted(per_key: PerKey, stat: str) -> tuple:
         for name, v in values.items():
             sums[name] = sums.get(name, 0.0) + float(v) * t
     return sums, weight
+
+
+class RowGroupedStats:
+    """Routing statistics kept apart for groups of batch rows: one :class:`RoutingStats` per group
+    (:attr:`groups`), so that prompts of several groups (e.g. benchmark domains) can share a batch.
+
+    Before each forward whose batch composition changed, :meth:`set_rows` says which group each batch
+    row belongs to; a router call then adds each row to its group's counters. It stands wherever a
+    :class:`RoutingStats` is updated (:meth:`selfmoe.MiXSE.routing_stats_by_rows`).
+    """
+
+    def __init__(self, expert_names: Sequence[str], num_groups: int) -> None:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"num_groups must be an int >= 1, got {num_groups!r}")
+        self.groups: List[RoutingStats] = [RoutingStats(expert_names) for _ in range(num_groups)]
+        self._rows: Optional[torch.Tensor] = None  # [B] group of each batch row
+
+    def set_rows(self, groups: Optional[Sequence[int]]) -> None:
+        """The group of each row of the coming forwards (``None``: unknown; an update then fails)."""
+        if groups is not None and any(not 0 <= int(g) < len(self.groups) for g in groups):
+            raise ValueError(f"row groups must lie in [0, {len(self.groups)}), got {list(groups)[:8]}")
+        self._rows = None if groups is None else torch.as_tensor([int(g) for g in groups], dtype=torch.long)
+
+    @torch.no_grad()
+    def update(self, key: str, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+               probs: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> None:
+        """:meth:`RoutingStats.update` of each row's group (the gates' first dim is the batch row)."""
+        rows = self._rows
+        if rows is None:
+            raise RuntimeError("RowGroupedStats: a router ran before set_rows() said which group each batch row is in")
+        if expert_ids.dim() < 2 or expert_ids.shape[0] != rows.numel():
+            raise RuntimeError(f"RowGroupedStats: gates {list(expert_ids.shape)} for {rows.numel()} batch rows "
+                               "(row-grouped statistics need [B, ..., k] gates)")
+        rows = rows.to(expert_ids.device)
+        for g in torch.unique(rows).tolist():  # a handful of groups per batch, never a loop over tokens
+            sel = (rows == g).nonzero().squeeze(1)
+            self.groups[g].update(key, expert_ids.index_select(0, sel), expert_weights.index_select(0, sel),
+                                  None if probs is None else probs.index_select(0, sel),
+                                  None if mask is None else mask.index_select(0, sel))
 
 
 def overall_shares(per_key: PerKey, stat: str = "usage") -> Dict[str, float]:

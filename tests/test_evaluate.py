@@ -904,3 +904,62 @@ def test_cli_eval_finished_output_is_reused_refused_or_overwritten(lm_path, tmp_
     assert code == 0, err
     assert json.loads((out / "summary.json").read_text())["sampling"]["max_new_tokens"] == 3
     assert not (out / "predictions.partial.jsonl").exists()
+
+
+def test_routing_statistics_per_domain_when_domains_share_batches(lm_path, tmp_path):
+    """A MiXSE's generated domains share batches; its routing statistics still come out per domain, equal
+    to evaluating each domain on its own (rows are told apart as they enter and leave the batch)."""
+    from selfmoe import MiXSE
+
+    from _tiny_lm import load_tiny_lm
+
+    mixse_dir = make_mixse(lm_path, tmp_path)
+    records = [dict(r, domain="arith") for r in RECORDS if r["task"] == "numeric"] + \
+              [dict(r, domain="weather") for r in RECORDS if r["task"] == "exact_match"]
+    base, tok = load_tiny_lm(lm_path)
+    model = MiXSE.from_pretrained(mixse_dir, base)
+    calls = []
+    real = model.routing_stats_by_rows
+
+    def counting(num_groups):
+        calls.append(num_groups)
+        return real(num_groups)
+
+    model.routing_stats_by_rows = counting
+    shared = evaluate(model, tok, records, max_new_tokens=6, batch_size=4, routing_stats=True, progress=False)
+    assert calls == [2]  # one call over both domains, statistics split by row
+    for domain in ("arith", "weather"):
+        alone = evaluate(model, tok, [r for r in records if r["domain"] == domain], max_new_tokens=6, batch_size=4,
+                         routing_stats=True, progress=False)
+        got, ref = shared.routing_domains[domain], alone.routing_domains[domain]
+        assert got.keys() == ref.keys() and len(got) == 2  # both layers' routers
+        for layer in ref:
+            assert got[layer]["tokens"] == ref[layer]["tokens"] > 0
+            assert got[layer]["usage"] == pytest.approx(ref[layer]["usage"], abs=1e-9)
+            assert got[layer]["mean_gate"] == pytest.approx(ref[layer]["mean_gate"], abs=1e-6)
+    assert [p["response"] for p in shared.predictions] == \
+        [p["response"] for d in ("arith", "weather") for p in evaluate(
+            model, tok, [r for r in records if r["domain"] == d], max_new_tokens=6, batch_size=4,
+            progress=False).predictions]
+
+
+def test_row_grouped_stats_split_rows_and_refuse_unknown_rows():
+    from selfmoe.stats import RoutingStats, RowGroupedStats
+
+    grouped = RowGroupedStats(["x", "y"], 2)
+    ids, w = torch.tensor([[[0], [1]], [[1], [1]], [[0], [0]]]), torch.ones(3, 2, 1)  # [B=3, S=2, k=1]
+    with pytest.raises(RuntimeError, match="set_rows"):
+        grouped.update("l0", ids, w)
+    grouped.set_rows([1, 0, 1])
+    mask = torch.tensor([[True, True], [True, False], [True, True]])
+    grouped.update("l0", ids, w, mask=mask)
+    ref0, ref1 = RoutingStats(["x", "y"]), RoutingStats(["x", "y"])
+    ref0.update("l0", ids[1:2], w[1:2], mask=mask[1:2])
+    ref1.update("l0", ids[[0, 2]], w[[0, 2]], mask=mask[[0, 2]])
+    assert grouped.groups[0].summary() == ref0.summary() and grouped.groups[1].summary() == ref1.summary()
+    assert grouped.groups[1].summary()["l0"]["tokens"] == 4
+    with pytest.raises(RuntimeError, match=r"\[3, 2, 1\] for 2 batch rows"):
+        grouped.set_rows([0, 1])
+        grouped.update("l0", ids, w)
+    with pytest.raises(ValueError, match="row groups must lie in"):
+        grouped.set_rows([0, 2])

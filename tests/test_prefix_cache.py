@@ -248,3 +248,17 @@ def test_decode_loop_is_refused_for_routing_with_state_per_cache(tmp_path, kind)
     assert not supports_prefix_cache(mixse)
     gen = HFGenerator(mixse, tok, batch_size=2, progress=False, decode_loop=True, prefix_cache=True)
     assert not gen.decode_loop and not gen.prefix_cache
+
+
+def test_decode_loop_reports_the_rows_it_holds(lm):
+    from selfmoe.decode_loop import decode_shared_prefix
+
+    model, tok = lm
+    seqs = [encode_prompt(tok, HEAD + s) for s in SUFFIXES]
+    seen = []
+    rows, _ = decode_shared_prefix(model, tok, seqs, 0, max_new_tokens=6, eos_ids=[tok.eos_token_id],
+                                   pad_id=tok.pad_token_id, stop=("e",), on_rows=seen.append)
+    assert seen[0] == list(range(len(seqs))) and len(seen) > 1
+    assert all(set(b) < set(a) for a, b in zip(seen, seen[1:]))  # rows only leave
+    with pytest.raises(ValueError, match="on_rows needs prefix_len 0"):
+        decode_shared_prefix(model, tok, seqs, 4, max_new_tokens=2, eos_ids=[tok.eos_token_id], pad_id=0, on_rows=print)
