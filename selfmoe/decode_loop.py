@@ -18,7 +18,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .prefix_cache import cache_kwarg, last_logits_only, prefill_prefix, reserve_capacity, suffix_block
+from .prefix_cache import cache_kwarg, last_logits_only, output_cache, prefill_prefix, reserve_capacity, suffix_block
 
 __all__ = ["decode_shared_prefix", "next_tokens", "sampling_scores"]
 
@@ -88,7 +88,7 @@ def decode_shared_prefix(model: Any, tokenizer: Any, seqs: Sequence[Sequence[int
                     **last_logits_only(model), **{name: cache})
     else:  # the model starts its own cache with the block; room to grow is reserved once it holds the prompt
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_logits_only(model))
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        cache = output_cache(out)
         reserve_capacity(cache, mask.shape[1] + max_new_tokens)
     kw = {name: cache, "use_cache": True}
     logits = out.logits[:, -1]

@@ -476,8 +476,10 @@ def _generate(examples: List[EvalExample], groups: Dict[Tuple[str, Optional[str]
     index, and the routing summaries, one per group of a call, keyed by that group's first index."""
     done: Dict[int, Any] = dict(writer.completions) if writer else {}
     parts: List[Tuple[int, Dict[str, Any]]] = list(writer.routing) if writer else []
-    rows_known = stats_model is not None and hasattr(runners.get_generator(), "row_listener") \
-        and hasattr(stats_model, "routing_stats_by_rows")
+    # Only built when some group is generated (it would be anyway), so a log-likelihood-only run never builds it.
+    generated = any(not (task == "multiple_choice" and runners.loglik) for task, _ in groups)
+    rows_known = stats_model is not None and generated and hasattr(stats_model, "routing_stats_by_rows") \
+        and hasattr(runners.get_generator(), "row_listener")
     for n, n_calls, task, by_loglik, members in _calls(groups, runners.loglik, chunk,
                                                        per_group=stats_model is not None and not rows_known):
         todo = [(g, i) for g, part in members for i in part if i not in done]

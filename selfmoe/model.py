@@ -38,7 +38,8 @@ from .io_utils import PathLike
 from .layer import MoLoRALinear
 from .mixse_config import CONFIG_NAME, EXPERTS_NAME, ROUTER_NAME, MiXSEConfig
 from .intuition import IntuitionConfig, IntuitionPrior, kmeans, masked_mean
-from .placements import _cache_argument, _new_cache, input_arg, make_placement
+from .placements import _new_cache, input_arg, make_placement
+from .prefix_cache import cache_kwarg
 from .routers import ROUTING_MODES, RouterState, TopKRouter, check_top_k, compute_aux_loss
 from .stats import RoutingStats, RowGroupedStats
 from .targets import find_decoder_layers, layer_index_of, linear_modules, model_device
@@ -397,7 +398,7 @@ class MiXSE(nn.Module):
         cache is empty (or absent), else the one kept for that cache (a generated token reuses its
         prompt's prior). Returns the forward's kwargs, with a cache added when ``use_cache`` needs one
         (so the prior can be kept against it)."""
-        cache_name = _cache_argument(module)
+        cache_name = cache_kwarg(module)
         past = kwargs.get("cache", kwargs.get("past_key_values"))
         input_ids = input_arg(args, kwargs, "input_ids", 0)
         embeds = kwargs.get("inputs_embeds")

@@ -26,6 +26,7 @@ from torch import nn
 
 from .layer import MoLoRALinear
 from .mixse_config import MiXSEConfig
+from .prefix_cache import cache_kwarg
 from .routers import GateSlot, TopKRouter
 from .targets import hidden_size_of
 
@@ -197,7 +198,7 @@ class XLoRAPlacement(Placement):
                 named[name] = value
         # transformers 5.24 renamed the cache argument ``past_key_values`` -> ``cache`` (the old name is
         # still accepted by callers until 5.40): read either, hand the inner model the name it declares.
-        cache_name = _cache_argument(module)
+        cache_name = cache_kwarg(module)
         past = named.pop("cache", None)
         legacy = named.pop("past_key_values", None)
         if past is None:
@@ -280,13 +281,6 @@ def make_placement(kind: str) -> Placement:
     if kind not in PLACEMENTS:
         raise ValueError(f"router must be one of {tuple(PLACEMENTS)}, got {kind!r}")
     return PLACEMENTS[kind]()
-
-
-def _cache_argument(module: nn.Module) -> str:
-    """The name under which ``module.forward`` takes its KV cache: ``cache`` from transformers 5.24 on,
-    ``past_key_values`` before."""
-    params = inspect.signature(module.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _new_cache(config: Any) -> Any:

@@ -18,7 +18,7 @@ from typing import Any, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["common_prefix_length", "suffix_block", "last_logits_only", "prefill_prefix", "cache_kwarg", "supports_prefix_cache",
+__all__ = ["common_prefix_length", "suffix_block", "last_logits_only", "prefill_prefix", "cache_kwarg", "output_cache", "supports_prefix_cache",
            "prefix_batches"]
 
 
@@ -66,6 +66,11 @@ def cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(_forward_owner(model).forward).parameters else "past_key_values"
 
 
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (``out.cache`` from transformers 5.24 on, ``past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
 def last_logits_only(model: Any) -> dict:
     """Forward kwargs that make ``model`` compute the logits of the last position only, where it can."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(_forward_owner(model).forward).parameters else {}
@@ -110,7 +115,7 @@ def prefill_prefix(model: Any, prefix: Sequence[int], batch_size: int) -> Any:
     device = next(model.parameters()).device
     ids = torch.as_tensor([list(prefix)], dtype=torch.long, device=device)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **last_logits_only(model))
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
+    cache = output_cache(out)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         raise TypeError(f"{type(model).__name__} returned no repeatable KV cache ({type(cache).__name__})")
     if batch_size > 1:
