@@ -78,9 +78,14 @@ def _top1_forward(inp: LoRAMixInputs, ids: torch.Tensor) -> torch.Tensor:
     if T == 1:  # plain GEMVs: bmm on a CPU splits its batch with a select per matrix
         E, r, _ = inp.lora_A.shape
         N = y.shape[1]
-        h = torch.mm(inp.lora_A.index_select(0, ids).view(r, K), x.t())  # [r, 1]
+        if x.is_cuda:
+            a_sel, b_sel = inp.lora_A.index_select(0, ids).view(r, K), inp.lora_B.index_select(0, ids).view(N, r)
+        else:  # reading the id costs no device sync here, and a view costs less than index_select's copy
+            e = int(ids)
+            a_sel, b_sel = inp.lora_A[e], inp.lora_B[e]  # [r, K], [N, r]: the same contiguous blocks
+        h = torch.mm(a_sel, x.t())  # [r, 1]
         h.mul_(inp.gates)  # gates [1, 1]
-        y.view(N, 1).addmm_(inp.lora_B.index_select(0, ids).view(N, r), h, alpha=inp.uniform)
+        y.view(N, 1).addmm_(b_sel, h, alpha=inp.uniform)
         return y
     h = torch.bmm(inp.lora_A.index_select(0, ids), x.unsqueeze(2))  # [T, r, 1]
     h.mul_(inp.gates.unsqueeze(2))  # gates [T, 1] -> [T, 1, 1]

@@ -29,7 +29,7 @@ The backend (``TORCH``) takes prepared inputs (contract.py); ``lora_mix_torch`` 
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -115,21 +115,32 @@ def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
     return torch.cat(lora_B.unbind(0), dim=1)
 
 
-def _dense_small_forward(inp: LoRAMixInputs) -> torch.Tensor:
+def scaled_dense_gates(inp: LoRAMixInputs) -> torch.Tensor:
+    """``[T, E]`` per-expert gates times each expert's scaling, in the accumulation dtype.
+
+    Gate x scaling is rounded once, then multiplied onto H: the very products of the general path, so
+    ``dense-small`` is bitwise the same as ``forward`` (tested). Depends only on the gates and the
+    scaling, so the projections that share one router call can share it (torch_inference.py).
+    """
+    E = inp.lora_A.shape[0]
+    ids = inp.ids if inp.ids.dtype == torch.int64 else inp.ids.long()
+    gates = dense_gates(ids, inp.gates, E, _acc_dtype(inp.x))  # [T, E]
+    return gates * (inp.scaling if inp.uniform is None else inp.uniform)
+
+
+def _dense_small_forward(inp: LoRAMixInputs, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The dense-rank forward for a few tokens without autograd, in as few ops as possible.
 
     At decode sizes every op's fixed cost outweighs its arithmetic, so the gates go straight onto the
     rank columns with one broadcasting multiply (no expander GEMM, no saved tensors; at large T that
-    multiply is the slower one, see ``_expander``).
+    multiply is the slower one, see ``_expander``). ``gates``: ``scaled_dense_gates(inp)`` when the
+    caller already has it.
     """
     x, lora_A = inp.x, inp.lora_A
     T, K = x.shape
     E, r, _ = lora_A.shape
-    ids = inp.ids if inp.ids.dtype == torch.int64 else inp.ids.long()
-    gates = dense_gates(ids, inp.gates, E, _acc_dtype(x))  # [T, E]
-    # gate x scaling rounded once, then times H: the very products of the general path, so the
-    # result is bitwise the same as ``forward``'s (tested).
-    gates = gates * (inp.scaling if inp.uniform is None else inp.uniform)
+    if gates is None:
+        gates = scaled_dense_gates(inp)  # [T, E]
     h = _mm_acc(x, lora_A.view(E * r, K).t())  # [T, E*r]
     hg = (h.view(T, E, r) * gates.view(T, E, 1)).to(x.dtype).view(T, E * r)
     B_all = _stack_B(inp.lora_B)  # [N, E*r]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from selfmoe.kernels import lora_mix
+from selfmoe.kernels.torch_inference import lora_mix_small_inference
 
 from .rank1 import check_mix_and_match, mix_and_match_lora, pair_of
 from .routers import ROUTING_MODES, GateSlot, TopKRouter, check_top_k
@@ -344,6 +345,7 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         # Ids from our own routers come out of top-k over E logits: always in range, so skip the range
         # check (a device sync per call on CUDA). Ids passed in by the caller are checked.
         from_router = expert_ids is None
+        slot = None
         if expert_ids is None:
             slot = self.gate_slot
             if slot is not None:
@@ -369,6 +371,15 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
                 raise ValueError(
                     f"{self._name()}: gates {_shape(expert_ids)} do not match the tokens of x {_shape(x)}"
                 )
+        if (from_router and self.mix_and_match is None and self.hyper_expert is None
+                and self._uniform_scaling is not None):
+            # Decode on a CPU: the same numbers without lora_mix's per-call checks (ours were done when
+            # the parameters were made; our router's ids are in range). None: not such a call.
+            y = lora_mix_small_inference(
+                x, self.lora_A, self.lora_B, expert_ids, expert_weights, self._uniform_scaling,
+                self.base_layer.weight, self.base_layer.bias, None if slot is None else slot.memo)
+            if y is not None:
+                return y
         try:
             if self.mix_and_match is not None:  # the factored product (rank1.py says why not lora_mix)
                 if not from_router and expert_ids.numel() and not (

@@ -20,7 +20,7 @@ router call and combined by :func:`compute_aux_loss`; see :data:`AUX_LOSSES`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,20 +77,25 @@ class GateSlot:
     ``bypass`` switches the experts off for every module reading the slot (X-LoRA's scaling pass).
     """
 
-    __slots__ = ("name", "ids", "weights", "bypass")
+    __slots__ = ("name", "ids", "weights", "bypass", "memo")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.ids: Optional[torch.Tensor] = None
         self.weights: Optional[torch.Tensor] = None
         self.bypass = False
+        # What the readers derive from these gates alone (e.g. the dense per-expert gates of a decode
+        # step), computed by the first reader and reused by the rest; emptied whenever the gates change.
+        self.memo: Dict[Any, torch.Tensor] = {}
 
     def set(self, weights: torch.Tensor, ids: torch.Tensor) -> None:
         """Store one router call's gates, in the order the router returns them: ``(weights, ids)``."""
         self.weights, self.ids = weights, ids
+        self.memo = {}
 
     def clear(self) -> None:
         self.ids = self.weights = None
+        self.memo = {}
 
     def get(self, requester: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(weights, ids)`` of the current forward; ``requester`` is named in the error when empty."""

@@ -16,9 +16,9 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")]
 
 
-def _mixse(dtype: torch.dtype, seed: int) -> MiXSE:
+def _mixse(dtype: torch.dtype, seed: int, top_k: int = 2) -> MiXSE:
     base = build_model(97, seed=seed).to(dtype).eval()
-    model = MiXSE.from_scratch(base, num_experts=4, r=3, lora_alpha=5, top_k=2, router="shared")
+    model = MiXSE.from_scratch(base, num_experts=4, r=3, lora_alpha=5, top_k=top_k, router="shared")
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in model.lora_modules.values():
@@ -61,3 +61,33 @@ def test_decode_paths_equal_the_general_path(monkeypatch, dtype, batch):
         with model.disable_experts():
             bare = _decode_logits(model, prompt, 6)
     assert rel_err(bare, general) > 100 * TOL[dtype]
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layer_inference_shortcut_is_bitwise_the_op(monkeypatch, top_k, batch):
+    """MoLoRALinear's decode shortcut (torch_inference.py, no per-call checks, gates shared per layer)
+    gives exactly lora_mix's numbers, and it is really taken at decode."""
+    import selfmoe.layer as layer_module
+
+    seed = 5 * batch + top_k
+    model = _mixse(torch.float32, seed, top_k=top_k)
+    prompt = torch.randint(1, 97, (batch, 5), generator=torch.Generator().manual_seed(seed))
+    monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    real = layer_module.lora_mix_small_inference
+    served = []
+
+    def counting(*args, **kwargs):
+        y = real(*args, **kwargs)
+        served.append(y is not None)
+        return y
+
+    monkeypatch.setattr(layer_module, "lora_mix_small_inference", counting)
+    with model.routing_stats() as stats:
+        short = _decode_logits(model, prompt, 5)
+    assert (stats.usage_matrix().sum(0) > 0).sum() >= 3, "the tokens must spread over the experts"
+    assert sum(served) >= 5 * len(model.lora_modules)  # every decode step of every projection
+    monkeypatch.setattr(layer_module, "lora_mix_small_inference", lambda *a, **k: None)
+    through_op = _decode_logits(model, prompt, 5)
+    assert torch.isfinite(short).all()
+    assert torch.equal(short, through_op)

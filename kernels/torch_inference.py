@@ -1,0 +1,74 @@
+"""The torch path's decode-sized inference call without the public op's per-call bookkeeping.
+
+A decode step of a Self-MoE model calls the routed linear 7 times per layer, each on a handful of
+tokens, where ``lora_mix``'s validation, autocast probe, backend resolution, input preparation and
+path choice cost as much as the arithmetic (benchmarks/NOTES.md, issue 13 item 2). A caller whose
+parameters were checked when they were made (``MoLoRALinear``), with ids from its own router, can
+skip all of that here. It computes with the very functions ``lora_mix`` would pick for the call
+(``gathered`` or ``dense-small``, torch_dispatch.py), so the result is bitwise the same (tested).
+
+``memo`` lets the projections that read one router call share what depends only on the gates: a dict
+the caller empties whenever the gates change (``GateSlot`` does, on ``set`` and ``clear``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+from .contract import LoRAMixInputs, _uniform_scaling
+from .torch_dispatch import ENV_TORCH_PATH, SMALL_T
+from .torch_gathered import gathered_forward
+from .torch_path import _dense_small_forward, scaled_dense_gates
+
+
+def lora_mix_small_inference(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    scaling: float,
+    base_weight: torch.Tensor,
+    base_bias: Optional[torch.Tensor] = None,
+    memo: Optional[Dict] = None,
+) -> Optional[torch.Tensor]:
+    """``lora_mix(x, ..., base_weight=, base_bias=)`` for a decode-sized call, or None when not served.
+
+    Shapes as ``lora_mix``: x ``[..., d_in]``, lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, ids and
+    weights ``[..., k]`` with x's leading dims (ids in range: not checked), a uniform float scaling,
+    base_weight ``[d_out, d_in]``; returns ``[..., d_out]``.
+
+    Served: no gradient recorded (``torch.is_grad_enabled()`` False), a CPU tensor (``auto`` keeps CPU on
+    the torch backend), no CPU autocast, every operand in x's dtype, x contiguous, at most ``SMALL_T``
+    tokens, and no path forced by ``SELFMOE_TORCH_PATH``. Anything else returns None, and the caller
+    goes through ``lora_mix``, which validates and explains.
+    """
+    if torch.is_grad_enabled() or x.is_cuda or torch.is_autocast_enabled("cpu"):
+        return None
+    K = x.shape[-1]
+    T = x.numel() // K if K else 0
+    if K != lora_A.shape[2] or not 0 < T <= SMALL_T or not x.is_contiguous() or os.environ.get(ENV_TORCH_PATH, "auto") != "auto":
+        return None
+    dtype = x.dtype
+    if lora_A.dtype != dtype or lora_B.dtype != dtype or base_weight.dtype != dtype or (
+            base_bias is not None and base_bias.dtype != dtype) or not lora_A.is_contiguous():
+        return None
+    E = lora_A.shape[0]
+    k = expert_ids.shape[-1]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inp = LoRAMixInputs(
+        x.view(T, K), lora_A, lora_B, expert_ids.reshape(T, k).contiguous(), expert_weights.reshape(T, k).contiguous(),
+        _uniform_scaling(E, scaling, acc, x.device), scaling, base_weight, base_bias)
+    if T == 1 or T * k < E:  # torch_dispatch.choose_torch_path's "gathered" rule
+        y = gathered_forward(inp)
+    else:
+        gates = None
+        if memo is not None:
+            key = ("dense_gates", E, scaling, acc)
+            gates = memo.get(key)
+            if gates is None:
+                gates = memo[key] = scaled_dense_gates(inp)
+        y = _dense_small_forward(inp, gates)
+    return y.view(*x.shape[:-1], y.shape[1])
