@@ -46,8 +46,8 @@ def _fused_configs():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         # fp32 (FMA dots): the tables above spill at 4-byte inputs (``fused_regs_ok``); these fit
-        only_for(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3), 4),
-        only_for(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4), 4),
+        only_for(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3), 4),
+        only_for(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=4), 4),
     ]
 
 
@@ -74,7 +74,7 @@ def _dhg_configs():
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
         # fp32 (FMA dots, K = BLOCK_N): short N steps keep the operand slices in registers
         only_for(triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=3), 4),
-        only_for(triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=3), 4),
+        only_for(triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=3), 4),
     ]
 
 
@@ -86,7 +86,7 @@ def _tn_configs():
         triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=4),
         # fp32 (FMA dots): a shorter T step than the half tables (``tn_regs_ok``)
-        only_for(triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_T": 32, "GROUP_P": 8}, num_warps=4, num_stages=3), 4),
+        only_for(triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_T": 16, "GROUP_P": 8}, num_warps=4, num_stages=3), 4),
         only_for(triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64, "BLOCK_T": 32, "GROUP_P": 8}, num_warps=4, num_stages=4), 4),
     ]
 
@@ -133,7 +133,8 @@ def _b2_async(p, e):
 
 
 def fused_regs_ok(p):
-    return fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"])
+    # fp32: 64 x 64 x 32 on 4 warps (1024 per thread) spilled 4 B on sm_80 at d_in = 1000
+    return fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"], budget=512)
 
 
 def decode_smem(p, e):
@@ -159,8 +160,9 @@ def dhg_regs_ok(p):
     # than 32 fp32 values per thread ptxas spills (compile report, E*r >= 128 with 4 warps)
     # (and a 128-wide rank tile needs 8 warps: 32 x 128 with 4 spilled 16 B)
     return (p["BLOCK_M"] * p["BLOCK_C"] <= 32 * 32 * p["num_warps"] and (p["BLOCK_C"] < 128 or p["num_warps"] >= 8)
-            # fp32: the gate epilogue's tiles stay live too (64 x 64 on 4 warps at BC = 32 spilled 16 B)
-            and fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_C"], p["BLOCK_N"], budget=512))
+            # fp32: the gate epilogue's tiles stay live too (64 x 16 on 8 warps at BC = 128, 512 per
+            # thread, spilled 16 B on sm_80)
+            and fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_C"], p["BLOCK_N"], budget=256))
 
 
 def tn_smem(p, e):
@@ -181,7 +183,8 @@ def tn_smem(p, e):
 
 
 def tn_regs_ok(p):
-    return fma_regs_ok(p, p["BLOCK_P"], p["BLOCK_Q"], p["BLOCK_T"])
+    # fp32: 64 x 64 x 32 on 4 warps (1024 per thread) spilled 8 B on sm_80 at d_in = 1000
+    return fma_regs_ok(p, p["BLOCK_P"], p["BLOCK_Q"], p["BLOCK_T"], budget=512)
 
 
 # --------------------------------------------------------------------------------------------------
