@@ -46,6 +46,7 @@ def _expand_configs():
         # fp32 (FMA dots, K = the rank tile, up to 128): narrow output tiles on 8 warps
         only_for(triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2), 4),
         only_for(triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2), 4),
+        only_for(triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=2), 4),
     ]
 
 
@@ -100,7 +101,8 @@ def expand_regs_ok(p):
     # spilled at r = 64, with 8 warps at r = 128 on sm_80)
     return (p["BLOCK_M"] * p["BLOCK_R"] <= 32 * 32 * p["num_warps"]
             and p["BLOCK_M"] * (p["BLOCK_R"] + p["BLOCK_N"]) <= 80 * 32 * p["num_warps"]
-            and fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_R"], max_k=None))  # K = the rank tile
+            # fp32: K is the rank tile (up to 128); 64 x 32 x 128 on 8 warps (1024 per thread) spilled on sm_80
+            and fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_R"], budget=512, max_k=None))
 
 
 def outer_regs_ok(p):
