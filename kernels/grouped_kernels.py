@@ -240,6 +240,7 @@ def _split_reduce_kernel(
     # ACCUMULATE adds into out: benchmarking several configs must start from the same out each time
     restore_value=["out_ptr"],
     regs=expand_regs_ok,
+    elem_arg="w_ptr",  # the first pointer, h, is fp32 whatever the inputs: the weights' dtype sizes the dot
 )
 @triton.jit(do_not_specialize=["T_BUCKET"])
 def _grouped_expand_kernel(
