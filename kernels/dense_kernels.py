@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tuning import autotune, pipeline_buffers
+from .tuning import async_tile, autotune, fma_regs_ok, only_for, pipeline_buffers, tile_buffers
 
 # --------------------------------------------------------------------------------------------------
 # Config tables (first entry = default; ``tuning.autotune`` applies the pin, the interpreter policy
@@ -45,6 +45,9 @@ def _fused_configs():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        # fp32 (FMA dots): the tables above spill at 4-byte inputs (``fused_regs_ok``); these fit
+        only_for(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3), 4),
+        only_for(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=4), 4),
     ]
 
 
@@ -69,6 +72,9 @@ def _dhg_configs():
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+        # fp32 (FMA dots, K = BLOCK_N): short N steps keep the operand slices in registers
+        only_for(triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}, num_warps=8, num_stages=3), 4),
+        only_for(triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=3), 4),
     ]
 
 
@@ -79,6 +85,9 @@ def _tn_configs():
         triton.Config({"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_T": 32, "GROUP_P": 8}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_P": 64, "BLOCK_Q": 128, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_P": 32, "BLOCK_Q": 128, "BLOCK_T": 64, "GROUP_P": 8}, num_warps=4, num_stages=4),
+        # fp32 (FMA dots): a shorter T step than the half tables (``tn_regs_ok``)
+        only_for(triton.Config({"BLOCK_P": 64, "BLOCK_Q": 64, "BLOCK_T": 16, "GROUP_P": 8}, num_warps=4, num_stages=3), 4),
+        only_for(triton.Config({"BLOCK_P": 32, "BLOCK_Q": 64, "BLOCK_T": 32, "GROUP_P": 8}, num_warps=4, num_stages=4), 4),
     ]
 
 
@@ -97,7 +106,35 @@ def shrink_smem(p, e):
 
 
 def fused_smem(p, e):
-    return pipeline_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_N"]) * e
+    # Two K loops, each with its own buffers (free again after the loop, so the max counts). An
+    # operand whose loads cannot be vectorised to >= 4 bytes (``tuning.async_tile``: d_in = 1000, or
+    # the rank-column operand at r < 16, whose n stride is r) is loaded to registers and staged once.
+    bm, bn, bk = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"]
+
+    def seg(a_async, b_async):
+        return (tile_buffers(p, e, bm, a_async) * bm * bk + tile_buffers(p, e, bm, b_async) * bk * bn) * e
+
+    seg2 = seg(async_tile(e, (p["stride_a2m"], p["stride_a2c"]), (1, p["K2"])), _b2_async(p, e))
+    if not p["HAS_SEG1"]:
+        return seg2
+    seg1 = seg(async_tile(e, (p["stride_a1m"], p["stride_a1k"]), (1, p["K1"])),
+               async_tile(e, (p["stride_b1k"], p["stride_b1n"]), (p["K1"], p["N"])))
+    return max(seg1, seg2)
+
+
+def _b2_async(p, e):
+    # rank-column rows c sit at (c // r) * stride_b2e + (c % r) * stride_b2r: contiguous along c in runs
+    # of r when stride_b2r == 1 (lora_B, forward), along n when stride_b2n == 1 (lora_A, dx)
+    if e >= 4:
+        return True
+    if p["stride_b2r"] == 1 and p["r"] > 1:
+        return async_tile(e, (1, p["stride_b2n"]), (p["K2"], None)) and p["stride_b2e"] % 16 == 0
+    return async_tile(e, (p["stride_b2r"], p["stride_b2n"]), (p["K2"], p["N"])) and p["stride_b2e"] % 16 == 0
+
+
+def fused_regs_ok(p):
+    # fp32: 64 x 64 x 32 on 4 warps (1024 per thread) spilled 4 B on sm_80 at d_in = 1000
+    return fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"], budget=512)
 
 
 def decode_smem(p, e):
@@ -106,25 +143,48 @@ def decode_smem(p, e):
 
 
 def dhg_smem(p, e):
-    # Fitted to the compiled kernel: with a rank tile narrower than 64 the nested loop's dot stays on
-    # mma.sync (num_stages - 1 copies) and the [BM, BC] epilogue tile is staged once more.
-    stage = (p["BLOCK_M"] * p["BLOCK_N"] + p["BLOCK_N"] * p["BLOCK_C"]) * e
-    if p["BLOCK_C"] < 64:
-        return max(1, p["num_stages"] - 1) * stage + p["BLOCK_M"] * p["BLOCK_C"] * e
-    return pipeline_buffers(p, e, p["BLOCK_M"]) * stage
+    # The inner loop's dy [BM, BN] and B_all [BN, BC] tiles. The B_all tile is contiguous along the rank
+    # columns, masked by the run-time r: at r not a multiple of 16 (r = 8) its loads stay 2-byte and
+    # it is staged once (this was the "+ BM * BC" of the previous, fitted formula).
+    dy = async_tile(e, (p["stride_dym"], p["stride_dyn"]), (1, p["N"]))
+    if p["stride_br"] == 1:
+        b = async_tile(e, (p["stride_bn"], 1), (p["N"], p["r"])) and p["stride_be"] % 16 == 0
+    else:
+        b = async_tile(e, (p["stride_bn"], p["stride_br"]), (p["N"], 1))
+    return (tile_buffers(p, e, p["BLOCK_M"], dy) * p["BLOCK_M"] * p["BLOCK_N"]
+            + tile_buffers(p, e, p["BLOCK_M"], b) * p["BLOCK_N"] * p["BLOCK_C"]) * e
 
 
 def dhg_regs_ok(p):
     # the [BM, BC] fp32 dHg accumulator lives through the gate epilogue next to the dy tiles: at more
     # than 32 fp32 values per thread ptxas spills (compile report, E*r >= 128 with 4 warps)
     # (and a 128-wide rank tile needs 8 warps: 32 x 128 with 4 spilled 16 B)
-    return p["BLOCK_M"] * p["BLOCK_C"] <= 32 * 32 * p["num_warps"] and (p["BLOCK_C"] < 128 or p["num_warps"] >= 8)
+    return (p["BLOCK_M"] * p["BLOCK_C"] <= 32 * 32 * p["num_warps"] and (p["BLOCK_C"] < 128 or p["num_warps"] >= 8)
+            # fp32: the gate epilogue's tiles stay live too (64 x 16 on 8 warps at BC = 128, 512 per
+            # thread, spilled 16 B on sm_80)
+            and fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_C"], p["BLOCK_N"], budget=256))
 
 
 def tn_smem(p, e):
-    # the [BP, BQ] fp32 accumulator goes through shared memory for the (expert, rank) scattered store
-    loop = pipeline_buffers(p, e, p["BLOCK_P"]) * (p["BLOCK_P"] * p["BLOCK_T"] + p["BLOCK_T"] * p["BLOCK_Q"]) * e
-    return max(loop, p["BLOCK_P"] * p["BLOCK_Q"] * 4)
+    # the loop's a.T [BP, BT] and b [BT, BQ] tiles (staged once when not vectorisable: T = 1000 rows of
+    # d_in = 1000), then the epilogue's layout conversion of the [BP, BQ] result: on wgmma the whole
+    # tile in the output dtype (fp32 partials when SPLIT > 1); on mma.sync only for the row-major
+    # store (dA, dW), 2 bytes per value, and none for dB's (expert, rank) scattered store
+    bp, bq, bt = p["BLOCK_P"], p["BLOCK_Q"], p["BLOCK_T"]
+    a = async_tile(e, (p["stride_ap"], p["stride_at"]), (p["P"], 1))
+    b = async_tile(e, (p["stride_bt"], p["stride_bq"]), (1, p["Q"]))
+    loop = (tile_buffers(p, e, bp, a) * bp * bt + tile_buffers(p, e, bp, b) * bt * bq) * e
+    wgmma = p["capability"] >= 90 and e == 2 and bp >= 64 and p["num_warps"] % 4 == 0
+    if wgmma:
+        epi = bp * bq * (4 if p["SPLIT"] > 1 else e)
+    else:
+        epi = bp * bq * e if p["QR"] == p["Q"] else 0
+    return max(loop, epi)
+
+
+def tn_regs_ok(p):
+    # fp32: 64 x 64 x 32 on 4 warps (1024 per thread) spilled 8 B on sm_80 at d_in = 1000
+    return fma_regs_ok(p, p["BLOCK_P"], p["BLOCK_Q"], p["BLOCK_T"], budget=512)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +279,7 @@ def _shrink_gate_fwd_kernel(
     tl.store(hg_ptr + p_out, (b_acc * b_g).to(hg_ptr.dtype.element_ty), mask=m_out)
 
 
-@autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"], smem=fused_smem)
+@autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"], smem=fused_smem, regs=fused_regs_ok)
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fused_base_lora_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr,
@@ -408,7 +468,7 @@ def _dhg_bwd_kernel(
             tl.store(dw_ptr + o_m * stride_dwm + j * stride_dwk, b_v.to(dw_ptr.dtype.element_ty), mask=m_m)
 
 
-@autotune(_tn_configs(), key=["T_BUCKET", "P", "Q"], smem=tn_smem)  # SPLIT follows from T_BUCKET, P, Q
+@autotune(_tn_configs(), key=["T_BUCKET", "P", "Q"], smem=tn_smem, regs=tn_regs_ok)  # SPLIT follows from T_BUCKET, P, Q
 @triton.jit(do_not_specialize=["T", "T_PER_SPLIT", "T_BUCKET", "SPLIT"])
 def _matmul_tn_kernel(
     a_ptr, b_ptr, out_ptr,

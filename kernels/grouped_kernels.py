@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tuning import autotune, pipeline_buffers
+from .tuning import async_tile, autotune, fma_regs_ok, only_for, pipeline_buffers, tile_buffers
 
 # ----------------------------------------------------------------------------------------------------
 # Config tables (first entry = default; ``select_configs`` applies the pin and interpreter policy)
@@ -30,6 +30,9 @@ def _shrink_configs():
         triton.Config({"BLOCK_K": 256}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_K": 64}, num_warps=2, num_stages=5),
+        # fp32 (FMA dots, K = BLOCK_K): the half tables spill at 4-byte inputs (``shrink_regs_ok``)
+        only_for(triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3), 4),
+        only_for(triton.Config({"BLOCK_K": 16}, num_warps=4, num_stages=4), 4),
     ]
 
 
@@ -40,6 +43,10 @@ def _expand_configs():
         triton.Config({"BLOCK_N": 256}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=2),
+        # fp32 (FMA dots, K = the rank tile, up to 128): narrow output tiles on 8 warps
+        only_for(triton.Config({"BLOCK_N": 64}, num_warps=8, num_stages=2), 4),
+        only_for(triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2), 4),
+        only_for(triton.Config({"BLOCK_N": 16}, num_warps=8, num_stages=2), 4),
     ]
 
 
@@ -49,6 +56,9 @@ def _outer_configs():
         triton.Config({"BLOCK_D": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_D": 256}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_D": 128}, num_warps=4, num_stages=4),
+        # fp32 (FMA dots, K = BLOCK_M up to 64, M = the rank tile up to 128)
+        only_for(triton.Config({"BLOCK_D": 64}, num_warps=8, num_stages=3), 4),
+        only_for(triton.Config({"BLOCK_D": 32}, num_warps=8, num_stages=3), 4),
     ]
 
 
@@ -62,8 +72,13 @@ def _outer_configs():
 
 
 def shrink_smem(p, e):
-    """x tile [BM, BK] and weight tile [BK, BR] per stage."""
-    return pipeline_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_R"]) * e
+    """x tile [BM, BK] and weight tile [BK, BR] per stage; a tile whose loads cannot be vectorised
+    (``tuning.async_tile``: dh's weight B viewed as [E, r, N] is contiguous along r, masked by a run-time
+    r, so r = 8 loads 2 bytes at a time) is staged once instead."""
+    x = async_tile(e, (p["stride_xt"], p["stride_xk"]), (1, p["K"]))
+    w = async_tile(e, (p["stride_wk"], p["stride_wr"]), (p["K"], p["r"])) and (e >= 4 or p["stride_we"] % 16 == 0)
+    return (tile_buffers(p, e, p["BLOCK_M"], x) * p["BLOCK_M"] * p["BLOCK_K"]
+            + tile_buffers(p, e, p["BLOCK_M"], w) * p["BLOCK_K"] * p["BLOCK_R"]) * e
 
 
 def outer_smem(p, e):
@@ -76,7 +91,8 @@ def outer_smem(p, e):
 
 def shrink_regs_ok(p):
     # the [BM, BR] fp32 accumulator: at most 64 values per thread (2 warps spilled at r = 128)
-    return p["BLOCK_M"] * p["BLOCK_R"] <= 64 * 32 * p["num_warps"]
+    return (p["BLOCK_M"] * p["BLOCK_R"] <= 64 * 32 * p["num_warps"]
+            and fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_R"], p["BLOCK_K"]))
 
 
 def expand_regs_ok(p):
@@ -84,12 +100,17 @@ def expand_regs_ok(p):
     # thread (every 4-warp config spilled at r = 128), and both together at most 80 (BLOCK_N = 256 with 4 warps
     # spilled at r = 64, with 8 warps at r = 128 on sm_80)
     return (p["BLOCK_M"] * p["BLOCK_R"] <= 32 * 32 * p["num_warps"]
-            and p["BLOCK_M"] * (p["BLOCK_R"] + p["BLOCK_N"]) <= 80 * 32 * p["num_warps"])
+            and p["BLOCK_M"] * (p["BLOCK_R"] + p["BLOCK_N"]) <= 80 * 32 * p["num_warps"]
+            # fp32: K is the rank tile (up to 128); 64 x 32 x 128 on 8 warps (1024 per thread) spilled on sm_80
+            and fma_regs_ok(p, p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_R"], budget=512, max_k=None))
 
 
 def outer_regs_ok(p):
-    # the [BR, BD] fp32 accumulator: at most 64 values per thread (r = 128 spilled past it on sm_80)
-    return p["BLOCK_R"] * p["BLOCK_D"] <= 64 * 32 * p["num_warps"]
+    # the [BR, BD] fp32 accumulator: at most 64 values per thread (r = 128 spilled past it on sm_80),
+    # and on mma.sync (sm_80) no 256-wide gathered tile (BLOCK_D = 256 on 8 warps spilled 8 B at r = 64)
+    return (p["BLOCK_R"] * p["BLOCK_D"] <= 64 * 32 * p["num_warps"]
+            and (p["capability"] >= 90 or p["BLOCK_D"] <= 128)
+            and fma_regs_ok(p, p["BLOCK_R"], p["BLOCK_D"], p["BLOCK_M"]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +240,7 @@ def _split_reduce_kernel(
     # ACCUMULATE adds into out: benchmarking several configs must start from the same out each time
     restore_value=["out_ptr"],
     regs=expand_regs_ok,
+    elem_arg="w_ptr",  # the first pointer, h, is fp32 whatever the inputs: the weights' dtype sizes the dot
 )
 @triton.jit(do_not_specialize=["T_BUCKET"])
 def _grouped_expand_kernel(

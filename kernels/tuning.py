@@ -92,15 +92,66 @@ def select_configs(configs: List[triton.Config]) -> List[triton.Config]:
 SmemEstimate = Callable[[Dict[str, int], int], int]
 
 
-def config_params(config: triton.Config, launch_kwargs: Dict, cap: int = 90) -> Dict:
+def config_params(config: triton.Config, launch_kwargs: Dict, cap: int = 90, named_args: Optional[Dict] = None,
+                  elem_bytes: Optional[int] = None) -> Dict:
     """The constexpr values one launch would compile with under ``config`` (for the smem estimates),
-    plus ``num_stages``, ``num_warps`` and the target's ``capability``."""
-    params = dict(launch_kwargs)
+    plus ``num_stages``, ``num_warps`` and the target's ``capability``; with ``named_args`` also the
+    launch's int arguments (strides, sizes: they decide which loads Triton can vectorise, see
+    ``async_tile``), and ``elem_bytes`` (the input width) when given."""
+    params = {k: v for k, v in (named_args or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
+    params.update(launch_kwargs)
     params.update(config.kwargs)
     params["num_stages"] = config.num_stages
     params["num_warps"] = config.num_warps
     params["capability"] = cap
+    if elem_bytes is not None:
+        params["elem_bytes"] = elem_bytes
     return params
+
+
+def only_for(config: triton.Config, *elem_bytes: int) -> triton.Config:
+    """Mark ``config`` as a candidate only for inputs of these widths (bytes per element): the pruning
+    drops it for the others. fp32 dots run on FMA units (ieee precision) and hold a K slice of both
+    operands in registers, so fp32 wants smaller tiles than the tensor-core configs for 16-bit inputs."""
+    config.selfmoe_elem_bytes = tuple(elem_bytes)
+    return config
+
+
+def fma_regs_ok(p: Dict, m: int, n: int, k: int, budget: int = 1024, max_k: Optional[int] = 32) -> bool:
+    """Register budget of a ``[m, k] x [k, n]`` dot with fp32 inputs (FMA units, no tensor cores):
+    Triton's FMA lowering keeps the thread's accumulator values and, per value, a K slice of the
+    operands live, so ``m * n / threads * k`` grows with the K tile. At <= 1024 every fp32 compile in
+    the report stays under 255 registers without spills (64 x 64 x 32 on 4 warps: ~210); the default
+    configs for half inputs (up to 64 values x K = 64) spilled up to 37 KB. A kernel with more live
+    state next to the dot passes a smaller ``budget``. True for 16-bit inputs."""
+    if p.get("elem_bytes", 2) < 4:
+        return True
+    # and K itself at most 32 (``max_k``): 32 x 64 x 64 on 4 warps (16 values x 64) spilled 360 B on sm_80
+    return m * n * k <= budget * 32 * p["num_warps"] and (max_k is None or k <= max_k)
+
+
+def async_tile(e: int, strides, bounds) -> bool:
+    """Whether Triton can stage a 2-D tile load through cp.async (and so pipeline it, one buffer per
+    stage) rather than load it to registers and copy it to shared memory once (one buffer).
+
+    ``strides``: the tile's two element strides, ``bounds``: the mask bound along each dimension (None:
+    unmasked). cp.async copies >= 4 bytes per vector, and Triton learns an int argument's divisibility
+    only as "multiple of 16" (the JIT's specialisation) or nothing: a 16-bit tile whose row stride or
+    contiguous-dimension bound is not a multiple of 16 is loaded 2 bytes at a time (``d_in = 1000``, a
+    rank width 8 as a stride). 4-byte elements always qualify. A tile with no unit stride never does."""
+    if e >= 4:
+        return True
+    for d in (1, 0):
+        if strides[d] == 1:
+            other, bound = strides[1 - d], bounds[d]
+            return other % 16 == 0 and (bound is None or bound % 16 == 0)
+    return False
+
+
+def tile_buffers(p: Dict, e: int, dot_m: int, async_ok: bool) -> int:
+    """Shared-memory copies of one dot operand tile in a K loop: ``pipeline_buffers`` when its load is
+    asynchronous (``async_tile``), else one (loaded to registers, then copied for the dot)."""
+    return pipeline_buffers(p, e, dot_m) if async_ok else 1
 
 
 def pipeline_buffers(p: Dict, elem_bytes: int, dot_m: int) -> int:
@@ -132,23 +183,33 @@ class Tuner(Autotuner):
         self.smem_estimate = smem
         self.elem_arg = elem_arg
         self.regs_ok = regs
-        prune = {"early_config_prune": self._prune} if (smem is not None or regs is not None) else None
+        prune = {"early_config_prune": self._prune} if (smem is not None or regs is not None
+                                                        or any(hasattr(c, "selfmoe_elem_bytes") for c in configs)) else None
         super().__init__(fn, fn.arg_names, configs, key, None, restore_value, prune_configs_by=prune)
 
     def estimate(self, config: triton.Config, named_args: Dict, launch_kwargs: Dict) -> Optional[int]:
         """The smem estimate of ``config`` for one launch (None when the kernel has none)."""
         if self.smem_estimate is None:
             return None
-        t = named_args[self.elem_arg] if self.elem_arg else _first_tensor(named_args)
-        return int(self.smem_estimate(config_params(config, launch_kwargs, capability(t.device)), t.element_size()))
+        t = self._elem_tensor(named_args)
+        return int(self.smem_estimate(config_params(config, launch_kwargs, capability(t.device), named_args),
+                                      t.element_size()))
+
+    def _elem_tensor(self, named_args: Dict) -> torch.Tensor:
+        return named_args[self.elem_arg] if self.elem_arg else _first_tensor(named_args)
 
     def _prune(self, configs, named_args, **kwargs):
         limit = max_smem(_first_tensor(named_args).device)
+        t = self._elem_tensor(named_args)
+        e = t.element_size()
+        # configs meant for other input widths (``only_for``) are not candidates at all
+        configs = [c for c in configs if e in getattr(c, "selfmoe_elem_bytes", (e,))] or configs
         est = [(self.estimate(c, named_args, kwargs) or 0, i) for i, c in enumerate(configs)]
-        keep = [configs[i] for e, i in est if e <= limit]
+        keep = [configs[i] for e_, i in est if e_ <= limit]
         if self.regs_ok is not None:
             # register budget: configs whose live tiles need more registers than a thread has spill
-            keep = [c for c in keep if self.regs_ok(config_params(c, kwargs))]
+            cap = capability(t.device)
+            keep = [c for c in keep if self.regs_ok(config_params(c, kwargs, cap, named_args, e))]
         return keep or [configs[min(est)[1]]]
 
     def candidates(self, named_args: Dict, launch_kwargs: Dict) -> List[triton.Config]:

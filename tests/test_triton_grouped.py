@@ -305,9 +305,15 @@ def _full_shrink_tuner():
                  grouped_kernels.shrink_smem)
 
 
+def _shrink_args(x, block_r):
+    # a forward launch with aligned strides (K = 4096): every tile can be staged through cp.async
+    return {"x_ptr": x, "K": 4096, "r": block_r, "stride_xt": 4096, "stride_xk": 1, "stride_we": block_r * 4096,
+            "stride_wr": 4096, "stride_wk": 1}
+
+
 def _pruned(kernel, x, launch_kwargs, limit, cap, monkeypatch):
     monkeypatch.setattr(utils, "_ASSUMED", (132, limit, cap))
-    return kernel.candidates({"x_ptr": x}, launch_kwargs)
+    return kernel.candidates(_shrink_args(x, launch_kwargs["BLOCK_R"]), launch_kwargs)
 
 
 @pytest.mark.parametrize("elem,block_r", [(4, 64), (4, 16), (2, 64), (2, 128)])
@@ -321,13 +327,16 @@ def test_shrink_pruning_follows_the_estimate(elem, block_r, monkeypatch):
     for cap, limit in ((90, 232448), (80, 166912)):
         kept = {str(c) for c in _pruned(kern, x, kw, limit, cap, monkeypatch)}
         for c in kern.configs:
-            est = kern.estimate(c, {"x_ptr": x}, kw)
+            if elem not in getattr(c, "selfmoe_elem_bytes", (elem,)):
+                assert str(c) not in kept  # a config for the other input width is never a candidate
+                continue
+            est = kern.estimate(c, _shrink_args(x, block_r), kw)
             wgmma = cap == 90 and elem == 2 and c.num_warps % 4 == 0  # 2 warps are not a warp group
             stages = c.num_stages if wgmma else c.num_stages - 1
             assert est == stages * (64 * c.kwargs["BLOCK_K"] + c.kwargs["BLOCK_K"] * block_r) * elem
             assert (str(c) in kept) == (est <= limit), (cap, c, est)
     monkeypatch.setattr(utils, "_ASSUMED", (132, 1024, 90))
-    assert len(kern.candidates({"x_ptr": x}, kw)) == 1  # nothing fits: the smallest stays, the launch names it
+    assert len(kern.candidates(_shrink_args(x, block_r), kw)) == 1  # nothing fits: the smallest stays, the launch names it
 
 
 def test_pruning_drops_configs_that_overflow(monkeypatch):
