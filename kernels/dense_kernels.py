@@ -177,18 +177,56 @@ def _gate_scale_tile(
 # Kernels
 # --------------------------------------------------------------------------------------------------
 
-@autotune(_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C"], smem=shrink_smem)
-@triton.jit(do_not_specialize=["T", "T_BUCKET"])
+@triton.jit
+def _rank_epilogue(
+    b_h, ids_ptr, gate_ptr, scale_ptr, scale_val, h_ptr, hg_ptr, o_m, m_m, i_e0, i_ce, i_cj, m_c, E, r, K_TOP,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, SAVE_HG: tl.constexpr, BLOCK_M: tl.constexpr,
+    EPC: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """Store a finished ``[BM, BC]`` fp32 tile of H (SAVE_H) and ``Hg = H * G * scaling`` (SAVE_HG, in
+    hg's dtype) at columns ``i_ce * r + i_cj`` of the ``[T, ER]`` layout; the tile holds experts
+    ``i_e0 .. i_e0 + EPC - 1``."""
+    o_col = i_ce * r + i_cj  # [BC] column in the [T, ER] layout
+    p_out = o_m.to(tl.int64)[:, None] * stride_hm + o_col[None, :] * stride_hc
+    m_out = m_m[:, None] & m_c[None, :]
+    if SAVE_H:
+        tl.store(h_ptr + p_out, b_h.to(h_ptr.dtype.element_ty), mask=m_out)
+    if SAVE_HG:
+        b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_e0, E, K_TOP,
+                               stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, EPC, R_PAD)
+        tl.store(hg_ptr + p_out, (b_h * b_g).to(hg_ptr.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
+def _split_k_range(K, SPLIT, BLOCK_K: tl.constexpr):
+    """``[k_lo, k_hi)`` of split ``program_id(2)``: SPLIT near-equal runs of whole BLOCK_K steps (their
+    lengths differ by at most one step). Starts are multiples of BLOCK_K, so the compiler keeps the
+    loads' alignment; a split with no step (SPLIT > steps, forced by tests) gets an empty range."""
+    i_s = tl.program_id(2)
+    n_kt = tl.cdiv(K, BLOCK_K)
+    k_lo = (i_s * n_kt // SPLIT) * BLOCK_K
+    k_hi = tl.minimum(((i_s + 1) * n_kt // SPLIT) * BLOCK_K, K)
+    return i_s, k_lo, k_hi
+
+
+@autotune(_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C", "SPLIT"], smem=shrink_smem)
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "SPLIT"])
 def _shrink_gate_fwd_kernel(
     x_ptr, a_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
     T, K, E, r, K_TOP, scale_val, T_BUCKET,
+    SPLIT,  # run-time split-K factor (PARTIAL: > 1); one binary serves every value
     stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
-    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
-    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, R_PAD: tl.constexpr, EPC: tl.constexpr,
-    BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_hs,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, PARTIAL: tl.constexpr, R_PAD: tl.constexpr,
+    EPC: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    # Grid: (cdiv(T, BLOCK_M), cdiv(E, EPC)). A tile holds EPC whole experts, R_PAD (pow2 >= r) columns
-    # each, so the gate of a column is one expert's gate and non-pow2 ranks only cost masked lanes.
+    # Grid: (cdiv(T, BLOCK_M), cdiv(E, EPC), SPLIT). A tile holds EPC whole experts, R_PAD (pow2 >= r)
+    # columns each, so the gate of a column is one expert's gate and non-pow2 ranks only cost masked lanes.
+    # PARTIAL (split-K, for grids too small to fill the GPU): split i_s sums its K range and stores the
+    # fp32 partial at h_ptr + i_s * stride_hs ([T, SPLIT, ER]); _shrink_split_reduce_kernel adds the
+    # partials in split order and applies the gate epilogue once (H must be complete before it is saved).
     i_m = tl.program_id(0)
     i_c = tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -198,10 +236,15 @@ def _shrink_gate_fwd_kernel(
     i_cj = o_tc % R_PAD  # [BC] rank index within the expert
     m_c = (i_ce < E) & (i_cj < r)
     o_k0 = tl.arange(0, BLOCK_K)
+    if PARTIAL:
+        i_s, k_lo, k_hi = _split_k_range(K, SPLIT, BLOCK_K)
+    else:
+        k_lo = 0
+        k_hi = K
 
     o_xrow = o_m.to(tl.int64) * stride_xm
     b_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for i_k in range(0, K, BLOCK_K):
+    for i_k in range(k_lo, k_hi, BLOCK_K):
         o_k = i_k + o_k0
         b_x = tl.load(x_ptr + o_xrow[:, None] + o_k[None, :] * stride_xk,
                       mask=m_m[:, None] & (o_k[None, :] < K), other=0.0)  # [BM, BK]
@@ -209,14 +252,54 @@ def _shrink_gate_fwd_kernel(
                       mask=m_c[None, :] & (o_k[:, None] < K), other=0.0)  # [BK, BC]
         b_acc = tl.dot(b_x, b_a, b_acc, input_precision=DOT_PRECISION)
 
-    b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_c * EPC, E, K_TOP,
-                           stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, EPC, R_PAD)
-    o_col = i_ce * r + i_cj  # [BC] column in the [T, ER] layout
-    p_out = o_m.to(tl.int64)[:, None] * stride_hm + o_col[None, :] * stride_hc
-    m_out = m_m[:, None] & m_c[None, :]
-    if SAVE_H:
-        tl.store(h_ptr + p_out, b_acc.to(h_ptr.dtype.element_ty), mask=m_out)
-    tl.store(hg_ptr + p_out, (b_acc * b_g).to(hg_ptr.dtype.element_ty), mask=m_out)
+    if PARTIAL:
+        p_out = o_m.to(tl.int64)[:, None] * stride_hm + (i_ce * r + i_cj)[None, :] * stride_hc + i_s * stride_hs
+        tl.store(h_ptr + p_out, b_acc, mask=m_m[:, None] & m_c[None, :])
+    else:
+        _rank_epilogue(b_acc, ids_ptr, gate_ptr, scale_ptr, scale_val, h_ptr, hg_ptr, o_m, m_m, i_c * EPC,
+                       i_ce, i_cj, m_c, E, r, K_TOP, stride_idm, stride_idk, stride_gm, stride_gk,
+                       stride_hm, stride_hc, PER_EXPERT_SCALE, SAVE_H, True, BLOCK_M, EPC, R_PAD)
+
+
+@triton.jit
+def _rank_split_reduce_tile(
+    part_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, i_m, i_c,
+    T, E, r, K_TOP, scale_val, SPLIT,
+    stride_pm, stride_ps, stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, SAVE_HG: tl.constexpr, R_PAD: tl.constexpr,
+    EPC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """H tile = sum of the split partials ``part[t, s, c]`` in split order (deterministic: no atomics),
+    then the rank epilogue (H and/or Hg stored)."""
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_m = o_m < T
+    o_tc = tl.arange(0, BLOCK_C)
+    i_ce = i_c * EPC + o_tc // R_PAD  # [BC]
+    i_cj = o_tc % R_PAD
+    m_c = (i_ce < E) & (i_cj < r)
+    m_p = m_m[:, None] & m_c[None, :]
+    p_part = part_ptr + o_m.to(tl.int64)[:, None] * stride_pm + (i_ce * r + i_cj)[None, :]  # [BM, BC]
+    b_h = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for i_s in range(SPLIT):
+        b_h += tl.load(p_part + i_s * stride_ps, mask=m_p, other=0.0)
+    _rank_epilogue(b_h, ids_ptr, gate_ptr, scale_ptr, scale_val, h_ptr, hg_ptr, o_m, m_m, i_c * EPC,
+                   i_ce, i_cj, m_c, E, r, K_TOP, stride_idm, stride_idk, stride_gm, stride_gk,
+                   stride_hm, stride_hc, PER_EXPERT_SCALE, SAVE_H, SAVE_HG, BLOCK_M, EPC, R_PAD)
+
+
+@triton.jit(do_not_specialize=["T", "SPLIT"])
+def _shrink_split_reduce_kernel(
+    part_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
+    T, E, r, K_TOP, scale_val, SPLIT,
+    stride_pm, stride_ps, stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, R_PAD: tl.constexpr, EPC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Grid: (cdiv(T, BLOCK_M), cdiv(E, EPC)): the shrink's rank tiles, partials [T, SPLIT, ER] fp32.
+    _rank_split_reduce_tile(part_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
+                            tl.program_id(0), tl.program_id(1), T, E, r, K_TOP, scale_val, SPLIT,
+                            stride_pm, stride_ps, stride_idm, stride_idk, stride_gm, stride_gk,
+                            stride_hm, stride_hc, PER_EXPERT_SCALE, SAVE_H, True, R_PAD, EPC, BLOCK_C, BLOCK_M)
 
 
 @autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"], smem=fused_smem)
@@ -274,19 +357,25 @@ def _fused_base_lora_kernel(
              b_acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@autotune(_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE"], smem=decode_smem)
-@triton.jit(do_not_specialize=["T", "T_BUCKET"])
+@autotune(_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE", "SPLIT"], smem=decode_smem)
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "SPLIT"])
 def _decode_fused_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, y_ptr,
     T, K, N, E, r, K_TOP, scale_val, T_BUCKET,
+    SPLIT,  # run-time split-K factor (PARTIAL: > 1); one binary serves every value
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ae, stride_ar, stride_ak, stride_be, stride_bn, stride_br,
-    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_ym, stride_yn,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_hs, stride_ym, stride_yn, stride_ys,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr,
-    SAVE_HG: tl.constexpr, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SAVE_HG: tl.constexpr, PARTIAL: tl.constexpr, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Grid: (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M)); BLOCK_C covers every expert, so each program owns
-    # the whole shrink for its tokens and nothing round-trips through memory.
+    # Grid: (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M), SPLIT); BLOCK_C covers every expert, so each program owns
+    # the whole shrink of its K range for its tokens and nothing round-trips through memory.
+    # PARTIAL (split-K: at decode sizes cdiv(N, BLOCK_N) programs leave most SMs idle): the expand is
+    # linear in H, so split i_s expands its own partial H_s and stores the fp32 partial
+    # y_s = x_s W_s^T + (H_s G s) B^T at y_ptr + i_s * stride_ys ([T, SPLIT, N]), and its partial H_s at
+    # h_ptr + i_s * stride_hs (SAVE_H); _decode_split_reduce_kernel adds them in split order and
+    # adds the bias. The caller passes HAS_BIAS and SAVE_HG off with PARTIAL.
     i_n = tl.program_id(0)
     i_m = tl.program_id(1)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -299,10 +388,15 @@ def _decode_fused_fwd_kernel(
     i_cj = o_tc % R_PAD
     m_c = (i_ce < E) & (i_cj < r)
     o_row = o_m.to(tl.int64)
+    if PARTIAL:
+        i_s, k_lo, k_hi = _split_k_range(K, SPLIT, BLOCK_K)
+    else:
+        k_lo = 0
+        k_hi = K
 
     b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     b_h = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for i_k in range(0, K, BLOCK_K):
+    for i_k in range(k_lo, k_hi, BLOCK_K):
         o_k = i_k + o_k0
         m_k = o_k < K
         b_x = tl.load(x_ptr + o_row[:, None] * stride_xm + o_k[None, :] * stride_xk,
@@ -318,12 +412,15 @@ def _decode_fused_fwd_kernel(
     b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, 0, E, K_TOP,
                            stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M,
                            BLOCK_C // R_PAD, R_PAD)
-    # Round Hg to the input dtype like the two-kernel path (which stores it) so both paths agree.
+    # Round Hg to the input dtype like the two-kernel path (which stores it) so both paths agree
+    # (split: each partial is rounded; the saved Hg is rounded once from the summed H by the reduce).
     b_hg = (b_h * b_g).to(x_ptr.dtype.element_ty)  # [BM, BC]
     if SAVE_H or SAVE_HG:
         # Only the first N tile writes H / Hg for backward (every tile computed the same values).
         if i_n == 0:
             p_h = o_row[:, None] * stride_hm + (i_ce * r + i_cj)[None, :] * stride_hc
+            if PARTIAL:
+                p_h += i_s * stride_hs
             m_h = m_m[:, None] & m_c[None, :]
             if SAVE_H:
                 tl.store(h_ptr + p_h, b_h.to(h_ptr.dtype.element_ty), mask=m_h)
@@ -334,8 +431,46 @@ def _decode_fused_fwd_kernel(
     b_y = tl.dot(b_hg, b_b, b_y, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b_y += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + o_row[:, None] * stride_ym + o_n[None, :] * stride_yn,
-             b_y.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    p_y = o_row[:, None] * stride_ym + o_n[None, :] * stride_yn
+    if PARTIAL:
+        p_y += i_s * stride_ys
+    tl.store(y_ptr + p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "SPLIT"])
+def _decode_split_reduce_kernel(
+    part_ptr, bias_ptr, y_ptr, hpart_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
+    T, N, E, r, K_TOP, scale_val, SPLIT,
+    stride_pm, stride_ps, stride_ym, stride_yn, stride_hpm, stride_hps,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    HAS_BIAS: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, SAVE_HG: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Grid: (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M)). y = sum_s part[:, s, :] in split order (+ bias), cast
+    # to y's dtype; the first N tile also sums the partial H of its tokens and stores H / Hg.
+    i_n = tl.program_id(0)
+    i_m = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m_m = o_m < T
+    m_n = o_n < N
+    m_y = m_m[:, None] & m_n[None, :]
+    o_row = o_m.to(tl.int64)
+    p_part = part_ptr + o_row[:, None] * stride_pm + o_n[None, :]  # [BM, BN]
+    b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i_s in range(SPLIT):
+        b_y += tl.load(p_part + i_s * stride_ps, mask=m_y, other=0.0)
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + o_row[:, None] * stride_ym + o_n[None, :] * stride_yn, b_y.to(y_ptr.dtype.element_ty),
+             mask=m_y)
+    if SAVE_H or SAVE_HG:
+        if i_n == 0:
+            _rank_split_reduce_tile(hpart_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, i_m, 0,
+                                    T, E, r, K_TOP, scale_val, SPLIT, stride_hpm, stride_hps,
+                                    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+                                    PER_EXPERT_SCALE, SAVE_H, SAVE_HG, R_PAD, BLOCK_C // R_PAD, BLOCK_C,
+                                    BLOCK_M)
 
 
 @autotune(_dhg_configs(), key=["T_BUCKET", "N", "E", "r", "NEED_DW", "STORE_DH"], smem=dhg_smem,
