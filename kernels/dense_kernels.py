@@ -28,11 +28,14 @@ from .tuning import autotune, pipeline_buffers
 
 def _shrink_configs():
     # The shrink is [T, K] x [K, <=128]: wide K tiles, modest M; it is bandwidth-bound on x.
+    # The last one is for fp32 inputs (FMA dots, see shrink_regs_ok), the only kind that may pick it.
     return [
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        # 8 warps: with 4, ptxas capped the split-K variant at 64-128 registers and spilled (sm_90)
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ]
 
 
@@ -59,6 +62,9 @@ def _decode_configs():
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=2, num_stages=5),
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        # fp32 inputs only (FMA dots, see decode_regs_ok): a narrow W tile keeps the epilogue's
+        # [BM, BC] x [BC, BN] FMA dot within the registers at a 128-wide rank tile
+        triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ]
 
 
@@ -92,8 +98,31 @@ def _tn_configs():
 # --------------------------------------------------------------------------------------------------
 
 
+def _k_loop_buffers(p, e, dot_m):
+    """Copies of each K-loop tile for the shrink and decode kernels: ``pipeline_buffers`` when the
+    K-contiguous loads can use cp.async (vectors of >= 4 bytes: ``ALIGN * e >= 4``, ALIGN from
+    ``dense.k_align``), else 1: Triton does not pipeline 2-byte scalar loads and stages each tile once
+    (compile report: odd d_in in 16-bit)."""
+    return pipeline_buffers(p, e, dot_m) if p.get("ALIGN", 16) * e >= 4 else 1
+
+
+def _fma_dots(p):
+    # fp32 inputs at ieee precision: tl.dot runs on FMA units, whose operand slices and accumulators
+    # all sit in registers (no tensor-core fragments), so far smaller tiles fit 255 registers
+    return p.get("DOT_PRECISION") == "ieee"
+
+
 def shrink_smem(p, e):
-    return pipeline_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_C"]) * e
+    return _k_loop_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_C"]) * e
+
+
+def shrink_regs_ok(p):
+    # FMA dots (fp32): BLOCK_K = 64 spilled on sm_80 even at a 32-wide rank tile (255 registers),
+    # and BLOCK_K = 128 at 128 columns on sm_90 (compile report): fp32 takes BLOCK_K <= 32. That
+    # config is left out for 16-bit inputs: on tensor cores its short K steps only cost bandwidth.
+    if not _fma_dots(p):
+        return p["BLOCK_K"] >= 64
+    return p["BLOCK_K"] <= 32
 
 
 def fused_smem(p, e):
@@ -101,8 +130,27 @@ def fused_smem(p, e):
 
 
 def decode_smem(p, e):
-    loop = pipeline_buffers(p, e, p["BLOCK_M"]) * p["BLOCK_K"] * (p["BLOCK_M"] + p["BLOCK_N"] + p["BLOCK_C"]) * e
-    return max(loop, (p["BLOCK_M"] * p["BLOCK_C"] + p["BLOCK_C"] * p["BLOCK_N"]) * e)
+    bm, bn, bk, bc = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"], p["BLOCK_C"]
+    if p.get("ALIGN", 16) * e >= 4:
+        loop = _k_loop_buffers(p, e, bm) * bk * (bm + bn + bc) * e
+    else:
+        # unpipelined (see _k_loop_buffers): one copy, and the x tile with W (x @ W) and then with the
+        # A_all slice (x @ A) are live in turn, not all three
+        loop = bk * (bm + max(bn if p.get("HAS_BASE", True) else 0, bc)) * e
+    return max(loop, (bm * bc + bc * bn) * e)
+
+
+def decode_regs_ok(p):
+    # FMA dots (fp32): the epilogue dot [BM, BC] x [BC, BN] reduces over the whole rank tile, so
+    # BC * BN is bounded (BN = 32 at BC = 128 spilled), and so are the two accumulators per thread
+    # (BM = 64, BC = 128 needs 8 warps) and BLOCK_K (64 spilled on sm_80 at BC = 32 with 2 warps).
+    # The fp32 config (BLOCK_N = 16) is left out for 16-bit inputs: there it only halves the W tile.
+    bm, bn, bk, bc = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"], p["BLOCK_C"]
+    if not _fma_dots(p):
+        # the two fp32 accumulators [BM, BC] and [BM, BN] at most 96 values per thread: 2 warps at
+        # BM = 64, BC = 128 (160) spilled
+        return bn >= 32 and bm * (bc + bn) <= 96 * 32 * p["num_warps"]
+    return bk <= 32 and bc * bn <= 2048 and bm * (bc + bn) <= 40 * 32 * p["num_warps"]
 
 
 def dhg_smem(p, e):
@@ -199,6 +247,20 @@ def _rank_epilogue(
 
 
 @triton.jit
+def _aligned(v, ALIGN: tl.constexpr):
+    """``v``, known to the compiler as a multiple of ALIGN (the launcher guarantees it: ``k_align``).
+
+    Triton only specialises ints divisible by 16: at d_in = 1000 the K-contiguous loads of x, W and
+    A_all would be scalar and unpipelined (no cp.async, 255 registers and spills for their per-element
+    addresses) although every row starts 16-byte aligned for 16-bit inputs. ``(v // ALIGN) * ALIGN``
+    is exact here and carries the divisibility into the compiler's alignment analysis.
+    """
+    if ALIGN < 16:
+        v = (v // ALIGN) * ALIGN
+    return v
+
+
+@triton.jit
 def _split_k_range(K, SPLIT, BLOCK_K: tl.constexpr):
     """``[k_lo, k_hi)`` of split ``program_id(2)``: SPLIT near-equal runs of whole BLOCK_K steps (their
     lengths differ by at most one step). Starts are multiples of BLOCK_K, so the compiler keeps the
@@ -210,7 +272,8 @@ def _split_k_range(K, SPLIT, BLOCK_K: tl.constexpr):
     return i_s, k_lo, k_hi
 
 
-@autotune(_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C", "SPLIT"], smem=shrink_smem)
+@autotune(_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C", "SPLIT"], smem=shrink_smem,
+          regs=shrink_regs_ok)
 @triton.jit(do_not_specialize=["T", "T_BUCKET", "SPLIT"])
 def _shrink_gate_fwd_kernel(
     x_ptr, a_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
@@ -218,9 +281,9 @@ def _shrink_gate_fwd_kernel(
     SPLIT,  # run-time split-K factor (PARTIAL: > 1); one binary serves every value
     stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
     stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_hs,
-    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, PARTIAL: tl.constexpr, R_PAD: tl.constexpr,
-    EPC: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, PARTIAL: tl.constexpr, ALIGN: tl.constexpr,
+    R_PAD: tl.constexpr, EPC: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Grid: (cdiv(T, BLOCK_M), cdiv(E, EPC), SPLIT). A tile holds EPC whole experts, R_PAD (pow2 >= r)
     # columns each, so the gate of a column is one expert's gate and non-pow2 ranks only cost masked lanes.
@@ -229,6 +292,8 @@ def _shrink_gate_fwd_kernel(
     # partials in split order and applies the gate epilogue once (H must be complete before it is saved).
     i_m = tl.program_id(0)
     i_c = tl.program_id(1)
+    K, stride_xm, stride_ae, stride_ar = _aligned(K, ALIGN), _aligned(stride_xm, ALIGN), \
+        _aligned(stride_ae, ALIGN), _aligned(stride_ar, ALIGN)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_m = o_m < T
     o_tc = tl.arange(0, BLOCK_C)
@@ -357,7 +422,8 @@ def _fused_base_lora_kernel(
              b_acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@autotune(_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE", "SPLIT"], smem=decode_smem)
+@autotune(_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE", "SPLIT"], smem=decode_smem,
+          regs=decode_regs_ok)
 @triton.jit(do_not_specialize=["T", "T_BUCKET", "SPLIT"])
 def _decode_fused_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, y_ptr,
@@ -366,8 +432,9 @@ def _decode_fused_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ae, stride_ar, stride_ak, stride_be, stride_bn, stride_br,
     stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_hs, stride_ym, stride_yn, stride_ys,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr,
-    SAVE_HG: tl.constexpr, PARTIAL: tl.constexpr, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SAVE_HG: tl.constexpr, PARTIAL: tl.constexpr, ALIGN: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # Grid: (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M), SPLIT); BLOCK_C covers every expert, so each program owns
     # the whole shrink of its K range for its tokens and nothing round-trips through memory.
@@ -378,6 +445,8 @@ def _decode_fused_fwd_kernel(
     # adds the bias. The caller passes HAS_BIAS and SAVE_HG off with PARTIAL.
     i_n = tl.program_id(0)
     i_m = tl.program_id(1)
+    K, stride_xm, stride_wn = _aligned(K, ALIGN), _aligned(stride_xm, ALIGN), _aligned(stride_wn, ALIGN)
+    stride_ae, stride_ar = _aligned(stride_ae, ALIGN), _aligned(stride_ar, ALIGN)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     o_k0 = tl.arange(0, BLOCK_K)
