@@ -182,6 +182,7 @@ SHAPES: List[Case] = [
     Case("decode", 64, N=1024, E=8, r=16, mode="infer"),
     Case("decode", 1, E=16, r=8, mode="infer"),
     Case("decode", 8, E=8, r=16, mode="train"),
+    Case("decode", 16, K=1001, N=600, E=4, r=8, mode="infer"),  # odd d_in: scalar, unpipelined loads
     # grouped: decode, small and large prefill, k=1 in place, r up to 128, 64K tokens
     Case("grouped", 1, E=64, r=16, ci=True),
     Case("grouped", 64, K=1024, N=1024, E=64, r=8),

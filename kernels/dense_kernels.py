@@ -10,7 +10,9 @@ plan are in dense.py.
 
 Forward: ``_shrink_gate_fwd_kernel`` (H = x @ A_all.T, Hg = H * G * scaling) then
 ``_fused_base_lora_kernel`` (y = [x | Hg] @ [W | B_all].T + b, one K loop over d_in + ER); decode:
-``_decode_fused_fwd_kernel`` (both in one launch). Backward: ``_dhg_bwd_kernel`` (dH and the gate grads),
+``_decode_fused_fwd_kernel`` (both in one launch). With split-K (small T) the shrink and decode kernels
+write fp32 partials per K split and ``_shrink_split_reduce_kernel`` / ``_decode_split_reduce_kernel``
+sum them in split order. Backward: ``_dhg_bwd_kernel`` (dH and the gate grads),
 ``_fused_base_lora_kernel`` again (dx) and ``_matmul_tn_kernel`` (dA, dB, dW).
 """
 from __future__ import annotations
@@ -52,10 +54,11 @@ def _fused_configs():
 
 
 def _decode_configs():
-    # W streaming: small BLOCK_N gives enough programs to saturate HBM at N ~ 4096; deep pipelines.
-    # Shared memory per stage is BLOCK_K * (BLOCK_M + BLOCK_N + BLOCK_C) elements with BLOCK_M, BLOCK_C
-    # up to 64 and 128: the first (default / pinned) config fits fp32 at the largest tile (192 KB);
-    # the deeper ones are for half inputs at small T (configs that do not fit are skipped by autotune).
+    # W streaming: small BLOCK_N gives enough programs to saturate HBM at N ~ 4096 (split-K adds
+    # programs along K when N is small); deep pipelines. Shared memory per stage is
+    # BLOCK_K * (BLOCK_M + BLOCK_N + BLOCK_C) elements with BLOCK_M, BLOCK_C up to 64 and 128: the first
+    # (default / pinned) config fits fp32 at the largest tile (192 KB); the deeper ones are for half
+    # inputs at small T (configs that do not fit are skipped by autotune).
     return [
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
@@ -112,6 +115,15 @@ def _fma_dots(p):
     return p.get("DOT_PRECISION") == "ieee"
 
 
+def _unaligned_regs_ok(p, loaded, acc):
+    # K-contiguous loads narrower than 16 bytes (16-bit inputs with ALIGN < 8: d_in not a multiple of 8)
+    # need an address and a predicate per vector of ALIGN elements: the vectors a thread loads per K
+    # step plus its fp32 accumulator values must stay under ~112 (compile report, d_in = 1000 before
+    # ALIGN and 1001: 124 and 160 spilled, 112 did not)
+    align = p.get("ALIGN", 16)
+    return align >= 8 or (loaded // align + acc) <= 112 * 32 * p["num_warps"]
+
+
 def shrink_smem(p, e):
     return _k_loop_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_C"]) * e
 
@@ -120,9 +132,10 @@ def shrink_regs_ok(p):
     # FMA dots (fp32): BLOCK_K = 64 spilled on sm_80 even at a 32-wide rank tile (255 registers),
     # and BLOCK_K = 128 at 128 columns on sm_90 (compile report): fp32 takes BLOCK_K <= 32. That
     # config is left out for 16-bit inputs: on tensor cores its short K steps only cost bandwidth.
+    bm, bk, bc = p["BLOCK_M"], p["BLOCK_K"], p["BLOCK_C"]
     if not _fma_dots(p):
-        return p["BLOCK_K"] >= 64
-    return p["BLOCK_K"] <= 32
+        return bk >= 64 and _unaligned_regs_ok(p, bm * bk + bk * bc, bm * bc)
+    return bk <= 32
 
 
 def fused_smem(p, e):
@@ -149,7 +162,8 @@ def decode_regs_ok(p):
     if not _fma_dots(p):
         # the two fp32 accumulators [BM, BC] and [BM, BN] at most 96 values per thread: 2 warps at
         # BM = 64, BC = 128 (160) spilled
-        return bn >= 32 and bm * (bc + bn) <= 96 * 32 * p["num_warps"]
+        return (bn >= 32 and bm * (bc + bn) <= 96 * 32 * p["num_warps"]
+                and _unaligned_regs_ok(p, bk * (bm + bn + bc), bm * (bc + bn)))
     return bk <= 32 and bc * bn <= 2048 and bm * (bc + bn) <= 40 * 32 * p["num_warps"]
 
 

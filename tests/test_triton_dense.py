@@ -276,11 +276,13 @@ def test_split_k_matches_reference(path, dtype, split, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["dense", "decode"])
-def test_split_k_gate_grads_only(path, monkeypatch):
-    # Router training: H saved through the split reduce, Hg not saved (no dB), no bias, no base weight.
+def test_split_k_saves_only_what_backward_reads(path, monkeypatch):
+    # Router training: H saved through the split reduce, Hg not saved (no dB), no bias, no base weight;
+    # then dB alone: Hg saved, H not.
     monkeypatch.setenv("SELFMOE_DENSE_SPLIT_K", "4")
     case = _on_device(make_case(21, 136, 40, 5, 4, 2, base=False, seed=89))
     check_against_reference(case, _path_fn(path), torch.float32, grads=["x", "expert_weights"])
+    check_against_reference(case, _path_fn(path), torch.float16, grads=["lora_B"])
 
 
 def _launcher_inputs(T, K, N, E, r, k, seed):
@@ -334,6 +336,37 @@ def test_split_k_heuristic_and_override(monkeypatch):
     monkeypatch.setenv("SELFMOE_DENSE_SPLIT_K", "0")
     with pytest.raises(ValueError, match="SELFMOE_DENSE_SPLIT_K must be a positive int, got '0'"):
         forced_split()
+
+
+def test_config_pruning_by_dtype_and_alignment():
+    # What the compile report measured (kernels/dense_kernels.py): fp32 (ieee dots on FMA units) keeps
+    # only configs that compile without spills, 16-bit inputs never get the fp32 ones, and at an odd
+    # d_in (scalar loads) wide tiles go; the unpipelined smem estimate matches the compiled kernel.
+    from selfmoe.kernels import dense_kernels as dk
+    from selfmoe.kernels.tuning import config_params
+
+    def kept(configs, ok, **launch):
+        return [(dict(c.kwargs), c.num_warps) for c in configs if ok(config_params(c, launch))]
+
+    shrink, decode = dk._shrink_configs(), dk._decode_configs()
+    assert kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=16, DOT_PRECISION="ieee") == [
+        ({"BLOCK_M": 64, "BLOCK_K": 32}, 8)]
+    assert len(kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=16, DOT_PRECISION="tf32")) == len(shrink) - 1
+    assert kept(decode, dk.decode_regs_ok, BLOCK_M=64, BLOCK_C=128, ALIGN=16, DOT_PRECISION="ieee") == [
+        ({"BLOCK_N": 16, "BLOCK_K": 32}, 8)]
+    half = kept(decode, dk.decode_regs_ok, BLOCK_M=64, BLOCK_C=128, ALIGN=16, DOT_PRECISION="tf32")
+    assert ({"BLOCK_N": 32, "BLOCK_K": 64}, 2) not in half and len(half) == len(decode) - 2
+    # d_in = 1000 with the alignment hint (ALIGN 8) keeps every 16-bit config; ALIGN 1 drops wide ones
+    assert len(kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=8, DOT_PRECISION="tf32")) == len(shrink) - 1
+    assert kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=1, DOT_PRECISION="tf32") == [
+        ({"BLOCK_M": 32, "BLOCK_K": 128}, 8)]
+    assert ({"BLOCK_N": 64, "BLOCK_K": 128}, 4) not in kept(decode, dk.decode_regs_ok, BLOCK_M=16, BLOCK_C=32,
+                                                             ALIGN=1, DOT_PRECISION="tf32")
+    assert (ld.k_align(1000, 1000, 64000, 1000), ld.k_align(4096, 4096, 32768), ld.k_align(1001, 1001)) == (8, 16, 1)
+    p = config_params(decode[0], dict(BLOCK_M=16, BLOCK_C=32, ALIGN=1, HAS_BASE=True))
+    assert dk.decode_smem(p, 2) == 10240  # compiled for sm_90 at d_in = 1001: x and W tiles, one copy
+    p = config_params(shrink[0], dict(BLOCK_C=32, ALIGN=1))
+    assert dk.shrink_smem(p, 2) == 12288 and dk.shrink_smem(dict(p, ALIGN=2), 2) == 3 * 12288
 
 
 def test_backward_is_deterministic():
