@@ -16,8 +16,8 @@ exist. The second kernel runs one K loop over ``d_in`` (base GEMM) and then ``ER
 rank columns: the routed layer costs one base GEMM plus ``ER/d_in`` of a K loop, plus the shrink,
 which is one more read of x.
 
-Decode (one launch, ``DECODE`` / ``lora_mix_decode``, for T <= 64 and a rank tile ``pow2(E) * pow2(r) <= 128``;
-wider raises ``ValueError``):
+Decode (one launch, two with split-K; ``DECODE`` / ``lora_mix_decode``, for T <= 64 and a rank tile
+``pow2(E) * pow2(r) <= 128``; wider raises ``ValueError``):
 ``_decode_fused_fwd_kernel`` tiles N only (BLOCK_M covers the tokens) and computes the shrink in the
 *same* K loop as the base GEMM, from the x tile it already loaded. Every N tile recomputes
 ``x @ A_all.T``: at decode sizes the kernel is bound by streaming W from HBM, the ``ER x d_in`` expert
@@ -25,6 +25,23 @@ matrix is re-read from L2 (it is a few hundred KB) and tensor cores are idle, so
 ``ER / BLOCK_N`` redundant FLOPs for one launch and no H round-trip through memory is the right trade.
 It stops being right when ``ER`` approaches BLOCK_N or T grows: then the two-kernel path above wins
 (see ``dispatch.py``).
+
+Split-K (both the shrink and decode, when their grid is too small for the GPU): at T <= 64 the shrink
+has one program per rank tile and decode ``cdiv(N, 64)`` (16 at a GQA projection's N = 1024), against
+132 SMs on an H100. ``dispatch.split_k`` then cuts K = d_in into SPLIT runs of whole BLOCK_K steps
+(run-time factor: one binary serves every SPLIT; at most 16 splits of >= 256 elements; none while the
+grid fills half the SMs)::
+
+    shrink  split s:  H_s = x[:, K_s] @ A_all[:, K_s].T                  -> fp32 [T, SPLIT, ER]
+            _shrink_split_reduce_kernel: H = sum_s H_s (split order), then the gate epilogue (H, Hg)
+    decode  split s:  y_s = x_s W_s^T + ((x_s A_s^T) G s) B_all^T       -> fp32 [T, SPLIT, N] (+ H_s)
+            _decode_split_reduce_kernel: y = sum_s y_s + b, cast; H = sum_s H_s and Hg for backward
+
+The expand is linear in H, so each decode split expands its own partial (its Hg_s is rounded to the
+input dtype like the unsplit Hg; the saved Hg is rounded once from the summed H). The gate epilogue
+runs once, after the sum, in both: H must be complete before it is saved for the gate gradients.
+Programs launched at d_in = 4096 on sm_90 (compile report): shrink T <= 64, E*r <= 128: 1 -> 16;
+decode T <= 64: N = 1024 16 -> 144, N = 4096 64 -> 192. ``SELFMOE_DENSE_SPLIT_K`` forces SPLIT (tests).
 
 Backward (each launch only when some input asks for it; ``needs``)::
 
@@ -38,8 +55,12 @@ Backward (each launch only when some input asks for it; ``needs``)::
 
 Router training (grads for x and gates only) therefore launches two kernels and never touches dA/dB.
 Accumulation is fp32 everywhere; gates and gate gradients are fp32. No atomics are used: reductions over T
-in the weight gradients are split deterministically (fp32 partials, summed in a fixed order), so
-results are bitwise reproducible run to run and no autotune ``reset_to_zero`` is needed.
+in the weight gradients and over K in the split-K forward are split deterministically (fp32 partials,
+summed in a fixed order), so results are bitwise reproducible run to run and no autotune
+``reset_to_zero`` is needed.
+
+Loads along K are 16-byte vectors and cp.async-pipelined when d_in and the row strides are multiples of
+8 (16-bit inputs): ``k_align`` passes that divisibility as ``ALIGN`` (Triton itself only proves 16).
 
 Every buffer a kernel must write comes from ``utils.poisoned_empty`` (NaN-filled under
 ``SELFMOE_DEBUG_POISON=1`` or ``utils.POISON = True``, as the tests do).
@@ -438,7 +459,8 @@ lora_mix_decode = entry_point(DECODE, "lora_mix_decode", """\
     Same contract as ``lora_mix_dense`` with a one-launch forward for decode (T <= 64).
 
     Each N tile recomputes the shrink in the base GEMM's K loop (see the module docstring for why that
-    is cheap at decode sizes). Correct for any T (slow past 64); the rank tile ``pow2(E) * pow2(r)``
+    is cheap at decode sizes); when those tiles cannot fill the GPU, K is split and a second launch sums
+    the partials in a fixed order. Correct for any T (slow past 64); the rank tile ``pow2(E) * pow2(r)``
     must be at most 128 (``dispatch.DECODE_MAX_RANK_COLS``), else ``ValueError``: wider tiles do not
     fit the kernel's shared memory and registers. The backward is the dense-rank backward.
     """)

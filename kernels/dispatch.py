@@ -22,13 +22,19 @@ provisional; cuBLAS kernels get 1). Constants per device class (``MACHINES``: H1
 from the device name, H100 when unknown)::
 
     ER = E*r rank columns, b = bytes per element, S = T*k slots, Eu = min(E, S) experts touched
-    dense   shrink  max(2T ER K / F', (TK + ER K + 2T ER) b / BW, A_all re-read per 64-row tile / L2)
-                    programs cdiv(T, 64) * cdiv(ER, 128)
+    split-K (dense shrink, decode): s = split_k(tiles, K, SMs): 1 while the tiles fill more than half
+                    the SMs, else min(cdiv(SMs, tiles), K // 256, 16); the launchers use the same function
+    dense   shrink  max(2T ER K / F', (TK + ER K) b + out / BW, A_all re-read per 64-row tile / L2)
+                    tiles cdiv(T, 64) * cdiv(E, 128 / pow2(r)), programs tiles * s;
+                    out = 2T ER b (H, Hg) unsplit, s T ER 4 (fp32 partials) split
+                    s > 1: + reduce (out + 2T ER b) / BW over cdiv(T, 32) rank tiles, + 1 launch
             fused   max((2TKN + 2T ER N) / F', (TK + KN + TN + T ER + N ER) b / BW,
                         (x per 128-col tile + W per 128-row tile) / L2)     programs cdiv(T,128) cdiv(N,128)
-    decode  one     max((2TKN + 2*T16*ER16*K*N/64 + 2*T16*ER16*N) / F', (TK + KN + TN + ER K + N ER) b / BW,
-                        (N/64) ER K b / L2)  (T16, ER16: tl.dot pads M and the rank tile to >= 16)
-                    programs cdiv(N, 64) * cdiv(T, 64)                                          1 launch
+    decode  one     max((2TKN + 2*T16*ER16*K*N/64 + s*2*T16*ER16*N) / F', (TK + KN + ER K + N ER) b + out / BW,
+                        (N/64) ER K b / L2)  (T16, ER16: tl.dot pads M and the rank tile to >= 16;
+                        each split expands its own partial H)
+                    tiles cdiv(N, 64) * cdiv(T, 64), programs tiles * s; out = TN b, or s T N 4 split
+                    s > 1: + reduce (out + TN b) / BW over the tiles, + 1 launch          1 launch (2 split)
     grouped base    max(2TKN / F, (TK + KN + TN) b / BW)                                   (cuBLAS)
             shrink  max(2SrK / F', (SK + Eu r K + Sr) b / BW)   (x rows gathered once per slot)
                     programs tiles * split-K (split-K fills the GPU: about 2 programs per SM)
@@ -51,8 +57,10 @@ What it predicts on an H100 (bf16, d_in = d_out = 4096; ``test_dispatch.py`` pin
   Triton kernel while the grouped path leaves it to cuBLAS;
 - prefill T=8192, k=1: grouped even for the paper's E=4, r=8 (no combine pass, and the base GEMM stays
   on cuBLAS: the 25% Triton penalty on it outweighs the gather and y read-modify-write);
-- T <= 64 with a base weight: decode while its rank tile fits (``E*r`` <= 128), grouped beyond (at T=1,
-  E=64, r=16 the dense shrink would run 8 programs on 132 SMs); T=128: grouped;
+- T <= 64 with a base weight: decode while its rank tile fits (``E*r`` <= 128), also at a GQA
+  projection's N = 1024 (split-K: 16 N tiles x 9 splits = 144 programs; unsplit, its 16 programs lost to
+  grouped); grouped beyond the rank tile (at T=1, E=64, r=16 the dense shrink splits K to 8 x 16
+  programs, but the fused kernel runs cdiv(N, 128) = 32 on 132 SMs); T=128: grouped;
 - an A100 (less bandwidth per FLOP) and training (the backward prices the dense path's extra rank-space
   FLOPs twice more) tilt further toward grouped. fp32 uses the FMA (not tensor-core) peak.
 
