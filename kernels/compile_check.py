@@ -169,14 +169,20 @@ SHAPES: List[Case] = [
     Case("dense", 2048, N=1024, E=8, r=16),
     Case("dense", 4096, E=4, r=8, mode="router"),
     Case("dense", 4096, E=4, r=8, mode="gates", base=False),
-    Case("dense", 1, E=8, r=16, mode="infer"),
-    # decode: T up to 64, rank tile up to its cap (128)
+    # small T: the shrink splits K (partials + a reduce launch); train saves H through the reduce
+    Case("dense", 1, E=8, r=16, mode="infer", ci=True),
+    Case("dense", 16, E=8, r=16, mode="infer"),
+    Case("dense", 64, N=1024, E=8, r=16, mode="train"),
+    # decode: T up to 64, rank tile up to its cap (128); split-K at every one of these (N=1024: 16 N tiles)
     Case("decode", 1, E=4, r=8, mode="infer", ci=True),
     Case("decode", 16, E=8, r=16, mode="infer", ci=True),
     Case("decode", 64, E=4, r=8, mode="infer"),
     Case("decode", 1, N=1024, E=8, r=16, mode="infer"),
+    Case("decode", 16, N=1024, E=8, r=16, mode="infer"),
+    Case("decode", 64, N=1024, E=8, r=16, mode="infer"),
     Case("decode", 1, E=16, r=8, mode="infer"),
     Case("decode", 8, E=8, r=16, mode="train"),
+    Case("decode", 16, K=1001, N=600, E=4, r=8, mode="infer"),  # odd d_in: scalar, unpipelined loads
     # grouped: decode, small and large prefill, k=1 in place, r up to 128, 64K tokens
     Case("grouped", 1, E=64, r=16, ci=True),
     Case("grouped", 64, K=1024, N=1024, E=64, r=8),
@@ -366,14 +372,18 @@ def _run_job(i: int) -> Dict[str, Any]:
 
 
 def compile_all(cases: Sequence[Case], dtypes: Sequence[str], targets: Sequence[str], all_configs: bool,
-                jobs: int = 1, progress: Optional[Callable[[str], None]] = None) -> Tuple[List[Dict], Dict[str, str]]:
-    """Record and compile; returns the report rows and the refused cases."""
+                jobs: int = 1, progress: Optional[Callable[[str], None]] = None,
+                kernels: Optional[str] = None) -> Tuple[List[Dict], Dict[str, str]]:
+    """Record and compile (``kernels``: a regex on kernel names, None = all); returns the report rows
+    and the refused cases."""
     _JOBS.clear()
     refused_all: Dict[str, str] = {}
     for tname in targets:
         target = TARGETS[tname]
         launches, refused = record(cases, dtypes, target)
         refused_all.update(refused)
+        if kernels:
+            launches = [launch for launch in launches if re.search(kernels, launch.kernel)]
         _JOBS.extend((launch, cfg, d, target) for launch, cfg, d in plan(launches, target, all_configs))
     if progress:
         progress(f"{len(_JOBS)} distinct compiles")
@@ -594,6 +604,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--configs", choices=("all", "default"), default="all")
     ap.add_argument("--only", default=None, help="regex on case labels")
+    ap.add_argument("--kernels", default=None, help="regex on kernel names (compile only those)")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--csv", default=None, help="write the table here")
     ap.add_argument("--json", default=None, help="write rows, refusals and the sweep counts here")
@@ -626,7 +637,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="selfmoe-compile-") as cache:
         knobs.cache.dir = cache
         rows, refused = compile_all(cases, dtypes, targets, all_configs=not a.ci and a.configs == "all",
-                                    jobs=a.jobs, progress=lambda s: print(s, flush=True))
+                                    jobs=a.jobs, progress=lambda s: print(s, flush=True), kernels=a.kernels)
     print(summary(rows))
     for lab, msg in refused.items():
         print(f"refused: {lab}: {msg}")

@@ -16,8 +16,8 @@ exist. The second kernel runs one K loop over ``d_in`` (base GEMM) and then ``ER
 rank columns: the routed layer costs one base GEMM plus ``ER/d_in`` of a K loop, plus the shrink,
 which is one more read of x.
 
-Decode (one launch, ``DECODE`` / ``lora_mix_decode``, for T <= 64 and a rank tile ``pow2(E) * pow2(r) <= 128``;
-wider raises ``ValueError``):
+Decode (one launch, two with split-K; ``DECODE`` / ``lora_mix_decode``, for T <= 64 and a rank tile
+``pow2(E) * pow2(r) <= 128``; wider raises ``ValueError``):
 ``_decode_fused_fwd_kernel`` tiles N only (BLOCK_M covers the tokens) and computes the shrink in the
 *same* K loop as the base GEMM, from the x tile it already loaded. Every N tile recomputes
 ``x @ A_all.T``: at decode sizes the kernel is bound by streaming W from HBM, the ``ER x d_in`` expert
@@ -25,6 +25,23 @@ matrix is re-read from L2 (it is a few hundred KB) and tensor cores are idle, so
 ``ER / BLOCK_N`` redundant FLOPs for one launch and no H round-trip through memory is the right trade.
 It stops being right when ``ER`` approaches BLOCK_N or T grows: then the two-kernel path above wins
 (see ``dispatch.py``).
+
+Split-K (both the shrink and decode, when their grid is too small for the GPU): at T <= 64 the shrink
+has one program per rank tile and decode ``cdiv(N, 64)`` (16 at a GQA projection's N = 1024), against
+132 SMs on an H100. ``dispatch.split_k`` then cuts K = d_in into SPLIT runs of whole BLOCK_K steps
+(run-time factor: one binary serves every SPLIT; at most 16 splits of >= 256 elements; none while the
+grid fills half the SMs)::
+
+    shrink  split s:  H_s = x[:, K_s] @ A_all[:, K_s].T                  -> fp32 [T, SPLIT, ER]
+            _shrink_split_reduce_kernel: H = sum_s H_s (split order), then the gate epilogue (H, Hg)
+    decode  split s:  y_s = x_s W_s^T + ((x_s A_s^T) G s) B_all^T       -> fp32 [T, SPLIT, N] (+ H_s)
+            _decode_split_reduce_kernel: y = sum_s y_s + b, cast; H = sum_s H_s and Hg for backward
+
+The expand is linear in H, so each decode split expands its own partial (its Hg_s is rounded to the
+input dtype like the unsplit Hg; the saved Hg is rounded once from the summed H). The gate epilogue
+runs once, after the sum, in both: H must be complete before it is saved for the gate gradients.
+Programs launched at d_in = 4096 on sm_90 (compile report): shrink T <= 64, E*r <= 128: 1 -> 16;
+decode T <= 64: N = 1024 16 -> 144, N = 4096 64 -> 192. ``SELFMOE_DENSE_SPLIT_K`` forces SPLIT (tests).
 
 Backward (each launch only when some input asks for it; ``needs``)::
 
@@ -38,14 +55,19 @@ Backward (each launch only when some input asks for it; ``needs``)::
 
 Router training (grads for x and gates only) therefore launches two kernels and never touches dA/dB.
 Accumulation is fp32 everywhere; gates and gate gradients are fp32. No atomics are used: reductions over T
-in the weight gradients are split deterministically (fp32 partials, summed in a fixed order), so
-results are bitwise reproducible run to run and no autotune ``reset_to_zero`` is needed.
+in the weight gradients and over K in the split-K forward are split deterministically (fp32 partials,
+summed in a fixed order), so results are bitwise reproducible run to run and no autotune
+``reset_to_zero`` is needed.
+
+Loads along K are 16-byte vectors and cp.async-pipelined when d_in and the row strides are multiples of
+8 (16-bit inputs): ``k_align`` passes that divisibility as ``ALIGN`` (Triton itself only proves 16).
 
 Every buffer a kernel must write comes from ``utils.poisoned_empty`` (NaN-filled under
 ``SELFMOE_DEBUG_POISON=1`` or ``utils.POISON = True``, as the tests do).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Optional, Tuple
 
@@ -53,20 +75,47 @@ import torch
 import triton
 
 from .contract import Backend, LoRAMixInputs, ScaleArgs, entry_point
-from .dispatch import DECODE_MAX_RANK_COLS, ENV_PATH, decode_rank_tile
+from .dispatch import (
+    DECODE_MAX_RANK_COLS, ENV_PATH, decode_rank_tile, decode_tiles, forced_split, shrink_tiles, split_k,
+)
 from .dense_kernels import (
     _decode_fused_fwd_kernel,
+    _decode_split_reduce_kernel,
     _dhg_bwd_kernel,
     _fused_base_lora_kernel,
     _matmul_tn_kernel,
     _shrink_gate_fwd_kernel,
+    _shrink_split_reduce_kernel,
 )
 from .tuning import token_bucket
 from .utils import dot_precision, num_sms, poisoned_empty
 
-# Launch counts per kernel role ("shrink", "fused_fwd", "decode", "dhg", "dx", "dA", "dB", "dW", "db").
+# Launch counts per kernel role ("shrink", "shrink_reduce", "fused_fwd", "decode", "decode_reduce", "dhg",
+# "dx", "dA", "dB", "dW", "db").
 # Tests use it to prove that router training never launches the expert-weight gradients.
 launch_counts: Counter = Counter()
+
+# Tiles of the split-K reduce launches (plain elementwise sums over SPLIT; not autotuned).
+_REDUCE_BLOCK_M = 32
+_REDUCE_BLOCK_N = 64
+
+
+def k_align(K: int, *strides: int) -> int:
+    """The largest power of two up to 16 dividing K and the given strides (the row strides of the
+    K-contiguous operands): the kernels' ``ALIGN``, which lets the compiler vectorise (and pipeline) the
+    loads along K when K is not a multiple of 16 (16 is what Triton's own specialisation proves)."""
+    g = 16
+    for v in (K, *strides):
+        g = math.gcd(g, int(v))
+    return max(1, g)
+
+
+def _load_align(K: int, operands, row_strides) -> int:
+    """``ALIGN`` for a kernel streaming K-contiguous operands: ``k_align`` of K and their row strides,
+    16 (no hint needed or possible) unless every operand is contiguous along K."""
+    if any(t.stride(-1) != 1 for t in operands):
+        return 16
+    return k_align(K, *row_strides)
 
 
 def _rank_tiling(E: int, r: int, cap: int) -> Tuple[int, int, int]:
@@ -83,28 +132,54 @@ def _rank_tiling(E: int, r: int, cap: int) -> Tuple[int, int, int]:
 # Launchers
 # --------------------------------------------------------------------------------------------------
 
-def shrink_gate_fwd(inp: LoRAMixInputs, save_h: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """``H = x @ A_all.T`` (fp32, None unless saved) and ``Hg = H * gate * scaling`` (x's dtype), ``[T, ER]``."""
+def shrink_gate_fwd(
+    inp: LoRAMixInputs, save_h: bool = True, split: Optional[int] = None,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """``H = x @ A_all.T`` (fp32, None unless saved) and ``Hg = H * gate * scaling`` (x's dtype), ``[T, ER]``.
+
+    ``split``: split-K factor (None: ``SELFMOE_DENSE_SPLIT_K`` if set, else ``dispatch.split_k`` for this
+    grid and device). Above 1 the K
+    splits write fp32 partials ``[T, SPLIT, ER]`` and a second launch sums them in split order and
+    applies the gate epilogue (bitwise reproducible run to run).
+    """
     x, lora_A, ids, gates = inp.x, inp.lora_A, inp.ids, inp.gates
     T, K = x.shape
     E, r, _ = lora_A.shape
     r_pad, epc, block_c = _rank_tiling(E, r, cap=128)
+    if split is None:
+        split = forced_split() or split_k(shrink_tiles(T, E, r), K, num_sms(x.device))
+    split = max(1, int(split))
     # H feeds only the gate gradient, a short dot product prone to cancellation: keep it fp32.
     h = poisoned_empty((T, E * r), torch.float32, x.device) if save_h else None
     hg = poisoned_empty((T, E * r), x.dtype, x.device)
     scale_t, scale_v, per_expert = inp.scale_args()
-    grid = lambda META: (triton.cdiv(T, META["BLOCK_M"]), triton.cdiv(E, epc))  # noqa: E731
+    ids_strides = (ids.stride(0), ids.stride(1), gates.stride(0), gates.stride(1))
+    if split > 1:
+        part = poisoned_empty((T, split, E * r), torch.float32, x.device)
+        out, s_om, s_oc, s_os = part, split * E * r, 1, E * r
+    else:
+        out, s_om, s_oc, s_os = (h if save_h else hg), hg.stride(0), hg.stride(1), 0
+    grid = lambda META: (triton.cdiv(T, META["BLOCK_M"]), triton.cdiv(E, epc), split)  # noqa: E731
     _shrink_gate_fwd_kernel[grid](
-        x, lora_A, ids, gates, scale_t, h if save_h else hg, hg,
-        T, K, E, r, ids.shape[1], scale_v, token_bucket(T),
+        x, lora_A, ids, gates, scale_t, out, hg,
+        T, K, E, r, ids.shape[1], scale_v, token_bucket(T), split,
         x.stride(0), x.stride(1),
         lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
-        ids.stride(0), ids.stride(1), gates.stride(0), gates.stride(1),
-        hg.stride(0), hg.stride(1),
-        PER_EXPERT_SCALE=per_expert, SAVE_H=save_h, R_PAD=r_pad, EPC=epc, BLOCK_C=block_c,
+        *ids_strides, s_om, s_oc, s_os,
+        PER_EXPERT_SCALE=per_expert, SAVE_H=save_h, PARTIAL=split > 1, R_PAD=r_pad, EPC=epc, BLOCK_C=block_c,
+        ALIGN=_load_align(K, (x, lora_A), (x.stride(0), lora_A.stride(0), lora_A.stride(1))),
         DOT_PRECISION=dot_precision(x.dtype),
     )
     launch_counts["shrink"] += 1
+    if split > 1:
+        _shrink_split_reduce_kernel[(triton.cdiv(T, _REDUCE_BLOCK_M), triton.cdiv(E, epc))](
+            part, ids, gates, scale_t, h if save_h else hg, hg,
+            T, E, r, ids.shape[1], scale_v, split,
+            s_om, s_os, *ids_strides, hg.stride(0), hg.stride(1),
+            PER_EXPERT_SCALE=per_expert, SAVE_H=save_h, R_PAD=r_pad, EPC=epc, BLOCK_C=block_c,
+            BLOCK_M=_REDUCE_BLOCK_M, num_warps=4,
+        )
+        launch_counts["shrink_reduce"] += 1
     return h, hg
 
 
@@ -142,9 +217,15 @@ def fused_base_lora(
 
 
 def decode_fused_fwd(
-    inp: LoRAMixInputs, save_h: bool, save_hg: bool,
+    inp: LoRAMixInputs, save_h: bool, save_hg: bool, split: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """One-launch forward: ``(y [T, N], H or None, Hg or None)``; H/Hg are written only when saved."""
+    """One-launch forward: ``(y [T, N], H or None, Hg or None)``; H/Hg are written only when saved.
+
+    ``split``: split-K factor (None: ``SELFMOE_DENSE_SPLIT_K`` if set, else ``dispatch.split_k`` for this
+    grid and device). Above 1 each K
+    split writes fp32 partials of y (``[T, SPLIT, N]``) and of H, and a second launch sums them in split
+    order, adds the bias and stores y, H and Hg (bitwise reproducible run to run).
+    """
     x, lora_A, lora_B, ids, gates = inp.x, inp.lora_A, inp.lora_B, inp.ids, inp.gates
     T, K = x.shape
     E, r, _ = lora_A.shape
@@ -159,29 +240,59 @@ def decode_fused_fwd(
             f"{DECODE_MAX_RANK_COLS}; lora_A {list(lora_A.shape)} (E={E}, r={r}) needs {block_c} "
             f"(pow2(E) * pow2(r)). Use lora_mix_dense or lora_mix_grouped (lora_mix picks one when "
             f"{ENV_PATH} is unset or 'auto')")
+    if split is None:
+        split = forced_split() or split_k(decode_tiles(T, N), K, num_sms(x.device))
+    split = max(1, int(split))
+    ER = E * r
     block_m = min(64, max(16, triton.next_power_of_2(T)))
     y = poisoned_empty((T, N), x.dtype, x.device)
-    h = poisoned_empty((T, E * r), torch.float32, x.device) if save_h else None  # fp32: feeds the gate grads
-    hg = poisoned_empty((T, E * r), x.dtype, x.device) if save_hg else None
-    h_any = h if h is not None else (hg if hg is not None else y)
+    h = poisoned_empty((T, ER), torch.float32, x.device) if save_h else None  # fp32: feeds the gate grads
+    hg = poisoned_empty((T, ER), x.dtype, x.device) if save_hg else None
     has_base = inp.base_weight is not None
     w = inp.base_weight if has_base else x
     scale_t, scale_v, per_expert = inp.scale_args()
-    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(T, block_m))  # noqa: E731
+    ids_strides = (ids.stride(0), ids.stride(1), gates.stride(0), gates.stride(1))
+    keep = save_h or save_hg
+    if split > 1:
+        # fp32 partials [T, SPLIT, N] of y and [T, SPLIT, ER] of H (only when backward reads H or Hg)
+        y_out = poisoned_empty((T, split, N), torch.float32, x.device)
+        h_out = poisoned_empty((T, split, ER), torch.float32, x.device) if keep else y_out
+        y_strides, h_strides = (split * N, 1, N), (split * ER, 1, ER)
+        k_save_h, k_save_hg, k_bias = keep, False, False
+        hg_out = h_out
+    else:
+        y_out = y
+        h_out = h if h is not None else (hg if hg is not None else y)
+        hg_out = hg if hg is not None else h_out
+        y_strides, h_strides = (y.stride(0), y.stride(1), 0), (ER, 1, 0)
+        k_save_h, k_save_hg, k_bias = save_h, save_hg, inp.base_bias is not None
+    bias = inp.base_bias if inp.base_bias is not None else y
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), triton.cdiv(T, block_m), split)  # noqa: E731
     _decode_fused_fwd_kernel[grid](
-        x, w, inp.base_bias if inp.base_bias is not None else y, lora_A, lora_B, ids, gates, scale_t,
-        h if h is not None else h_any, hg if hg is not None else h_any, y,
-        T, K, N, E, r, ids.shape[1], scale_v, token_bucket(T),
+        x, w, bias, lora_A, lora_B, ids, gates, scale_t, h_out, hg_out, y_out,
+        T, K, N, E, r, ids.shape[1], scale_v, token_bucket(T), split,
         x.stride(0), x.stride(1), w.stride(0) if has_base else 0, w.stride(1) if has_base else 0,
         lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
         lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
-        ids.stride(0), ids.stride(1), gates.stride(0), gates.stride(1),
-        E * r, 1, y.stride(0), y.stride(1),
-        HAS_BASE=has_base, HAS_BIAS=inp.base_bias is not None, PER_EXPERT_SCALE=per_expert,
-        SAVE_H=save_h, SAVE_HG=save_hg, R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=block_m,
+        *ids_strides, h_strides[0], h_strides[1], h_strides[2], y_strides[0], y_strides[1], y_strides[2],
+        HAS_BASE=has_base, HAS_BIAS=k_bias, PER_EXPERT_SCALE=per_expert,
+        SAVE_H=k_save_h, SAVE_HG=k_save_hg, PARTIAL=split > 1, R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=block_m,
+        ALIGN=_load_align(K, (x, lora_A) + ((w,) if has_base else ()),
+                          (x.stride(0), lora_A.stride(0), lora_A.stride(1)) + ((w.stride(0),) if has_base else ())),
         DOT_PRECISION=dot_precision(x.dtype),
     )
     launch_counts["decode"] += 1
+    if split > 1:
+        h_dst = h if h is not None else (hg if hg is not None else y)
+        _decode_split_reduce_kernel[(triton.cdiv(N, _REDUCE_BLOCK_N), triton.cdiv(T, block_m))](
+            y_out, bias, y, h_out, ids, gates, scale_t, h_dst, hg if hg is not None else h_dst,
+            T, N, E, r, ids.shape[1], scale_v, split,
+            y_strides[0], y_strides[2], y.stride(0), y.stride(1), h_strides[0], h_strides[2],
+            *ids_strides, ER, 1,
+            HAS_BIAS=inp.base_bias is not None, PER_EXPERT_SCALE=per_expert, SAVE_H=save_h, SAVE_HG=save_hg,
+            R_PAD=r_pad, BLOCK_C=block_c, BLOCK_M=block_m, BLOCK_N=_REDUCE_BLOCK_N, num_warps=4,
+        )
+        launch_counts["decode_reduce"] += 1
     return y, h, hg
 
 
@@ -348,7 +459,8 @@ lora_mix_decode = entry_point(DECODE, "lora_mix_decode", """\
     Same contract as ``lora_mix_dense`` with a one-launch forward for decode (T <= 64).
 
     Each N tile recomputes the shrink in the base GEMM's K loop (see the module docstring for why that
-    is cheap at decode sizes). Correct for any T (slow past 64); the rank tile ``pow2(E) * pow2(r)``
+    is cheap at decode sizes); when those tiles cannot fill the GPU, K is split and a second launch sums
+    the partials in a fixed order. Correct for any T (slow past 64); the rank tile ``pow2(E) * pow2(r)``
     must be at most 128 (``dispatch.DECODE_MAX_RANK_COLS``), else ``ValueError``: wider tiles do not
     fit the kernel's shared memory and registers. The backward is the dense-rank backward.
     """)

@@ -10,7 +10,9 @@ plan are in dense.py.
 
 Forward: ``_shrink_gate_fwd_kernel`` (H = x @ A_all.T, Hg = H * G * scaling) then
 ``_fused_base_lora_kernel`` (y = [x | Hg] @ [W | B_all].T + b, one K loop over d_in + ER); decode:
-``_decode_fused_fwd_kernel`` (both in one launch). Backward: ``_dhg_bwd_kernel`` (dH and the gate grads),
+``_decode_fused_fwd_kernel`` (both in one launch). With split-K (small T) the shrink and decode kernels
+write fp32 partials per K split and ``_shrink_split_reduce_kernel`` / ``_decode_split_reduce_kernel``
+sum them in split order. Backward: ``_dhg_bwd_kernel`` (dH and the gate grads),
 ``_fused_base_lora_kernel`` again (dx) and ``_matmul_tn_kernel`` (dA, dB, dW).
 """
 from __future__ import annotations
@@ -28,11 +30,14 @@ from .tuning import async_tile, autotune, fma_regs_ok, only_for, pipeline_buffer
 
 def _shrink_configs():
     # The shrink is [T, K] x [K, <=128]: wide K tiles, modest M; it is bandwidth-bound on x.
+    # The last one is for fp32 inputs (FMA dots, see shrink_regs_ok), the only kind that may pick it.
     return [
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        # 8 warps: with 4, ptxas capped the split-K variant at 64-128 registers and spilled (sm_90)
+        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ]
 
 
@@ -52,16 +57,20 @@ def _fused_configs():
 
 
 def _decode_configs():
-    # W streaming: small BLOCK_N gives enough programs to saturate HBM at N ~ 4096; deep pipelines.
-    # Shared memory per stage is BLOCK_K * (BLOCK_M + BLOCK_N + BLOCK_C) elements with BLOCK_M, BLOCK_C
-    # up to 64 and 128: the first (default / pinned) config fits fp32 at the largest tile (192 KB);
-    # the deeper ones are for half inputs at small T (configs that do not fit are skipped by autotune).
+    # W streaming: small BLOCK_N gives enough programs to saturate HBM at N ~ 4096 (split-K adds
+    # programs along K when N is small); deep pipelines. Shared memory per stage is
+    # BLOCK_K * (BLOCK_M + BLOCK_N + BLOCK_C) elements with BLOCK_M, BLOCK_C up to 64 and 128: the first
+    # (default / pinned) config fits fp32 at the largest tile (192 KB); the deeper ones are for half
+    # inputs at small T (configs that do not fit are skipped by autotune).
     return [
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_N": 32, "BLOCK_K": 64}, num_warps=2, num_stages=5),
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        # fp32 inputs only (FMA dots, see decode_regs_ok): a narrow W tile keeps the epilogue's
+        # [BM, BC] x [BC, BN] FMA dot within the registers at a 128-wide rank tile
+        triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ]
 
 
@@ -101,8 +110,41 @@ def _tn_configs():
 # --------------------------------------------------------------------------------------------------
 
 
+def _k_loop_buffers(p, e, dot_m):
+    """Copies of each K-loop tile for the shrink and decode kernels: ``pipeline_buffers`` when the
+    K-contiguous loads can use cp.async (vectors of >= 4 bytes: ``ALIGN * e >= 4``, ALIGN from
+    ``dense.k_align``), else 1: Triton does not pipeline 2-byte scalar loads and stages each tile once
+    (compile report: odd d_in in 16-bit)."""
+    return pipeline_buffers(p, e, dot_m) if p.get("ALIGN", 16) * e >= 4 else 1
+
+
+def _fma_dots(p):
+    # fp32 inputs at ieee precision: tl.dot runs on FMA units, whose operand slices and accumulators
+    # all sit in registers (no tensor-core fragments), so far smaller tiles fit 255 registers
+    return p.get("DOT_PRECISION") == "ieee"
+
+
+def _unaligned_regs_ok(p, loaded, acc):
+    # K-contiguous loads narrower than 16 bytes (16-bit inputs with ALIGN < 8: d_in not a multiple of 8)
+    # need an address and a predicate per vector of ALIGN elements: the vectors a thread loads per K
+    # step plus its fp32 accumulator values must stay under ~112 (compile report, d_in = 1000 before
+    # ALIGN and 1001: 124 and 160 spilled, 112 did not)
+    align = p.get("ALIGN", 16)
+    return align >= 8 or (loaded // align + acc) <= 112 * 32 * p["num_warps"]
+
+
 def shrink_smem(p, e):
-    return pipeline_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_C"]) * e
+    return _k_loop_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_C"]) * e
+
+
+def shrink_regs_ok(p):
+    # FMA dots (fp32): BLOCK_K = 64 spilled on sm_80 even at a 32-wide rank tile (255 registers),
+    # and BLOCK_K = 128 at 128 columns on sm_90 (compile report): fp32 takes BLOCK_K <= 32. That
+    # config is left out for 16-bit inputs: on tensor cores its short K steps only cost bandwidth.
+    bm, bk, bc = p["BLOCK_M"], p["BLOCK_K"], p["BLOCK_C"]
+    if not _fma_dots(p):
+        return bk >= 64 and _unaligned_regs_ok(p, bm * bk + bk * bc, bm * bc)
+    return bk <= 32
 
 
 def fused_smem(p, e):
@@ -138,8 +180,28 @@ def fused_regs_ok(p):
 
 
 def decode_smem(p, e):
-    loop = pipeline_buffers(p, e, p["BLOCK_M"]) * p["BLOCK_K"] * (p["BLOCK_M"] + p["BLOCK_N"] + p["BLOCK_C"]) * e
-    return max(loop, (p["BLOCK_M"] * p["BLOCK_C"] + p["BLOCK_C"] * p["BLOCK_N"]) * e)
+    bm, bn, bk, bc = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"], p["BLOCK_C"]
+    if p.get("ALIGN", 16) * e >= 4:
+        loop = _k_loop_buffers(p, e, bm) * bk * (bm + bn + bc) * e
+    else:
+        # unpipelined (see _k_loop_buffers): one copy, and the x tile with W (x @ W) and then with the
+        # A_all slice (x @ A) are live in turn, not all three
+        loop = bk * (bm + max(bn if p.get("HAS_BASE", True) else 0, bc)) * e
+    return max(loop, (bm * bc + bc * bn) * e)
+
+
+def decode_regs_ok(p):
+    # FMA dots (fp32): the epilogue dot [BM, BC] x [BC, BN] reduces over the whole rank tile, so
+    # BC * BN is bounded (BN = 32 at BC = 128 spilled), and so are the two accumulators per thread
+    # (BM = 64, BC = 128 needs 8 warps) and BLOCK_K (64 spilled on sm_80 at BC = 32 with 2 warps).
+    # The fp32 config (BLOCK_N = 16) is left out for 16-bit inputs: there it only halves the W tile.
+    bm, bn, bk, bc = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"], p["BLOCK_C"]
+    if not _fma_dots(p):
+        # the two fp32 accumulators [BM, BC] and [BM, BN] at most 96 values per thread: 2 warps at
+        # BM = 64, BC = 128 (160) spilled
+        return (bn >= 32 and bm * (bc + bn) <= 96 * 32 * p["num_warps"]
+                and _unaligned_regs_ok(p, bk * (bm + bn + bc), bm * (bc + bn)))
+    return bk <= 32 and bc * bn <= 2048 and bm * (bc + bn) <= 40 * 32 * p["num_warps"]
 
 
 def dhg_smem(p, e):
@@ -237,20 +299,75 @@ def _gate_scale_tile(
 # Kernels
 # --------------------------------------------------------------------------------------------------
 
-@autotune(_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C"], smem=shrink_smem)
-@triton.jit(do_not_specialize=["T", "T_BUCKET"])
+@triton.jit
+def _rank_epilogue(
+    b_h, ids_ptr, gate_ptr, scale_ptr, scale_val, h_ptr, hg_ptr, o_m, m_m, i_e0, i_ce, i_cj, m_c, E, r, K_TOP,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, SAVE_HG: tl.constexpr, BLOCK_M: tl.constexpr,
+    EPC: tl.constexpr, R_PAD: tl.constexpr,
+):
+    """Store a finished ``[BM, BC]`` fp32 tile of H (SAVE_H) and ``Hg = H * G * scaling`` (SAVE_HG, in
+    hg's dtype) at columns ``i_ce * r + i_cj`` of the ``[T, ER]`` layout; the tile holds experts
+    ``i_e0 .. i_e0 + EPC - 1``."""
+    o_col = i_ce * r + i_cj  # [BC] column in the [T, ER] layout
+    p_out = o_m.to(tl.int64)[:, None] * stride_hm + o_col[None, :] * stride_hc
+    m_out = m_m[:, None] & m_c[None, :]
+    if SAVE_H:
+        tl.store(h_ptr + p_out, b_h.to(h_ptr.dtype.element_ty), mask=m_out)
+    if SAVE_HG:
+        b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_e0, E, K_TOP,
+                               stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, EPC, R_PAD)
+        tl.store(hg_ptr + p_out, (b_h * b_g).to(hg_ptr.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
+def _aligned(v, ALIGN: tl.constexpr):
+    """``v``, known to the compiler as a multiple of ALIGN (the launcher guarantees it: ``k_align``).
+
+    Triton only specialises ints divisible by 16: at d_in = 1000 the K-contiguous loads of x, W and
+    A_all would be scalar and unpipelined (no cp.async, 255 registers and spills for their per-element
+    addresses) although every row starts 16-byte aligned for 16-bit inputs. ``(v // ALIGN) * ALIGN``
+    is exact here and carries the divisibility into the compiler's alignment analysis.
+    """
+    if ALIGN < 16:
+        v = (v // ALIGN) * ALIGN
+    return v
+
+
+@triton.jit
+def _split_k_range(K, SPLIT, BLOCK_K: tl.constexpr):
+    """``[k_lo, k_hi)`` of split ``program_id(2)``: SPLIT near-equal runs of whole BLOCK_K steps (their
+    lengths differ by at most one step). Starts are multiples of BLOCK_K, so the compiler keeps the
+    loads' alignment; a split with no step (SPLIT > steps, forced by tests) gets an empty range."""
+    i_s = tl.program_id(2)
+    n_kt = tl.cdiv(K, BLOCK_K)
+    k_lo = (i_s * n_kt // SPLIT) * BLOCK_K
+    k_hi = tl.minimum(((i_s + 1) * n_kt // SPLIT) * BLOCK_K, K)
+    return i_s, k_lo, k_hi
+
+
+@autotune(_shrink_configs(), key=["T_BUCKET", "K", "E", "r", "BLOCK_C", "SPLIT"], smem=shrink_smem,
+          regs=shrink_regs_ok)
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "SPLIT"])
 def _shrink_gate_fwd_kernel(
     x_ptr, a_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
     T, K, E, r, K_TOP, scale_val, T_BUCKET,
+    SPLIT,  # run-time split-K factor (PARTIAL: > 1); one binary serves every value
     stride_xm, stride_xk, stride_ae, stride_ar, stride_ak,
-    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
-    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, R_PAD: tl.constexpr, EPC: tl.constexpr,
-    BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_hs,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, PARTIAL: tl.constexpr, ALIGN: tl.constexpr,
+    R_PAD: tl.constexpr, EPC: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Grid: (cdiv(T, BLOCK_M), cdiv(E, EPC)). A tile holds EPC whole experts, R_PAD (pow2 >= r) columns
-    # each, so the gate of a column is one expert's gate and non-pow2 ranks only cost masked lanes.
+    # Grid: (cdiv(T, BLOCK_M), cdiv(E, EPC), SPLIT). A tile holds EPC whole experts, R_PAD (pow2 >= r)
+    # columns each, so the gate of a column is one expert's gate and non-pow2 ranks only cost masked lanes.
+    # PARTIAL (split-K, for grids too small to fill the GPU): split i_s sums its K range and stores the
+    # fp32 partial at h_ptr + i_s * stride_hs ([T, SPLIT, ER]); _shrink_split_reduce_kernel adds the
+    # partials in split order and applies the gate epilogue once (H must be complete before it is saved).
     i_m = tl.program_id(0)
     i_c = tl.program_id(1)
+    K, stride_xm, stride_ae, stride_ar = _aligned(K, ALIGN), _aligned(stride_xm, ALIGN), \
+        _aligned(stride_ae, ALIGN), _aligned(stride_ar, ALIGN)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     m_m = o_m < T
     o_tc = tl.arange(0, BLOCK_C)
@@ -258,10 +375,15 @@ def _shrink_gate_fwd_kernel(
     i_cj = o_tc % R_PAD  # [BC] rank index within the expert
     m_c = (i_ce < E) & (i_cj < r)
     o_k0 = tl.arange(0, BLOCK_K)
+    if PARTIAL:
+        i_s, k_lo, k_hi = _split_k_range(K, SPLIT, BLOCK_K)
+    else:
+        k_lo = 0
+        k_hi = K
 
     o_xrow = o_m.to(tl.int64) * stride_xm
     b_acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for i_k in range(0, K, BLOCK_K):
+    for i_k in range(k_lo, k_hi, BLOCK_K):
         o_k = i_k + o_k0
         b_x = tl.load(x_ptr + o_xrow[:, None] + o_k[None, :] * stride_xk,
                       mask=m_m[:, None] & (o_k[None, :] < K), other=0.0)  # [BM, BK]
@@ -269,14 +391,54 @@ def _shrink_gate_fwd_kernel(
                       mask=m_c[None, :] & (o_k[:, None] < K), other=0.0)  # [BK, BC]
         b_acc = tl.dot(b_x, b_a, b_acc, input_precision=DOT_PRECISION)
 
-    b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, i_c * EPC, E, K_TOP,
-                           stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M, EPC, R_PAD)
-    o_col = i_ce * r + i_cj  # [BC] column in the [T, ER] layout
-    p_out = o_m.to(tl.int64)[:, None] * stride_hm + o_col[None, :] * stride_hc
-    m_out = m_m[:, None] & m_c[None, :]
-    if SAVE_H:
-        tl.store(h_ptr + p_out, b_acc.to(h_ptr.dtype.element_ty), mask=m_out)
-    tl.store(hg_ptr + p_out, (b_acc * b_g).to(hg_ptr.dtype.element_ty), mask=m_out)
+    if PARTIAL:
+        p_out = o_m.to(tl.int64)[:, None] * stride_hm + (i_ce * r + i_cj)[None, :] * stride_hc + i_s * stride_hs
+        tl.store(h_ptr + p_out, b_acc, mask=m_m[:, None] & m_c[None, :])
+    else:
+        _rank_epilogue(b_acc, ids_ptr, gate_ptr, scale_ptr, scale_val, h_ptr, hg_ptr, o_m, m_m, i_c * EPC,
+                       i_ce, i_cj, m_c, E, r, K_TOP, stride_idm, stride_idk, stride_gm, stride_gk,
+                       stride_hm, stride_hc, PER_EXPERT_SCALE, SAVE_H, True, BLOCK_M, EPC, R_PAD)
+
+
+@triton.jit
+def _rank_split_reduce_tile(
+    part_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, i_m, i_c,
+    T, E, r, K_TOP, scale_val, SPLIT,
+    stride_pm, stride_ps, stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, SAVE_HG: tl.constexpr, R_PAD: tl.constexpr,
+    EPC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """H tile = sum of the split partials ``part[t, s, c]`` in split order (deterministic: no atomics),
+    then the rank epilogue (H and/or Hg stored)."""
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_m = o_m < T
+    o_tc = tl.arange(0, BLOCK_C)
+    i_ce = i_c * EPC + o_tc // R_PAD  # [BC]
+    i_cj = o_tc % R_PAD
+    m_c = (i_ce < E) & (i_cj < r)
+    m_p = m_m[:, None] & m_c[None, :]
+    p_part = part_ptr + o_m.to(tl.int64)[:, None] * stride_pm + (i_ce * r + i_cj)[None, :]  # [BM, BC]
+    b_h = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for i_s in range(SPLIT):
+        b_h += tl.load(p_part + i_s * stride_ps, mask=m_p, other=0.0)
+    _rank_epilogue(b_h, ids_ptr, gate_ptr, scale_ptr, scale_val, h_ptr, hg_ptr, o_m, m_m, i_c * EPC,
+                   i_ce, i_cj, m_c, E, r, K_TOP, stride_idm, stride_idk, stride_gm, stride_gk,
+                   stride_hm, stride_hc, PER_EXPERT_SCALE, SAVE_H, SAVE_HG, BLOCK_M, EPC, R_PAD)
+
+
+@triton.jit(do_not_specialize=["T", "SPLIT"])
+def _shrink_split_reduce_kernel(
+    part_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
+    T, E, r, K_TOP, scale_val, SPLIT,
+    stride_pm, stride_ps, stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, R_PAD: tl.constexpr, EPC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # Grid: (cdiv(T, BLOCK_M), cdiv(E, EPC)): the shrink's rank tiles, partials [T, SPLIT, ER] fp32.
+    _rank_split_reduce_tile(part_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
+                            tl.program_id(0), tl.program_id(1), T, E, r, K_TOP, scale_val, SPLIT,
+                            stride_pm, stride_ps, stride_idm, stride_idk, stride_gm, stride_gk,
+                            stride_hm, stride_hc, PER_EXPERT_SCALE, SAVE_H, True, R_PAD, EPC, BLOCK_C, BLOCK_M)
 
 
 @autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"], smem=fused_smem, regs=fused_regs_ok)
@@ -334,21 +496,31 @@ def _fused_base_lora_kernel(
              b_acc.to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-@autotune(_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE"], smem=decode_smem)
-@triton.jit(do_not_specialize=["T", "T_BUCKET"])
+@autotune(_decode_configs(), key=["T_BUCKET", "K", "N", "E", "r", "HAS_BASE", "SPLIT"], smem=decode_smem,
+          regs=decode_regs_ok)
+@triton.jit(do_not_specialize=["T", "T_BUCKET", "SPLIT"])
 def _decode_fused_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, y_ptr,
     T, K, N, E, r, K_TOP, scale_val, T_BUCKET,
+    SPLIT,  # run-time split-K factor (PARTIAL: > 1); one binary serves every value
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ae, stride_ar, stride_ak, stride_be, stride_bn, stride_br,
-    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_ym, stride_yn,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc, stride_hs, stride_ym, stride_yn, stride_ys,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr,
-    SAVE_HG: tl.constexpr, R_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SAVE_HG: tl.constexpr, PARTIAL: tl.constexpr, ALIGN: tl.constexpr, R_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    # Grid: (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M)); BLOCK_C covers every expert, so each program owns
-    # the whole shrink for its tokens and nothing round-trips through memory.
+    # Grid: (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M), SPLIT); BLOCK_C covers every expert, so each program owns
+    # the whole shrink of its K range for its tokens and nothing round-trips through memory.
+    # PARTIAL (split-K: at decode sizes cdiv(N, BLOCK_N) programs leave most SMs idle): the expand is
+    # linear in H, so split i_s expands its own partial H_s and stores the fp32 partial
+    # y_s = x_s W_s^T + (H_s G s) B^T at y_ptr + i_s * stride_ys ([T, SPLIT, N]), and its partial H_s at
+    # h_ptr + i_s * stride_hs (SAVE_H); _decode_split_reduce_kernel adds them in split order and
+    # adds the bias. The caller passes HAS_BIAS and SAVE_HG off with PARTIAL.
     i_n = tl.program_id(0)
     i_m = tl.program_id(1)
+    K, stride_xm, stride_wn = _aligned(K, ALIGN), _aligned(stride_xm, ALIGN), _aligned(stride_wn, ALIGN)
+    stride_ae, stride_ar = _aligned(stride_ae, ALIGN), _aligned(stride_ar, ALIGN)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     o_k0 = tl.arange(0, BLOCK_K)
@@ -359,10 +531,15 @@ def _decode_fused_fwd_kernel(
     i_cj = o_tc % R_PAD
     m_c = (i_ce < E) & (i_cj < r)
     o_row = o_m.to(tl.int64)
+    if PARTIAL:
+        i_s, k_lo, k_hi = _split_k_range(K, SPLIT, BLOCK_K)
+    else:
+        k_lo = 0
+        k_hi = K
 
     b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     b_h = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for i_k in range(0, K, BLOCK_K):
+    for i_k in range(k_lo, k_hi, BLOCK_K):
         o_k = i_k + o_k0
         m_k = o_k < K
         b_x = tl.load(x_ptr + o_row[:, None] * stride_xm + o_k[None, :] * stride_xk,
@@ -378,12 +555,15 @@ def _decode_fused_fwd_kernel(
     b_g = _gate_scale_tile(ids_ptr, gate_ptr, scale_ptr, scale_val, o_m, m_m, 0, E, K_TOP,
                            stride_idm, stride_idk, stride_gm, stride_gk, PER_EXPERT_SCALE, BLOCK_M,
                            BLOCK_C // R_PAD, R_PAD)
-    # Round Hg to the input dtype like the two-kernel path (which stores it) so both paths agree.
+    # Round Hg to the input dtype like the two-kernel path (which stores it) so both paths agree
+    # (split: each partial is rounded; the saved Hg is rounded once from the summed H by the reduce).
     b_hg = (b_h * b_g).to(x_ptr.dtype.element_ty)  # [BM, BC]
     if SAVE_H or SAVE_HG:
         # Only the first N tile writes H / Hg for backward (every tile computed the same values).
         if i_n == 0:
             p_h = o_row[:, None] * stride_hm + (i_ce * r + i_cj)[None, :] * stride_hc
+            if PARTIAL:
+                p_h += i_s * stride_hs
             m_h = m_m[:, None] & m_c[None, :]
             if SAVE_H:
                 tl.store(h_ptr + p_h, b_h.to(h_ptr.dtype.element_ty), mask=m_h)
@@ -394,8 +574,46 @@ def _decode_fused_fwd_kernel(
     b_y = tl.dot(b_hg, b_b, b_y, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         b_y += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + o_row[:, None] * stride_ym + o_n[None, :] * stride_yn,
-             b_y.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    p_y = o_row[:, None] * stride_ym + o_n[None, :] * stride_yn
+    if PARTIAL:
+        p_y += i_s * stride_ys
+    tl.store(y_ptr + p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "SPLIT"])
+def _decode_split_reduce_kernel(
+    part_ptr, bias_ptr, y_ptr, hpart_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr,
+    T, N, E, r, K_TOP, scale_val, SPLIT,
+    stride_pm, stride_ps, stride_ym, stride_yn, stride_hpm, stride_hps,
+    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+    HAS_BIAS: tl.constexpr, PER_EXPERT_SCALE: tl.constexpr, SAVE_H: tl.constexpr, SAVE_HG: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Grid: (cdiv(N, BLOCK_N), cdiv(T, BLOCK_M)). y = sum_s part[:, s, :] in split order (+ bias), cast
+    # to y's dtype; the first N tile also sums the partial H of its tokens and stores H / Hg.
+    i_n = tl.program_id(0)
+    i_m = tl.program_id(1)
+    o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m_m = o_m < T
+    m_n = o_n < N
+    m_y = m_m[:, None] & m_n[None, :]
+    o_row = o_m.to(tl.int64)
+    p_part = part_ptr + o_row[:, None] * stride_pm + o_n[None, :]  # [BM, BN]
+    b_y = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i_s in range(SPLIT):
+        b_y += tl.load(p_part + i_s * stride_ps, mask=m_y, other=0.0)
+    if HAS_BIAS:
+        b_y += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + o_row[:, None] * stride_ym + o_n[None, :] * stride_yn, b_y.to(y_ptr.dtype.element_ty),
+             mask=m_y)
+    if SAVE_H or SAVE_HG:
+        if i_n == 0:
+            _rank_split_reduce_tile(hpart_ptr, ids_ptr, gate_ptr, scale_ptr, h_ptr, hg_ptr, i_m, 0,
+                                    T, E, r, K_TOP, scale_val, SPLIT, stride_hpm, stride_hps,
+                                    stride_idm, stride_idk, stride_gm, stride_gk, stride_hm, stride_hc,
+                                    PER_EXPERT_SCALE, SAVE_H, SAVE_HG, R_PAD, BLOCK_C // R_PAD, BLOCK_C,
+                                    BLOCK_M)
 
 
 @autotune(_dhg_configs(), key=["T_BUCKET", "N", "E", "r", "NEED_DW", "STORE_DH"], smem=dhg_smem,

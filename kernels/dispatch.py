@@ -22,13 +22,19 @@ provisional; cuBLAS kernels get 1). Constants per device class (``MACHINES``: H1
 from the device name, H100 when unknown)::
 
     ER = E*r rank columns, b = bytes per element, S = T*k slots, Eu = min(E, S) experts touched
-    dense   shrink  max(2T ER K / F', (TK + ER K + 2T ER) b / BW, A_all re-read per 64-row tile / L2)
-                    programs cdiv(T, 64) * cdiv(ER, 128)
+    split-K (dense shrink, decode): s = split_k(tiles, K, SMs): 1 while the tiles fill more than half
+                    the SMs, else min(cdiv(SMs, tiles), K // 256, 16); the launchers use the same function
+    dense   shrink  max(2T ER K / F', (TK + ER K) b + out / BW, A_all re-read per 64-row tile / L2)
+                    tiles cdiv(T, 64) * cdiv(E, 128 / pow2(r)), programs tiles * s;
+                    out = 2T ER b (H, Hg) unsplit, s T ER 4 (fp32 partials) split
+                    s > 1: + reduce (out + 2T ER b) / BW over cdiv(T, 32) rank tiles, + 1 launch
             fused   max((2TKN + 2T ER N) / F', (TK + KN + TN + T ER + N ER) b / BW,
                         (x per 128-col tile + W per 128-row tile) / L2)     programs cdiv(T,128) cdiv(N,128)
-    decode  one     max((2TKN + 2*T16*ER16*K*N/64 + 2*T16*ER16*N) / F', (TK + KN + TN + ER K + N ER) b / BW,
-                        (N/64) ER K b / L2)  (T16, ER16: tl.dot pads M and the rank tile to >= 16)
-                    programs cdiv(N, 64) * cdiv(T, 64)                                          1 launch
+    decode  one     max((2TKN + 2*T16*ER16*K*N/64 + s*2*T16*ER16*N) / F', (TK + KN + ER K + N ER) b + out / BW,
+                        (N/64) ER K b / L2)  (T16, ER16: tl.dot pads M and the rank tile to >= 16;
+                        each split expands its own partial H)
+                    tiles cdiv(N, 64) * cdiv(T, 64), programs tiles * s; out = TN b, or s T N 4 split
+                    s > 1: + reduce (out + TN b) / BW over the tiles, + 1 launch          1 launch (2 split)
     grouped base    max(2TKN / F, (TK + KN + TN) b / BW)                                   (cuBLAS)
             shrink  max(2SrK / F', (SK + Eu r K + Sr) b / BW)   (x rows gathered once per slot)
                     programs tiles * split-K (split-K fills the GPU: about 2 programs per SM)
@@ -51,8 +57,10 @@ What it predicts on an H100 (bf16, d_in = d_out = 4096; ``test_dispatch.py`` pin
   Triton kernel while the grouped path leaves it to cuBLAS;
 - prefill T=8192, k=1: grouped even for the paper's E=4, r=8 (no combine pass, and the base GEMM stays
   on cuBLAS: the 25% Triton penalty on it outweighs the gather and y read-modify-write);
-- T <= 64 with a base weight: decode while its rank tile fits (``E*r`` <= 128), grouped beyond (at T=1,
-  E=64, r=16 the dense shrink would run 8 programs on 132 SMs); T=128: grouped;
+- T <= 64 with a base weight: decode while its rank tile fits (``E*r`` <= 128), also at a GQA
+  projection's N = 1024 (split-K: 16 N tiles x 9 splits = 144 programs; unsplit, its 16 programs lost to
+  grouped); grouped beyond the rank tile (at T=1, E=64, r=16 the dense shrink splits K to 8 x 16
+  programs, but the fused kernel runs cdiv(N, 128) = 32 on 132 SMs); T=128: grouped;
 - an A100 (less bandwidth per FLOP) and training (the backward prices the dense path's extra rank-space
   FLOPs twice more) tilt further toward grouped. fp32 uses the FMA (not tensor-core) peak.
 
@@ -119,6 +127,56 @@ def decode_rank_tile(E: int, r: int) -> int:
     """The decode kernel's rank tile ``BLOCK_C``: every expert, each padded to a power of two, >= 16."""
     return max(16, (1 << max(0, E - 1).bit_length()) * (1 << max(0, r - 1).bit_length()))
 _DECODE_BLOCK_N = 64  # the decode kernel's default BLOCK_N (its first autotune config)
+_SHRINK_BLOCK_M = 64  # the dense shrink's default BLOCK_M
+_SHRINK_RANK_CAP = 128  # the dense shrink's widest rank tile (dense._rank_tiling)
+
+# Split-K of the dense shrink and the decode kernel (run-time factors, see ``split_k``): each split
+# streams at least SPLIT_MIN_K of the reduced dimension (2 steps of the widest BLOCK_K, 4 of the default),
+# and at most SPLIT_MAX splits write fp32 partials.
+SPLIT_MIN_K = 256
+SPLIT_MAX = 16
+ENV_SPLIT = "SELFMOE_DENSE_SPLIT_K"  # tests only: force the split factor (1 = the unsplit path)
+
+
+def split_k(tiles: int, K: int, sms: int) -> int:
+    """Split-K factor of the dense shrink and the decode kernel, whose output has ``tiles`` tiles over a
+    reduction of length ``K``, on a device with ``sms`` SMs (the launchers and the cost model both use it).
+
+    1 while the tiles already occupy more than half the SMs (splitting would add the fp32 partials'
+    traffic and a reduce launch for at most a 2x fill); otherwise enough splits for one program per SM,
+    at most ``K // SPLIT_MIN_K`` and ``SPLIT_MAX``.
+    """
+    tiles = max(1, int(tiles))
+    if 2 * tiles > sms:
+        return 1
+    return int(max(1, min(-(-sms // tiles), K // SPLIT_MIN_K, SPLIT_MAX)))
+
+
+def forced_split() -> Optional[int]:
+    """The split factor forced by ``SELFMOE_DENSE_SPLIT_K`` (tests only: it forces the split path on CPU
+    shapes, where K is far below SPLIT_MIN_K and the interpreter reports 4 SMs), or None when unset."""
+    text = os.environ.get(ENV_SPLIT, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{ENV_SPLIT} must be a positive int, got {text!r}")
+    return value
+
+
+def shrink_tiles(T: int, E: int, r: int) -> int:
+    """Programs of the dense shrink before split-K at its default BLOCK_M: token tiles x rank tiles
+    (a rank tile holds whole experts, at most 128 columns unless one expert is wider)."""
+    r_pad = 1 << max(0, r - 1).bit_length()
+    return -(-max(1, T) // _SHRINK_BLOCK_M) * -(-E // max(1, _SHRINK_RANK_CAP // r_pad))
+
+
+def decode_tiles(T: int, N: int) -> int:
+    """Programs of the decode kernel before split-K at its default BLOCK_N (BLOCK_M covers 64 tokens)."""
+    return -(-N // _DECODE_BLOCK_N) * -(-max(1, T) // DECODE_MAX_T)
 
 
 def path_override() -> Optional[str]:
@@ -201,19 +259,31 @@ def estimate_seconds(
     base_flops = 2.0 * T * K * N if has_base else 0.0
     base_bytes = (K * N) * b if has_base else 0.0  # W; x and y are counted per kernel below
 
-    # dense: shrink, then the fused base + expand kernel.
-    shrink = kernel(2.0 * T * ER * K, (T * K + ER * K + 2 * T * ER) * b, cdiv(T, 64) * cdiv(ER, 128),
+    # dense: shrink (split-K when its grid leaves most SMs idle: fp32 partials [T, split, ER] written, then
+    # summed by a reduce launch that applies the gate epilogue), then the fused base + expand kernel.
+    s_tiles = shrink_tiles(T, E, r)
+    s_split = split_k(s_tiles, K, m.sms)
+    h_out = s_split * T * ER * 4 if s_split > 1 else 2 * T * ER * b
+    shrink = kernel(2.0 * T * ER * K, (T * K + ER * K) * b + h_out, s_tiles * s_split,
                     l2=cdiv(T, 64) * ER * K * b)
+    if s_split > 1:
+        shrink += kernel(0.0, h_out + 2 * T * ER * b, cdiv(T, 32) * (s_tiles // cdiv(T, 64))) + m.launch_s
     fused = kernel(base_flops + 2.0 * T * ER * N, base_bytes + (T * K * has_base + T * N + T * ER + N * ER) * b,
                    cdiv(T, 128) * cdiv(N, 128), l2=(cdiv(N, 128) * T * K + cdiv(T, 128) * K * N * has_base) * b)
     dense = shrink + fused + 2 * m.launch_s
 
     # decode: one kernel; every N tile recomputes the shrink (padded tiles) and re-reads A_all from L2.
+    # Split-K: each split expands its partial H (split x the expand FLOPs) into fp32 partials of y
+    # [T, split, N], which a reduce launch sums (and adds the bias to).
     n_tiles = math.ceil(N / _DECODE_BLOCK_N)
+    d_split = split_k(decode_tiles(T, N), K, m.sms)
     t16, er16 = _pow2_at_least_16(T), _pow2_at_least_16(ER)
-    decode_flops = base_flops + 2.0 * t16 * er16 * K * N / _DECODE_BLOCK_N + 2.0 * t16 * er16 * N
-    decode_hbm = base_bytes + (T * K + T * N + ER * K + N * ER) * b
-    decode = kernel(decode_flops, decode_hbm, n_tiles * cdiv(T, 64), l2=n_tiles * ER * K * b) + m.launch_s
+    decode_flops = base_flops + 2.0 * t16 * er16 * K * N / _DECODE_BLOCK_N + d_split * 2.0 * t16 * er16 * N
+    y_out = d_split * T * N * 4 if d_split > 1 else T * N * b
+    decode_hbm = base_bytes + (T * K + ER * K + N * ER) * b + y_out
+    decode = kernel(decode_flops, decode_hbm, decode_tiles(T, N) * d_split, l2=n_tiles * ER * K * b) + m.launch_s
+    if d_split > 1:
+        decode += kernel(0.0, y_out + T * N * b, decode_tiles(T, N)) + m.launch_s
 
     # grouped: separate base GEMM, grouping metadata, gathered shrink, expand (+ combine of the k slots).
     S = T * k

@@ -38,7 +38,8 @@ def test_every_launch_compiles(report):
     kernels = {r["kernel"] for r in rows}
     # every kernel of every path is in the subset: dense, decode, grouped, grouping, route_topk
     assert {"_shrink_gate_fwd_kernel", "_fused_base_lora_kernel", "_decode_fused_fwd_kernel", "_dhg_bwd_kernel",
-            "_matmul_tn_kernel", "_grouped_shrink_kernel", "_grouped_expand_kernel", "_grouped_outer_kernel",
+            "_matmul_tn_kernel", "_shrink_split_reduce_kernel", "_decode_split_reduce_kernel",
+            "_grouped_shrink_kernel", "_grouped_expand_kernel", "_grouped_outer_kernel",
             "_combine_slots_kernel", "_grouping_count_kernel", "_grouping_place_kernel",
             "_route_topk_fwd_kernel", "_route_topk_bwd_kernel"} <= kernels
     failed = [f"{r['kernel']} ({r['case']}): {r['error']}" for r in rows if not r["ok"]]
@@ -82,8 +83,9 @@ def test_bounded_recompiles_over_a_token_sweep(report):
     sweep = report["sweep"]
     assert set(sweep) == {"dense", "decode", "grouped"}
     # Specialisations per config that T can still cause (T itself and the token bucket are unspecialised,
-    # split factors are run-time ints): dense <= 4 (dA/dB/dW layouts, SPLIT == 1), decode 3 (BLOCK_M 16,
-    # 32, 64), grouped 12 (BLOCK_M 16/32/64 x SPLIT == 1 or not x forward/backward); <= 6 configs each.
+    # split factors are run-time ints): dense <= 4 (dA/dB/dW layouts, SPLIT == 1; the shrink: split-K or
+    # not), decode 3 (BLOCK_M 16, 32, 64; every T of its sweep splits K at N = 4096), grouped 12 (BLOCK_M
+    # 16/32/64 x SPLIT == 1 or not x forward/backward); <= 6 configs each.
     per_config = {"dense": 4, "decode": 3, "grouped": 12}
     for kind, per_kernel in sweep.items():
         for kname, n in per_kernel.items():

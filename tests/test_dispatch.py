@@ -33,8 +33,12 @@ CHOICES = [
     ((8192, D, D, 64, 16, 2, True, False), "dense"),  # ... unless the grouped module is not there
     ((1, D, D, 8, 16, 2, True, True), "decode"),  # one token: one launch, W streaming dominates
     ((64, D, D, 8, 16, 2, True, True), "decode"),  # the largest decode batch
-    ((128, D, D, 8, 16, 2, True, True), "grouped"),  # past DECODE_MAX_T; dense's 2-program shrink fills nothing
-    ((1, D, D, 64, 16, 2, True, True), "grouped"),  # past the decode tile; dense's 8-program shrink fills 6% of SMs
+    # GQA k/v projection (N = 1024): decode splits K, 16 N tiles x 9 splits = 144 programs; unsplit, its
+    # 16 programs on 132 SMs lost to grouped
+    ((1, D, 1024, 8, 16, 2, True, True), "decode"),
+    ((64, D, 1024, 8, 16, 2, True, True), "decode"),
+    ((128, D, D, 8, 16, 2, True, True), "grouped"),  # past DECODE_MAX_T; dense's fused kernel runs 32 programs
+    ((1, D, D, 64, 16, 2, True, True), "grouped"),  # past the decode tile; dense: split shrink, 32-program fused
     ((1, D, D, 8, 16, 2, False, True), "decode"),  # no base: still one launch, W-free streaming of A and B
 ]
 @pytest.mark.parametrize("args,expected", CHOICES, ids=[str(a) for a, _ in CHOICES])
@@ -64,16 +68,30 @@ def test_choices_per_device_class(machine):
         assert all(p == "grouped" for p in picks[m][first:]), (m, picks[m])
     assert picks["h100"].index("grouped") == 4  # E=16 x r=16 = 256
     assert picks[machine].index("grouped") <= picks["h100"].index("grouped")
-    # H200 = H100 compute with more bandwidth: memory-bound decode gets faster
-    h100, h200 = (estimate_seconds(1, D, D, 8, 16, 2, machine=m)["decode"] for m in ("h100", "h200"))
+    # H200 = H100 compute with more bandwidth: memory-bound decode gets faster (past its two launches,
+    # the split-K kernel and its reduce, which cost the same on both)
+    h100, h200 = (estimate_seconds(1, D, D, 8, 16, 2, machine=m)["decode"] - 2 * dispatch.LAUNCH_S
+                  for m in ("h100", "h200"))
     assert h200 < h100 * 0.8
 
 
 def test_grid_fill_and_training_terms():
-    # T=1, E=64, r=16: the dense shrink has cdiv(1, 64) * cdiv(1024, 128) = 8 programs for 132 SMs;
-    # the model charges it 132/8 of its roofline, which the grouped path (split-K) does not pay
+    # T=1, E=64, r=16: the dense fused kernel has cdiv(4096, 128) = 32 programs for 132 SMs (its shrink
+    # splits K: 8 x 16); the model charges it 132/32 of its roofline, which the grouped path does not pay
     c = estimate_seconds(1, D, D, 64, 16, 2)
     assert c["grouped"] < c["dense"]
+    # the split-K term: decode at N = 1024 launches 16 x 9 programs (one per SM); priced without the
+    # split (16 programs) it would cost more than twice as much
+    assert dispatch.decode_tiles(1, 1024) == 16 and dispatch.split_k(16, D, 132) == 9
+    assert dispatch.split_k(16, D, dispatch.MACHINES["a100"].sms) == 7
+    with_split = estimate_seconds(1, D, 1024, 8, 16, 2)["decode"]
+    real = dispatch.split_k
+    try:
+        dispatch.split_k = lambda tiles, K, sms: 1
+        without = estimate_seconds(1, D, 1024, 8, 16, 2)["decode"]
+    finally:
+        dispatch.split_k = real
+    assert without > 2 * with_split
     # training adds a backward to every path, more to the dense path at large E*r (rank-space FLOPs)
     f, t = estimate_seconds(8192, D, D, 64, 16, 2), estimate_seconds(8192, D, D, 64, 16, 2, training=True)
     assert all(t[p] > f[p] for p in f)

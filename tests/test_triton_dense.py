@@ -255,6 +255,120 @@ def test_split_t_weight_gradient_matches_and_is_deterministic():
         assert torch.equal(out, again)
 
 
+# ---- split-K of the dense shrink and the decode kernel (forced: on CPU shapes split_k picks 1) ----
+
+# T=37: not a multiple of any BLOCK_M; d_in=200: 4 BLOCK_K=64 steps, the last one 8 wide, so SPLIT=3 gives
+# splits of 1, 1 and 2 steps and SPLIT=7 leaves splits with no step at all (they must write zeros).
+SPLIT_SHAPE = (37, 200, 48, 4, 8, 2)
+
+
+@pytest.mark.parametrize("split", [3, 7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("path", ["dense", "decode"])
+def test_split_k_matches_reference(path, dtype, split, monkeypatch):
+    # Forward and every gradient (gate grads read the H the split reduce saved; dB reads its Hg).
+    monkeypatch.setenv("SELFMOE_DENSE_SPLIT_K", str(split))
+    role = "decode_reduce" if path == "decode" else "shrink_reduce"
+    before = ld.launch_counts[role]
+    case = _on_device(make_case(*SPLIT_SHAPE, per_expert_scaling=dtype == torch.float32, seed=83 + split))
+    check_against_reference(case, _path_fn(path), dtype)
+    assert ld.launch_counts[role] == before + 1  # the split path really ran
+
+
+@pytest.mark.parametrize("path", ["dense", "decode"])
+def test_split_k_saves_only_what_backward_reads(path, monkeypatch):
+    # Router training: H saved through the split reduce, Hg not saved (no dB), no bias, no base weight;
+    # then dB alone: Hg saved, H not.
+    monkeypatch.setenv("SELFMOE_DENSE_SPLIT_K", "4")
+    case = _on_device(make_case(21, 136, 40, 5, 4, 2, base=False, seed=89))
+    check_against_reference(case, _path_fn(path), torch.float32, grads=["x", "expert_weights"])
+    check_against_reference(case, _path_fn(path), torch.float16, grads=["lora_B"])
+
+
+def _launcher_inputs(T, K, N, E, r, k, seed):
+    from selfmoe.kernels.contract import LoRAMixInputs
+
+    c = _on_device(make_case(T, K, N, E, r, k, seed=seed)).to(torch.float32)
+    inp = LoRAMixInputs(c.x, c.lora_A, c.lora_B, c.expert_ids, c.expert_weights,
+                        torch.ones(E, device=DEVICE), 1.7, c.base_weight, c.base_bias)
+    return c, inp
+
+
+def test_split_k_equals_unsplit_and_is_bitwise_reproducible():
+    # fp32: the split outputs equal the unsplit ones up to fp32 rounding of the partial sums, H and Hg
+    # included; a rerun with the same split is bitwise identical (fixed-order sums, no atomics).
+    c, inp = _launcher_inputs(45, 328, 40, 4, 8, 2, seed=97)
+    G = torch.zeros(45, 4, dtype=torch.float64, device=DEVICE).scatter_add_(
+        1, c.expert_ids, c.expert_weights.double())
+    h_ref = c.x.double() @ c.lora_A.double().reshape(32, 328).T
+    hg_ref = h_ref * G.repeat_interleave(8, dim=1) * 1.7
+    y1, h1, hg1 = ld.decode_fused_fwd(inp, True, True, split=1)
+    for split in (2, 5, 9):
+        y, h, hg = ld.decode_fused_fwd(inp, True, True, split=split)
+        assert rel_err(y, y1) <= 1e-6 and rel_err(h, h1) <= 1e-6 and rel_err(hg, hg1) <= 1e-6, split
+        assert rel_err(h, h_ref) <= 1e-6 and rel_err(hg, hg_ref) <= 1e-6
+        again = ld.decode_fused_fwd(inp, True, True, split=split)
+        assert all(torch.equal(a, b) for a, b in zip((y, h, hg), again))
+        sh, shg = ld.shrink_gate_fwd(inp, save_h=True, split=split)
+        assert rel_err(sh, h_ref) <= 1e-6 and rel_err(shg, hg_ref) <= 1e-6
+        sh2, shg2 = ld.shrink_gate_fwd(inp, save_h=True, split=split)
+        assert torch.equal(sh, sh2) and torch.equal(shg, shg2)
+    # inference: nothing saved, the reduce only writes y (and adds the bias)
+    y, h, hg = ld.decode_fused_fwd(inp, False, False, split=3)
+    assert h is None and hg is None and rel_err(y, y1) <= 1e-6
+
+
+def test_split_k_heuristic_and_override(monkeypatch):
+    from selfmoe.kernels.dispatch import decode_tiles, forced_split, shrink_tiles, split_k
+
+    # one program per SM at T <= 64, d_in = 4096 on an H100 (132 SMs), N = 1024 and 4096
+    for T in (1, 16, 64):
+        for N in (1024, 4096):
+            assert decode_tiles(T, N) * split_k(decode_tiles(T, N), 4096, 132) >= 132, (T, N)
+        # the shrink has one tile there: K // SPLIT_MIN_K (16 splits of 256) bounds it
+        assert split_k(shrink_tiles(T, 8, 16), 4096, 132) == 16
+    assert split_k(shrink_tiles(1, 64, 16), 4096, 132) == 16 and shrink_tiles(1, 64, 16) == 8
+    # a grid that fills more than half the SMs stays unsplit; short K bounds the split
+    assert split_k(67, 4096, 132) == 1 and split_k(66, 4096, 132) == 2
+    assert split_k(1, 1000, 132) == 3 and split_k(1, 255, 132) == 1
+    monkeypatch.delenv("SELFMOE_DENSE_SPLIT_K", raising=False)
+    assert forced_split() is None
+    monkeypatch.setenv("SELFMOE_DENSE_SPLIT_K", "0")
+    with pytest.raises(ValueError, match="SELFMOE_DENSE_SPLIT_K must be a positive int, got '0'"):
+        forced_split()
+
+
+def test_config_pruning_by_dtype_and_alignment():
+    # What the compile report measured (kernels/dense_kernels.py): fp32 (ieee dots on FMA units) keeps
+    # only configs that compile without spills, 16-bit inputs never get the fp32 ones, and at an odd
+    # d_in (scalar loads) wide tiles go; the unpipelined smem estimate matches the compiled kernel.
+    from selfmoe.kernels import dense_kernels as dk
+    from selfmoe.kernels.tuning import config_params
+
+    def kept(configs, ok, **launch):
+        return [(dict(c.kwargs), c.num_warps) for c in configs if ok(config_params(c, launch))]
+
+    shrink, decode = dk._shrink_configs(), dk._decode_configs()
+    assert kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=16, DOT_PRECISION="ieee") == [
+        ({"BLOCK_M": 64, "BLOCK_K": 32}, 8)]
+    assert len(kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=16, DOT_PRECISION="tf32")) == len(shrink) - 1
+    assert kept(decode, dk.decode_regs_ok, BLOCK_M=64, BLOCK_C=128, ALIGN=16, DOT_PRECISION="ieee") == [
+        ({"BLOCK_N": 16, "BLOCK_K": 32}, 8)]
+    half = kept(decode, dk.decode_regs_ok, BLOCK_M=64, BLOCK_C=128, ALIGN=16, DOT_PRECISION="tf32")
+    assert ({"BLOCK_N": 32, "BLOCK_K": 64}, 2) not in half and len(half) == len(decode) - 2
+    # d_in = 1000 with the alignment hint (ALIGN 8) keeps every 16-bit config; ALIGN 1 drops wide ones
+    assert len(kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=8, DOT_PRECISION="tf32")) == len(shrink) - 1
+    assert kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=1, DOT_PRECISION="tf32") == [
+        ({"BLOCK_M": 32, "BLOCK_K": 128}, 8)]
+    assert ({"BLOCK_N": 64, "BLOCK_K": 128}, 4) not in kept(decode, dk.decode_regs_ok, BLOCK_M=16, BLOCK_C=32,
+                                                             ALIGN=1, DOT_PRECISION="tf32")
+    assert (ld.k_align(1000, 1000, 64000, 1000), ld.k_align(4096, 4096, 32768), ld.k_align(1001, 1001)) == (8, 16, 1)
+    p = config_params(decode[0], dict(BLOCK_M=16, BLOCK_C=32, ALIGN=1, HAS_BASE=True))
+    assert dk.decode_smem(p, 2) == 10240  # compiled for sm_90 at d_in = 1001: x and W tiles, one copy
+    p = config_params(shrink[0], dict(BLOCK_C=32, ALIGN=1))
+    assert dk.shrink_smem(p, 2) == 12288 and dk.shrink_smem(dict(p, ALIGN=2), 2) == 3 * 12288
+
+
 def test_backward_is_deterministic():
     case = _on_device(make_case(45, 40, 36, 4, 4, 2, seed=53))
     grads = []
