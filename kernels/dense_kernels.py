@@ -288,7 +288,9 @@ def _shrink_gate_fwd_kernel(
     tl.store(hg_ptr + p_out, (b_acc * b_g).to(hg_ptr.dtype.element_ty), mask=m_out)
 
 
-@autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"], smem=fused_smem, regs=fused_regs_ok)
+# B2_RANK_MAJOR in the key: at d_in == d_out the forward and dx launches have equal sizes but not the
+# same b2 layout (nor the same shared memory per config), so one must not reuse the other's tuned config
+@autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1", "B2_RANK_MAJOR"], smem=fused_smem, regs=fused_regs_ok)
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fused_base_lora_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr,
