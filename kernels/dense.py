@@ -203,6 +203,10 @@ def fused_base_lora(
     else:
         a1, b1, K1, s_a1m, s_a1k, s_b1k, s_b1n = a2, a2, 0, 0, 0, 0, 0
     b2_t, s_b2e, s_b2r, s_b2n = b2
+    # Launch facts the JIT cannot infer (see the kernel's docstring): K lengths without a tail for
+    # any BLOCK_K of the table (all divide 64), and b2 being a contiguous lora_B [E, N, r].
+    even = lambda k: k % 64 == 0  # noqa: E731
+    rank_major = r > 1 and s_b2r == 1 and s_b2n == r and s_b2e == N * r
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
     _fused_base_lora_kernel[grid](
         a1, b1, a2, b2_t, bias if bias is not None else out, out,
@@ -211,6 +215,7 @@ def fused_base_lora(
         a2.stride(0), a2.stride(1), s_b2e, s_b2r, s_b2n,
         out.stride(0), out.stride(1),
         HAS_SEG1=has_seg1, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(a2.dtype),
+        EVEN_K1=even(K1), EVEN_K2=even(K2), B2_RANK_MAJOR=rank_major,
     )
     launch_counts[role] += 1
     return out

@@ -50,8 +50,12 @@ def _fused_configs():
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        # fp32 (FMA dots): the tables above spill at 4-byte inputs (``fused_regs_ok``); these fit
-        only_for(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=3), 4),
+        # fp32 (FMA dots): the tables above spill at 4-byte inputs (``fused_regs_ok``); these fit.
+        # 64 x 64 runs on 8 warps: on 4 (32 accumulator values per thread) ptxas spilled 4-20 B of
+        # loop-invariant values around the K loops at only 96-168 registers, case by case (no local
+        # arrays in the PTX; the spills come and go with ptxas's allocator options and small code
+        # changes, not with the tile); on 8 it compiled clean in every fp32 case of the report.
+        only_for(triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=8, num_stages=3), 4),
         only_for(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4, num_stages=4), 4),
     ]
 
@@ -150,7 +154,8 @@ def shrink_regs_ok(p):
 def fused_smem(p, e):
     # Two K loops, each with its own buffers (free again after the loop, so the max counts). An
     # operand whose loads cannot be vectorised to >= 4 bytes (``tuning.async_tile``: d_in = 1000, or
-    # the rank-column operand at r < 16, whose n stride is r) is loaded to registers and staged once.
+    # the rank-column operand through its run-time strides at r < 16, whose n stride is r: see
+    # ``B2_RANK_MAJOR``) is loaded to registers and staged once.
     bm, bn, bk = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"]
 
     def seg(a_async, b_async):
@@ -169,6 +174,10 @@ def _b2_async(p, e):
     # of r when stride_b2r == 1 (lora_B, forward), along n when stride_b2n == 1 (lora_A, dx)
     if e >= 4:
         return True
+    if p.get("B2_RANK_MAJOR"):
+        # addressed with the constant r (the kernel's docstring): vectors of the largest power of two
+        # dividing r, cp.async from 4 bytes
+        return (p["r"] & -p["r"]) * e >= 4
     if p["stride_b2r"] == 1 and p["r"] > 1:
         return async_tile(e, (1, p["stride_b2n"]), (p["K2"], None)) and p["stride_b2e"] % 16 == 0
     return async_tile(e, (p["stride_b2r"], p["stride_b2n"]), (p["K2"], p["N"])) and p["stride_b2e"] % 16 == 0
@@ -441,7 +450,9 @@ def _shrink_split_reduce_kernel(
                             stride_hm, stride_hc, PER_EXPERT_SCALE, SAVE_H, True, R_PAD, EPC, BLOCK_C, BLOCK_M)
 
 
-@autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1"], smem=fused_smem, regs=fused_regs_ok)
+# B2_RANK_MAJOR in the key: at d_in == d_out the forward and dx launches have equal sizes but not the
+# same b2 layout (nor the same shared memory per config), so one must not reuse the other's tuned config
+@autotune(_fused_configs(), key=["M_BUCKET", "N", "K1", "K2", "HAS_SEG1", "B2_RANK_MAJOR"], smem=fused_smem, regs=fused_regs_ok)
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fused_base_lora_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, out_ptr,
@@ -452,6 +463,7 @@ def _fused_base_lora_kernel(
     stride_a2m, stride_a2c, stride_b2e, stride_b2r, stride_b2n,
     stride_om, stride_on,
     HAS_SEG1: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K1: tl.constexpr, EVEN_K2: tl.constexpr, B2_RANK_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = a1[M, K1] @ b1[K1, N] + a2[M, K2] @ b2[K2, N] (+ bias[N]): one K loop over K1 + K2.
@@ -460,6 +472,16 @@ def _fused_base_lora_kernel(
     reads B_all.T straight out of lora_B [E, N, r] (forward) or A_all out of lora_A [E, r, K] (dx). r is
     a compile-time constant (one binary per rank a model uses): with a run-time r the expert/rank split
     was an integer division per element and the rank-column loads stayed scalar.
+
+    Launch facts (constexpr, from the launcher; none depends on M, so a token sweep adds no binary):
+    ``EVEN_K1`` / ``EVEN_K2``: K1 / K2 is a multiple of every BLOCK_K in the table (64), so that
+    segment's loads drop the K mask. ``B2_RANK_MAJOR``: b2 is a contiguous lora_B [E, N, r]
+    (``stride_b2r == 1, stride_b2n == r, stride_b2e == N * r``); the kernel then addresses it with the
+    constant r, so each rank run of r elements is known to start at a multiple of r and the tile loads
+    as r-wide vectors along its contiguous dimension (the rank columns), pipelined through cp.async.
+    With a run-time n stride of 8 (not a multiple of 16, so the JIT records no divisibility for it)
+    every element was a separate 2-byte load to registers, 64 addresses per thread at 64 x 128, which
+    is what pushed 64 x 128 x 64 on 4 warps to 255 registers and spills on sm_80.
     """
     i_m, i_n = _swizzle_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -474,19 +496,35 @@ def _fused_base_lora_kernel(
         # Segment 1: the base GEMM over K1 (= d_in forward, d_out for dx).
         for i_k in range(0, K1, BLOCK_K):
             o_k = i_k + o_k0
-            b_a = tl.load(a1_ptr + o_row[:, None] * stride_a1m + o_k[None, :] * stride_a1k,
-                          mask=m_m[:, None] & (o_k[None, :] < K1), other=0.0)  # [BM, BK]
-            b_b = tl.load(b1_ptr + o_k[:, None] * stride_b1k + o_n[None, :] * stride_b1n,
-                          mask=(o_k[:, None] < K1) & m_n[None, :], other=0.0)  # [BK, BN]
+            p_a = a1_ptr + o_row[:, None] * stride_a1m + o_k[None, :] * stride_a1k
+            p_b = b1_ptr + o_k[:, None] * stride_b1k + o_n[None, :] * stride_b1n
+            if EVEN_K1 and 64 % BLOCK_K == 0:  # (a pinned BLOCK_K of 128 keeps the masks)
+                # no K tail: the row / column masks alone (fewer predicates live per load)
+                b_a = tl.load(p_a, mask=m_m[:, None], other=0.0)  # [BM, BK]
+                b_b = tl.load(p_b, mask=m_n[None, :], other=0.0)  # [BK, BN]
+            else:
+                b_a = tl.load(p_a, mask=m_m[:, None] & (o_k[None, :] < K1), other=0.0)  # [BM, BK]
+                b_b = tl.load(p_b, mask=(o_k[:, None] < K1) & m_n[None, :], other=0.0)  # [BK, BN]
             b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
     # Segment 2: the LoRA expand over the ER rank columns, same accumulator (the "concatenated K").
     for i_c in range(0, K2, BLOCK_K):
         o_c = i_c + o_k0  # [BK] rank columns
-        m_c = o_c < K2
-        b_a = tl.load(a2_ptr + o_row[:, None] * stride_a2m + o_c[None, :] * stride_a2c,
-                      mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BM, BK]
-        p_b2 = (o_c // r)[:, None] * stride_b2e + (o_c % r)[:, None] * stride_b2r + o_n[None, :] * stride_b2n
-        b_b = tl.load(b2_ptr + p_b2, mask=m_c[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+        # K2 = E * r: masking by expert (c // r < E) keeps the mask constant over each rank run, so a
+        # tail at ER = 8 or 32 does not cut the r-wide vectors back to single elements
+        m_c = (o_c // r) < K2 // r
+        if B2_RANK_MAJOR:
+            # lora_B [E, N, r]: (expert c // r, row n) starts at a multiple of the constant r and its r
+            # rank values follow contiguously, so the tile is r-wide vectors along c
+            p_b2 = ((o_c // r)[:, None] * N + o_n[None, :]) * r + (o_c % r)[:, None]
+        else:
+            p_b2 = (o_c // r)[:, None] * stride_b2e + (o_c % r)[:, None] * stride_b2r + o_n[None, :] * stride_b2n
+        p_a = a2_ptr + o_row[:, None] * stride_a2m + o_c[None, :] * stride_a2c
+        if EVEN_K2 and 64 % BLOCK_K == 0:
+            b_a = tl.load(p_a, mask=m_m[:, None], other=0.0)  # [BM, BK]
+            b_b = tl.load(b2_ptr + p_b2, mask=m_n[None, :], other=0.0)  # [BK, BN]
+        else:
+            b_a = tl.load(p_a, mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BM, BK]
+            b_b = tl.load(b2_ptr + p_b2, mask=m_c[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
         b_acc = tl.dot(b_a, b_b, b_acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:

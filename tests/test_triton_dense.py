@@ -233,6 +233,60 @@ def test_mixed_dtypes_cast_to_x_and_grads_keep_param_dtype():
     assert rel_err(y, ref) <= TOL[torch.float16]
 
 
+class _FlagSpy:
+    """Stands in for ``_fused_base_lora_kernel`` in dense.py: records each launch's fast-path flags."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append({k: kwargs[k] for k in ("EVEN_K1", "EVEN_K2", "B2_RANK_MAJOR")})
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+# (d_in, d_out, E, r) -> the flags of the forward launch and of dx. K lengths that are
+# multiples of 64 take the unmasked K loads; lora_B contiguous takes the rank-major b2 addressing.
+_FAST_PATHS = {
+    "even": (128, 64, 8, 8, dict(EVEN_K1=True, EVEN_K2=True, B2_RANK_MAJOR=True),
+             dict(EVEN_K1=True, EVEN_K2=True, B2_RANK_MAJOR=False)),
+    "tails": (136, 72, 3, 8, dict(EVEN_K1=False, EVEN_K2=False, B2_RANK_MAJOR=True),
+              dict(EVEN_K1=False, EVEN_K2=False, B2_RANK_MAJOR=False)),
+    "even-K1, odd rank": (192, 40, 4, 5, dict(EVEN_K1=True, EVEN_K2=False, B2_RANK_MAJOR=True),
+                          dict(EVEN_K1=False, EVEN_K2=False, B2_RANK_MAJOR=False)),
+    # r = 1: lora_B [E, N, 1] is contiguous along n, the general addressing (the contract makes lora_B
+    # contiguous, so this is the only forward without the rank-major path)
+    "r=1": (64, 128, 64, 1, dict(EVEN_K1=True, EVEN_K2=True, B2_RANK_MAJOR=False),
+            dict(EVEN_K1=True, EVEN_K2=True, B2_RANK_MAJOR=False)),
+}
+
+
+@pytest.mark.parametrize("name", list(_FAST_PATHS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_fast_paths_match_reference(name, dtype, monkeypatch):
+    # The fused kernel's EVEN_K1 / EVEN_K2 (no K mask) and B2_RANK_MAJOR (lora_B addressed with the
+    # constant r) paths, on and off, forward and dx: float64 reference on fresh inputs, NaN-poisoned
+    # outputs (the autouse fixture), and the flags each launch really took.
+    d_in, d_out, E, r, fwd_flags, dx_flags = _FAST_PATHS[name]
+    spy = _FlagSpy(ld._fused_base_lora_kernel)
+    monkeypatch.setattr(ld, "_fused_base_lora_kernel", spy)
+    case = _on_device(make_case(70, d_in, d_out, E, r, 2, seed=71 + len(name)))
+    low = case.to(dtype, {"x": True, "expert_weights": True})
+    B = low.lora_B
+    y = ld.lora_mix_dense(low.x, low.lora_A, B, low.expert_ids, low.expert_weights, low.scaling,
+                          low.base_weight, low.base_bias)
+    x64 = low.x.detach().double().requires_grad_()
+    ref = lora_mix_naive(x64, low.lora_A.double(), B.double(), low.expert_ids, low.expert_weights.detach().double(),
+                         low.scaling, low.base_weight.double(), low.base_bias.double())
+    assert torch.isfinite(y).all() and rel_err(y, ref) <= TOL[dtype]
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    y.backward(g.to(dtype).to(DEVICE))
+    ref.backward(g.to(dtype).double())
+    assert torch.isfinite(low.x.grad).all() and rel_err(low.x.grad, x64.grad) <= TOL[dtype]
+    assert spy.seen == [fwd_flags, dx_flags]
+
+
 def test_outputs_are_poisoned_before_launch():
     # Guards the guard: with POISON on, a buffer no kernel touches really is NaN.
     buf = utils.poisoned_empty((3, 4), torch.float32, DEVICE)

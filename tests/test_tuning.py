@@ -147,7 +147,13 @@ def _params(cap, stages, warps, **kw):
 def test_estimates_match_the_compiled_kernels():
     # compiled shared memory (metadata.shared, Triton 3.x ptxas) of launches in the compile report
     fused = dict(_FUSED_FWD, HAS_SEG1=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)  # gates-only nobase: no segment 1
-    assert dk.fused_smem(_params(80, 4, 4, **fused), 2) == 40960  # b2 at r = 8 staged once
+    # lora_B addressed rank-major (what the launcher passes for r > 1): b2 in 16-byte vectors along
+    # the rank columns, pipelined (3 buffers with mma.sync, 4 with wgmma)
+    assert dk.fused_smem(_params(80, 4, 4, B2_RANK_MAJOR=True, **fused), 2) == 73728
+    assert dk.fused_smem(_params(90, 4, 4, B2_RANK_MAJOR=True, **fused), 2) == 98304
+    # through the general (expert, rank, n) strides an n stride of 8 is no divisibility the JIT records:
+    # 2-byte loads, b2 staged once (the layout before the flag)
+    assert dk.fused_smem(_params(80, 4, 4, B2_RANK_MAJOR=False, **fused), 2) == 40960
     # T = 1000, d_in = 1000, d_out = 600, E = 4, r = 64: dx = [dy | dH] @ [W ; A_all]
     dx = dict(M=1000, N=1000, K1=600, K2=256, r=64, stride_a1m=600, stride_a1k=1, stride_b1k=1000, stride_b1n=1,
               stride_a2m=256, stride_a2c=1, stride_b2e=64000, stride_b2r=1000, stride_b2n=1, HAS_SEG1=True,
