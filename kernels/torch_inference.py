@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from .contract import LoRAMixInputs, _uniform_scaling
+from .op import _autocast_dtype
 from .torch_dispatch import ENV_TORCH_PATH, SMALL_T
 from .torch_gathered import gathered_forward
 from .torch_path import _dense_small_forward, scaled_dense_gates
@@ -41,11 +42,11 @@ def lora_mix_small_inference(
     base_weight ``[d_out, d_in]``; returns ``[..., d_out]``.
 
     Served: no gradient recorded (``torch.is_grad_enabled()`` False), a CPU tensor (``auto`` keeps CPU on
-    the torch backend), no CPU autocast, every operand in x's dtype, x contiguous, at most ``SMALL_T``
+    the torch backend), no autocast on x's device, every operand in x's dtype, x contiguous, at most ``SMALL_T``
     tokens, and no path forced by ``SELFMOE_TORCH_PATH``. Anything else returns None, and the caller
     goes through ``lora_mix``, which validates and explains.
     """
-    if torch.is_grad_enabled() or x.is_cuda or torch.is_autocast_enabled("cpu"):
+    if torch.is_grad_enabled() or x.is_cuda or _autocast_dtype(x) is not None:
         return None
     K = x.shape[-1]
     T = x.numel() // K if K else 0
