@@ -16,7 +16,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tuning import async_tile, autotune, fma_regs_ok, only_for, pipeline_buffers, tile_buffers
+from .tuning import async_tile, autotune, fma_regs_ok, only_for, tile_buffers
 
 # ----------------------------------------------------------------------------------------------------
 # Config tables (first entry = default; ``select_configs`` applies the pin and interpreter policy)

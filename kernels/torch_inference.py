@@ -42,15 +42,17 @@ def lora_mix_small_inference(
     base_weight ``[d_out, d_in]``; returns ``[..., d_out]``.
 
     Served: no gradient recorded (``torch.is_grad_enabled()`` False), a CPU tensor (``auto`` keeps CPU on
-    the torch backend), no autocast on x's device, every operand in x's dtype, x contiguous, at most ``SMALL_T``
-    tokens, and no path forced by ``SELFMOE_TORCH_PATH``. Anything else returns None, and the caller
+    the torch backend), no autocast on x's device, every operand in x's dtype, x contiguous, at most
+    ``SMALL_T`` tokens, and no path forced by ``SELFMOE_TORCH_PATH``. Anything else returns None, and the caller
     goes through ``lora_mix``, which validates and explains.
     """
     if torch.is_grad_enabled() or x.is_cuda or _autocast_dtype(x) is not None:
         return None
     K = x.shape[-1]
     T = x.numel() // K if K else 0
-    if K != lora_A.shape[2] or not 0 < T <= SMALL_T or not x.is_contiguous() or os.environ.get(ENV_TORCH_PATH, "auto") != "auto":
+    if K != lora_A.shape[2] or not 0 < T <= SMALL_T or not x.is_contiguous():
+        return None
+    if os.environ.get(ENV_TORCH_PATH, "auto") != "auto":
         return None
     dtype = x.dtype
     if lora_A.dtype != dtype or lora_B.dtype != dtype or base_weight.dtype != dtype or (
