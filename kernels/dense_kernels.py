@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tuning import async_tile, autotune, fma_regs_ok, only_for, pipeline_buffers, tile_buffers
+from .tuning import async_tile, autotune, fma_dots, fma_regs_ok, only_for, tile_buffers
 
 # --------------------------------------------------------------------------------------------------
 # Config tables (first entry = default; ``tuning.autotune`` applies the pin, the interpreter policy
@@ -30,14 +30,14 @@ from .tuning import async_tile, autotune, fma_regs_ok, only_for, pipeline_buffer
 
 def _shrink_configs():
     # The shrink is [T, K] x [K, <=128]: wide K tiles, modest M; it is bandwidth-bound on x.
-    # The last one is for fp32 inputs (FMA dots, see shrink_regs_ok), the only kind that may pick it.
+    # The last one is for fp32 inputs only (FMA dots, see shrink_regs_ok).
     return [
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         # 8 warps: with 4, ptxas capped the split-K variant at 64-128 registers and spilled (sm_90)
         triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        only_for(triton.Config({"BLOCK_M": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3), 4),
     ]
 
 
@@ -74,7 +74,7 @@ def _decode_configs():
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
         # fp32 inputs only (FMA dots, see decode_regs_ok): a narrow W tile keeps the epilogue's
         # [BM, BC] x [BC, BN] FMA dot within the registers at a 128-wide rank tile
-        triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        only_for(triton.Config({"BLOCK_N": 16, "BLOCK_K": 32}, num_warps=8, num_stages=3), 4),
     ]
 
 
@@ -114,18 +114,11 @@ def _tn_configs():
 # --------------------------------------------------------------------------------------------------
 
 
-def _k_loop_buffers(p, e, dot_m):
-    """Copies of each K-loop tile for the shrink and decode kernels: ``pipeline_buffers`` when the
-    K-contiguous loads can use cp.async (vectors of >= 4 bytes: ``ALIGN * e >= 4``, ALIGN from
-    ``dense.k_align``), else 1: Triton does not pipeline 2-byte scalar loads and stages each tile once
-    (compile report: odd d_in in 16-bit)."""
-    return pipeline_buffers(p, e, dot_m) if p.get("ALIGN", 16) * e >= 4 else 1
-
-
-def _fma_dots(p):
-    # fp32 inputs at ieee precision: tl.dot runs on FMA units, whose operand slices and accumulators
-    # all sit in registers (no tensor-core fragments), so far smaller tiles fit 255 registers
-    return p.get("DOT_PRECISION") == "ieee"
+def _k_loop_async(p, e):
+    """Whether the shrink and decode kernels' K-contiguous loads can use cp.async: vectors of >= 4
+    bytes (``ALIGN * e >= 4``, ALIGN from ``dense.k_align``); else Triton stages each tile once
+    (``tuning.tile_buffers``; compile report: odd d_in in 16-bit)."""
+    return p.get("ALIGN", 16) * e >= 4
 
 
 def _unaligned_regs_ok(p, loaded, acc):
@@ -138,16 +131,16 @@ def _unaligned_regs_ok(p, loaded, acc):
 
 
 def shrink_smem(p, e):
-    return _k_loop_buffers(p, e, p["BLOCK_M"]) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_C"]) * e
+    return tile_buffers(p, e, p["BLOCK_M"], _k_loop_async(p, e)) * (p["BLOCK_M"] * p["BLOCK_K"] + p["BLOCK_K"] * p["BLOCK_C"]) * e
 
 
 def shrink_regs_ok(p):
     # FMA dots (fp32): BLOCK_K = 64 spilled on sm_80 even at a 32-wide rank tile (255 registers),
-    # and BLOCK_K = 128 at 128 columns on sm_90 (compile report): fp32 takes BLOCK_K <= 32. That
-    # config is left out for 16-bit inputs: on tensor cores its short K steps only cost bandwidth.
+    # and BLOCK_K = 128 at 128 columns on sm_90 (compile report): fp32 takes BLOCK_K <= 32 (its own
+    # config, ``only_for`` 4-byte inputs: on tensor cores its short K steps would only cost bandwidth).
     bm, bk, bc = p["BLOCK_M"], p["BLOCK_K"], p["BLOCK_C"]
-    if not _fma_dots(p):
-        return bk >= 64 and _unaligned_regs_ok(p, bm * bk + bk * bc, bm * bc)
+    if not fma_dots(p):
+        return _unaligned_regs_ok(p, bm * bk + bk * bc, bm * bc)
     return bk <= 32
 
 
@@ -190,10 +183,10 @@ def fused_regs_ok(p):
 
 def decode_smem(p, e):
     bm, bn, bk, bc = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"], p["BLOCK_C"]
-    if p.get("ALIGN", 16) * e >= 4:
-        loop = _k_loop_buffers(p, e, bm) * bk * (bm + bn + bc) * e
+    if _k_loop_async(p, e):
+        loop = tile_buffers(p, e, bm, True) * bk * (bm + bn + bc) * e
     else:
-        # unpipelined (see _k_loop_buffers): one copy, and the x tile with W (x @ W) and then with the
+        # unpipelined (see _k_loop_async): one copy, and the x tile with W (x @ W) and then with the
         # A_all slice (x @ A) are live in turn, not all three
         loop = bk * (bm + max(bn if p.get("HAS_BASE", True) else 0, bc)) * e
     return max(loop, (bm * bc + bc * bn) * e)
@@ -203,12 +196,13 @@ def decode_regs_ok(p):
     # FMA dots (fp32): the epilogue dot [BM, BC] x [BC, BN] reduces over the whole rank tile, so
     # BC * BN is bounded (BN = 32 at BC = 128 spilled), and so are the two accumulators per thread
     # (BM = 64, BC = 128 needs 8 warps) and BLOCK_K (64 spilled on sm_80 at BC = 32 with 2 warps).
-    # The fp32 config (BLOCK_N = 16) is left out for 16-bit inputs: there it only halves the W tile.
+    # The fp32 config (BLOCK_N = 16) is ``only_for`` 4-byte inputs: for 16-bit ones it would only
+    # halve the W tile.
     bm, bn, bk, bc = p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_K"], p["BLOCK_C"]
-    if not _fma_dots(p):
+    if not fma_dots(p):
         # the two fp32 accumulators [BM, BC] and [BM, BN] at most 96 values per thread: 2 warps at
         # BM = 64, BC = 128 (160) spilled
-        return (bn >= 32 and bm * (bc + bn) <= 96 * 32 * p["num_warps"]
+        return (bm * (bc + bn) <= 96 * 32 * p["num_warps"]
                 and _unaligned_regs_ok(p, bk * (bm + bn + bc), bm * (bc + bn)))
     return bk <= 32 and bc * bn <= 2048 and bm * (bc + bn) <= 40 * 32 * p["num_warps"]
 

@@ -18,6 +18,7 @@ forces one (``gathered`` and ``dense-small`` only apply to inference; training a
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from .contract import GradNeeds
 
@@ -38,8 +39,18 @@ def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds) -> str:
         if forced != "auto":
             return "dense"
     if inference:
-        if T == 1 or T * k < E:
-            return "gathered"
-        if T <= SMALL_T:
-            return "dense-small"
+        small = inference_path(T, E, k)
+        if small is not None:
+            return small
     return "dense"
+
+
+def inference_path(T: int, E: int, k: int) -> Optional[str]:
+    """The decode-sized inference formulation for ``T`` tokens, ``E`` experts and top-``k``:
+    ``"gathered"`` (a single token, or fewer token-slots than experts), ``"dense-small"`` (up to
+    ``SMALL_T`` tokens), or None (the general ``"dense"``)."""
+    if T == 1 or T * k < E:
+        return "gathered"
+    if T <= SMALL_T:
+        return "dense-small"
+    return None

@@ -19,7 +19,7 @@ import torch
 
 from .contract import LoRAMixInputs, _uniform_scaling
 from .op import _autocast_dtype
-from .torch_dispatch import ENV_TORCH_PATH, SMALL_T
+from .torch_dispatch import ENV_TORCH_PATH, SMALL_T, inference_path
 from .torch_gathered import gathered_forward
 from .torch_path import _dense_small_forward, scaled_dense_gates
 
@@ -64,7 +64,7 @@ def lora_mix_small_inference(
     inp = LoRAMixInputs(
         x.view(T, K), lora_A, lora_B, expert_ids.reshape(T, k).contiguous(), expert_weights.reshape(T, k).contiguous(),
         _uniform_scaling(E, scaling, acc, x.device), scaling, base_weight, base_bias)
-    if T == 1 or T * k < E:  # torch_dispatch.choose_torch_path's "gathered" rule
+    if inference_path(T, E, k) == "gathered":  # else "dense-small": T <= SMALL_T was checked above
         y = gathered_forward(inp)
     else:
         gates = None

@@ -117,14 +117,23 @@ def only_for(config: triton.Config, *elem_bytes: int) -> triton.Config:
     return config
 
 
+def fma_dots(p: Dict) -> bool:
+    """Whether the launch's dots run on FMA units: fp32 inputs at ieee precision (``DOT_PRECISION``,
+    ``utils.dot_precision``; TF32 runs on tensor cores). Without ``DOT_PRECISION`` the input width
+    decides (``elem_bytes``, 2 when unknown)."""
+    if "DOT_PRECISION" in p:
+        return p["DOT_PRECISION"] == "ieee"
+    return p.get("elem_bytes", 2) >= 4
+
+
 def fma_regs_ok(p: Dict, m: int, n: int, k: int, budget: int = 1024, max_k: Optional[int] = 32) -> bool:
     """Register budget of a ``[m, k] x [k, n]`` dot with fp32 inputs (FMA units, no tensor cores):
     Triton's FMA lowering keeps the thread's accumulator values and, per value, a K slice of the
     operands live, so ``m * n / threads * k`` grows with the K tile. At <= 1024 every fp32 compile in
     the report stays under 255 registers without spills (64 x 64 x 32 on 4 warps: ~210); the default
     configs for half inputs (up to 64 values x K = 64) spilled up to 37 KB. A kernel with more live
-    state next to the dot passes a smaller ``budget``. True for 16-bit inputs."""
-    if p.get("elem_bytes", 2) < 4:
+    state next to the dot passes a smaller ``budget``. True when the dots run on tensor cores (``fma_dots``)."""
+    if not fma_dots(p):
         return True
     # and K itself at most 32 (``max_k``): 32 x 64 x 64 on 4 warps (16 values x 64) spilled 360 B on sm_80
     return m * n * k <= budget * 32 * p["num_warps"] and (max_k is None or k <= max_k)

@@ -400,7 +400,10 @@ def test_config_pruning_by_dtype_and_alignment():
     from selfmoe.kernels.tuning import config_params
 
     def kept(configs, ok, **launch):
-        return [(dict(c.kwargs), c.num_warps) for c in configs if ok(config_params(c, launch))]
+        # as the tuner prunes: configs for another input width (``only_for``) first, then the rule
+        e = 4 if launch["DOT_PRECISION"] == "ieee" else 2
+        return [(dict(c.kwargs), c.num_warps) for c in configs
+                if e in getattr(c, "selfmoe_elem_bytes", (e,)) and ok(config_params(c, launch, elem_bytes=e))]
 
     shrink, decode = dk._shrink_configs(), dk._decode_configs()
     assert kept(shrink, dk.shrink_regs_ok, BLOCK_C=128, ALIGN=16, DOT_PRECISION="ieee") == [

@@ -94,13 +94,14 @@ def _survivors(monkeypatch, kernel, table, dtype, ints, kwargs, target, **tuner_
     tuner = tuning.Tuner(kernel.fn, table, ["M"], smem=tuner_kw.get("smem"), regs=tuner_kw.get("regs"),
                          elem_arg=tuner_kw.get("elem_arg"))
     monkeypatch.setattr(utils, "_ASSUMED", target)
-    return tuner.candidates(_named(kernel, dtype, ints), kwargs)
+    # the launcher passes the dots' precision for x's dtype (utils.dot_precision)
+    return tuner.candidates(_named(kernel, dtype, ints), dict(kwargs, DOT_PRECISION=utils.dot_precision(dtype)))
 
 
 # a forward launch of the fused GEMM at T = 8192, d_in = d_out = 4096, E = 4, r = 8 (aligned)
 _FUSED_FWD = dict(M=8192, N=4096, K1=4096, K2=32, r=8, stride_a1m=4096, stride_a1k=1, stride_b1k=1, stride_b1n=4096,
                   stride_a2m=32, stride_a2c=1, stride_b2e=32768, stride_b2r=1, stride_b2n=8, stride_om=4096)
-_FUSED_KW = dict(HAS_SEG1=True, HAS_BIAS=True, DOT_PRECISION="ieee")
+_FUSED_KW = dict(HAS_SEG1=True, HAS_BIAS=True)
 
 
 @pytest.mark.parametrize("target", [_SM90, _SM80])
