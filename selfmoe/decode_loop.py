@@ -42,12 +42,13 @@ def sampling_scores(logits: torch.Tensor, *, temperature: float = 1.0, top_p: fl
 
 
 def next_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0) -> torch.Tensor:
-    """``[B]`` next token ids from ``[B, V]`` logits: argmax, or a draw from :func:`sampling_scores`."""
+                top_k: int = 0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``[B]`` next token ids from ``[B, V]`` logits: argmax, or a draw from :func:`sampling_scores`
+    (from ``generator``, or the global RNG)."""
     if not do_sample:
         return logits.argmax(dim=-1)
     scores = sampling_scores(logits, temperature=temperature, top_p=top_p, top_k=top_k)
-    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+    return torch.multinomial(scores.softmax(dim=-1), num_samples=1, generator=generator).squeeze(1)
 
 
 def _stop_hit(tokenizer: Any, row: List[int], stops: Sequence[str], window: int) -> bool:

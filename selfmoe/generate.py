@@ -15,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Generator, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
 from .data import encode_prompt
 
-__all__ = ["SamplingConfig", "Completion", "TextGenerator", "HFGenerator", "VLLMGenerator",
-           "make_generator", "generate_texts", "vllm_available"]
+__all__ = ["SamplingConfig", "Completion", "TextGenerator", "HFGenerator", "VLLMGenerator", "GenerateCall",
+           "GenerationTask", "run_tasks", "make_generator", "generate_texts", "vllm_available"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,48 @@ class TextGenerator(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class GenerateCall:
+    """One ``generate`` call a :data:`GenerationTask` asks for."""
+
+    prompts: Sequence[str]
+    config: SamplingConfig
+    desc: Optional[str] = None
+
+
+#: A job that needs generations: a Python generator that yields a :class:`GenerateCall` and is sent its
+#: completions (one per prompt, in order); it returns its result. It may also yield a list of calls: all of
+#: them start, and it is sent the first one's completions as soon as they are ready while the others go on
+#: in the background; yielding one of those later (the same object) gets its completions. Written this
+#: way, several jobs can share one decode batch (:meth:`HFGenerator.run_tasks`) without threads.
+GenerationTask = Generator[Any, Any, Any]
+
+
+def run_tasks(generator: Any, tasks: Sequence[GenerationTask]) -> List[Any]:
+    """Run ``tasks`` on ``generator``; returns their results in order. A generator with a ``run_tasks``
+    method of its own (:class:`HFGenerator`) runs them side by side; any other runs them one after the
+    other through its ``generate``. On an error or Ctrl-C every task is closed (its ``finally`` blocks run)."""
+    if hasattr(generator, "run_tasks"):
+        return generator.run_tasks(tasks)
+
+    def answer(call: GenerateCall) -> List[Completion]:
+        return generator.generate(call.prompts, call.config, desc=call.desc) if call.prompts else []
+
+    results = []
+    try:
+        for task in tasks:
+            try:
+                request = next(task)
+                while True:  # a list's background calls run when they are asked for (none is left unasked)
+                    request = task.send(answer(request[0] if isinstance(request, list) else request))
+            except StopIteration as stop:
+                results.append(stop.value)
+    finally:
+        for task in tasks:
+            task.close()
+    return results
+
+
 def _cut_at_stop(text: str, stop: Sequence[str]) -> Tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -127,10 +169,11 @@ class HFGenerator(BatchedRunner):
     which keep per-cache state). Prompts are then ordered by their tokens and batched by shared
     prefix (:func:`~selfmoe.prefix_cache.prefix_batches`) instead of by length, and a batch uses the
     shared prefix when it is at least ``min_shared_prefix`` tokens long.
-    ``decode_loop``: decode in :func:`selfmoe.decode_loop.decode_shared_prefix`, where a row that
-    finished (EOS or a stop string) leaves the batch and its cache at once; ``generate`` computes it until
-    the whole batch is done. Same outputs up to float rounding; on where the model allows it (as for
-    ``prefix_cache``, which implies it).
+    ``decode_loop``: decode in our own loop, where a row that finished (EOS or a stop string) leaves the
+    batch and its cache at once (``generate`` computes it until the whole batch is done) and a queued
+    prompt takes its place (continuous batching, :mod:`selfmoe.decode_engine`: ``batch_size`` rows at a
+    time, across the batches of a call and, with :meth:`run_tasks`, across calls). Same outputs up to
+    float rounding; on where the model allows it (as for ``prefix_cache``, which implies it).
     ``counters`` adds up, over calls: prompts, prompt tokens, prefill tokens actually computed,
     generated tokens, and decode row-steps computed (what a benchmark reports).
     ``row_listener``: when set, called with the indices (into ``prompts`` of the current ``generate``
@@ -143,7 +186,7 @@ class HFGenerator(BatchedRunner):
                  sort_by_length: bool = True, prefix_cache: bool = False, min_shared_prefix: int = 32,
                  decode_loop: bool = False) -> None:
         super().__init__(model, tokenizer, batch_size=batch_size, progress=progress)
-        from .prefix_cache import supports_prefix_cache
+        from .prefix_cache import cache_layers_are_plain, supports_prefix_cache
 
         if min_shared_prefix < 1:
             raise ValueError(f"min_shared_prefix must be >= 1, got {min_shared_prefix}")
@@ -152,6 +195,7 @@ class HFGenerator(BatchedRunner):
         self.prefix_cache = bool(prefix_cache) and supported
         self.decode_loop = (bool(decode_loop) or bool(prefix_cache)) and supported
         self.min_shared_prefix = min_shared_prefix
+        self._plain_cache = self.decode_loop and cache_layers_are_plain(model)
         self.counters = {"prompts": 0, "prompt_tokens": 0, "prefill_tokens": 0, "generated_tokens": 0,
                          "decode_row_steps": 0}
         self.row_listener: Optional[Callable[[List[int]], None]] = None
@@ -245,17 +289,116 @@ class HFGenerator(BatchedRunner):
         text, hit = _cut_at_stop(text, config.stop)
         return Completion(text, "stop" if (finished or hit) else "length")
 
+    def _encode(self, prompts: Sequence[str]) -> List[List[int]]:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
+        empty = [i for i, e in enumerate(encoded) if not e]
+        if empty:
+            raise ValueError(f"prompt(s) {empty[:5]} encode to no tokens (an empty prompt without BOS cannot be continued)")
+        return encoded
+
+    @property
+    def continuous(self) -> bool:
+        """Whether calls run through continuous batching (:mod:`selfmoe.decode_engine`): the decode loop is
+        on, the model's KV cache has plain layers only (no sliding window: the engine pads and merges rows
+        itself) and no :attr:`row_listener` needs whole batches."""
+        return self.decode_loop and self._plain_cache and self.row_listener is None
+
+    def run_tasks(self, tasks: Sequence[GenerationTask]) -> List[Any]:
+        """Run :data:`GenerationTask` s side by side: the prompts of every task's pending call share the
+        decode batch (``batch_size`` rows), and when a call's last row finishes the task is resumed at once
+        and its next call queued behind the others. Returns the tasks' results in order. The schedule
+        depends only on the outputs, so a seeded run is reproducible. Without continuous batching
+        (:attr:`continuous`) the tasks run one after the other. On an error or Ctrl-C every task is closed."""
+        if not self.continuous:
+            return run_tasks(_Sequential(self), tasks)
+        from tqdm.auto import tqdm
+
+        from .decode_engine import ContinuousBatcher, DecodeRequest
+
+        engine = ContinuousBatcher(self.model, self.tokenizer, max_rows=self.batch_size, eos_ids=self.eos_ids,
+                                   pad_id=self.pad_id, prefix_cache=self.prefix_cache,
+                                   min_shared_prefix=self.min_shared_prefix, counters=self.counters)
+        results: Dict[int, Any] = {}
+        bar = tqdm(total=0, desc="generate", disable=not self.progress, unit="seq", leave=False)
+
+        # Per call (by identity): its completions once answered, None while it runs; and which call each task waits for.
+        answered: Dict[int, Tuple[GenerateCall, Optional[List[Completion]]]] = {}
+        waiting: Dict[int, int] = {}
+
+        def advance(n: int, sent: Any) -> None:
+            try:
+                request = next(tasks[n]) if sent is None else tasks[n].send(sent)
+            except StopIteration as stop:
+                results[n] = stop.value
+                return
+            calls = request if isinstance(request, list) else [request]
+            for call in calls:
+                if id(call) not in answered:
+                    start(n, call)
+            first = calls[0]
+            if answered[id(first)][1] is not None:
+                advance(n, answered.pop(id(first))[1])
+            else:
+                waiting[n] = id(first)
+
+        def deliver(n: int, call: GenerateCall, completions: List[Completion]) -> None:
+            answered[id(call)] = (call, completions)
+            if waiting.get(n) == id(call):
+                del waiting[n]
+                advance(n, answered.pop(id(call))[1])
+
+        def start(n: int, call: GenerateCall) -> None:
+            answered[id(call)] = (call, None)
+            if not call.prompts:
+                answered[id(call)] = (call, [])
+                return
+            encoded = self._encode(call.prompts)
+            self.counters["prompts"] += len(encoded)
+            self.counters["prompt_tokens"] += sum(len(e) for e in encoded)
+            bar.total += len(encoded)
+            bar.set_description(call.desc or "generate")
+            bar.refresh()
+            config = call.config
+
+            def done(rows: List[List[int]]) -> None:
+                bar.update(len(rows))
+                deliver(n, call, [self._decode(row, config) for row in rows])
+
+            engine.submit(DecodeRequest(encoded, config.max_new_tokens, do_sample=config.do_sample,
+                                        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                                        stop=config.stop, seed=config.seed, on_done=done))
+
+        try:
+            with _eval_mode(self.model), torch.no_grad():
+                for n in range(len(tasks)):
+                    advance(n, None)
+                engine.run()
+        finally:
+            bar.close()
+            for task in tasks:
+                task.close()
+        return [results[n] for n in range(len(tasks))]
+
     def generate(self, prompts: Sequence[str], config: SamplingConfig, *, desc: Optional[str] = None) -> List[Completion]:
+        if self.continuous:
+            def one() -> GenerationTask:
+                return (yield GenerateCall(prompts, config, desc))
+            self._encode(prompts)  # bad prompts raise here, before anything runs
+            return self.run_tasks([one()])[0] if prompts else []
+        return self._generate_batches(prompts, config, desc=desc)
+
+    def _generate_batches(self, prompts: Sequence[str], config: SamplingConfig, *, desc: Optional[str] = None
+                          ) -> List[Completion]:
+        """``generate`` batch by batch (``model.generate``, or the decode loop with a :attr:`row_listener`)."""
         from tqdm.auto import tqdm
 
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not one string")
         if not prompts:
             return []
-        encoded = [encode_prompt(self.tokenizer, p) for p in prompts]
-        empty = [i for i, e in enumerate(encoded) if not e]
-        if empty:
-            raise ValueError(f"prompt(s) {empty[:5]} encode to no tokens (an empty prompt without BOS cannot be continued)")
+        encoded = self._encode(prompts)
         order = list(range(len(prompts)))
         if self.prefix_cache:
             from .prefix_cache import prefix_batches
@@ -285,6 +428,13 @@ class HFGenerator(BatchedRunner):
                 bar.update(len(batch))
             bar.close()
         return [c for c in out if c is not None]
+
+
+class _Sequential:
+    """An :class:`HFGenerator` seen through ``generate`` only (so :func:`run_tasks` drives tasks in turn)."""
+
+    def __init__(self, inner: "HFGenerator") -> None:
+        self.generate = inner._generate_batches
 
 
 def vllm_available() -> bool:

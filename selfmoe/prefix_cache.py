@@ -19,7 +19,7 @@ from typing import Any, List, Sequence, Tuple
 import torch
 
 __all__ = ["common_prefix_length", "suffix_block", "last_logits_only", "prefill_prefix", "cache_kwarg", "output_cache", "supports_prefix_cache",
-           "prefix_batches"]
+           "prefix_batches", "cache_layers_are_plain"]
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -106,6 +106,19 @@ def supports_prefix_cache(model: Any) -> bool:
     if hasattr(model, "peft_config") or hasattr(model, "mixse_config"):
         return False
     return True
+
+
+def cache_layers_are_plain(model: Any) -> bool:
+    """Whether every layer of ``model``'s KV cache would be a plain ``DynamicLayer`` (no sliding window, no
+    quantization): what :mod:`selfmoe.decode_engine` needs to pad, merge and cut rows of the cache itself."""
+    try:
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        cache = DynamicCache(config=_forward_owner(model).config)
+    except Exception:  # noqa: BLE001 - a transformers without per-layer caches, or a config it cannot read
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def prefill_prefix(model: Any, prefix: Sequence[int], batch_size: int) -> Any:

@@ -22,7 +22,14 @@ SUFFIXES = ["Anna saves 4 dollars a week for 9 weeks. How much?", "Two plus two?
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    return load_tiny_lm(save_tiny_lm(tmp_path_factory.mktemp("lm")))
+    """The tiny random Llama with sharp attention (at the default init its attention is nearly uniform, and
+    a wrong position or cache column would barely change its greedy tokens)."""
+    model, tok = load_tiny_lm(save_tiny_lm(tmp_path_factory.mktemp("lm")))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+            layer.self_attn.k_proj.weight.mul_(8.0)
+    return model, tok
 
 
 def alone(model, tok, prompt, max_new_tokens):
@@ -73,16 +80,13 @@ def test_prefix_cached_generation_equals_each_prompt_alone(lm, batch_size):
     ref = [alone(model, tok, p, 10) for p in prompts]
     assert got == ref
     assert all(c.text for c in got)
-    # The shared head was run once per batch, not once per prompt.
+    # The shared head ran once for the whole call (its KV cache is kept while the group's rows join the
+    # continuous batch a few at a time), not once per prompt or per batch; each row's own suffix ran once
+    # (padded to the widest suffix that joined with it).
     c = gen.counters
     assert c["prompts"] == len(prompts) and c["prompt_tokens"] == sum(map(len, encoded))
-    expected = 0
-    for batch in prefix_batches(encoded, batch_size, 32):
-        rows = [encoded[i] for i in batch]
-        p = common_prefix_length(rows) if len(rows) > 1 else 0
-        p = p if p >= 32 else 0
-        expected += p + len(rows) * (max(map(len, rows)) - p)
-    assert c["prefill_tokens"] == expected
+    suffixes = [len(e) - shared for e in encoded]
+    assert shared + sum(suffixes) <= c["prefill_tokens"] <= shared + len(prompts) * max(suffixes)
     plain = HFGenerator(model, tok, batch_size=batch_size, progress=False)
     assert plain.generate(prompts, SamplingConfig(max_new_tokens=10, do_sample=False)) == ref
     assert c["prefill_tokens"] < plain.counters["prefill_tokens"] - (shared - 1)
@@ -257,7 +261,7 @@ def test_decode_loop_reports_the_rows_it_holds(lm):
     seqs = [encode_prompt(tok, HEAD + s) for s in SUFFIXES]
     seen = []
     rows, _ = decode_shared_prefix(model, tok, seqs, 0, max_new_tokens=6, eos_ids=[tok.eos_token_id],
-                                   pad_id=tok.pad_token_id, stop=("e",), on_rows=seen.append)
+                                   pad_id=tok.pad_token_id, stop=("pl",), on_rows=seen.append)
     assert seen[0] == list(range(len(seqs))) and len(seen) > 1
     assert all(set(b) < set(a) for a, b in zip(seen, seen[1:]))  # rows only leave
     with pytest.raises(ValueError, match="on_rows needs prefix_len 0"):
