@@ -42,12 +42,17 @@ def _add_specialize(sub: Any) -> argparse.ArgumentParser:
                         "(a shared draw lets the hf backend run the group's common prompt prefix once: several "
                         "times less prefill on a CPU)")
     p.add_argument("--prompts-per-round", type=int, default=64, help="instructions brainstormed per round, the unit written to disk (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call, hf backend (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="hf backend: rows decoded at once; a finished row's place goes to the next prompt of any "
+                        "domain (continuous batching) (default: %(default)s)")
     p.add_argument("--max-attempts", type=int, default=None, help="most instructions brainstormed (default: 20 x missing pairs)")
     p.add_argument("--brainstorm-max-new-tokens", type=int, default=256,
                    help="token budget of a brainstormed instruction (default: %(default)s)")
     p.add_argument("--response-max-new-tokens", type=int, default=512,
                    help="token budget of a response (default: %(default)s)")
+    p.add_argument("--one-paragraph-instructions", choices=("auto", "on", "off"), default="auto",
+                   help="end a brainstormed instruction at its first blank line; auto: in the chat format, for "
+                        "domains whose seed instructions are all one paragraph (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="brainstorm sampling temperature (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.98, help="brainstorm nucleus sampling (default: %(default)s)")
     p.add_argument("--min-instruction-words", type=int, default=3,
@@ -97,6 +102,7 @@ def _cmd_specialize(args: argparse.Namespace) -> int:
         prompts_per_round=args.prompts_per_round, batch_size=args.batch_size, max_attempts=args.max_attempts,
         seed=args.seed, templates=args.templates, overwrite=args.overwrite, progress=not args.no_progress,
         prompt_format=args.prompt_format, share_shots=not args.no_share_shots,
+        one_paragraph_instructions={"auto": None, "on": True, "off": False}[args.one_paragraph_instructions],
         filters=FilterConfig(min_instruction_words=args.min_instruction_words, min_response_words=args.min_response_words,
                              drop_unfinished=not args.keep_unfinished,
                              near_dup_threshold=args.near_dup_threshold or None,

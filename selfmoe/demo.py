@@ -251,13 +251,17 @@ def run_demo(output_dir: Any, *, model: str = "smollm2-135m", quick: bool = Fals
         return all(attempts_left(d) == 0 for d in DOMAINS)
 
     def specialize_run() -> None:  # continues the domains' files by itself when rerun
-        for d in DOMAINS:  # one call per domain: each gets its own attempt budget, counted over reruns
+        # Each domain has its own attempt budget, counted over reruns; domains with the same budget left (all
+        # of them on a first run) go in one call, where they share the decode batch.
+        by_left: Dict[int, List[str]] = {}
+        for d in DOMAINS:
             left = attempts_left(d)
-            if left == 0:
-                continue
+            if left:
+                by_left.setdefault(left, []).append(d)
+        for left, domains in by_left.items():
             sizes = _SPECIALIZE_QUICK if quick else _SPECIALIZE_REAL + ["--max-attempts", left]
             _cli("specialize", ["specialize", "--model", base["path"], *dev, "--seeds", "builtin", "--output", data,
-                                "--domains", d, "--num-pairs", num_pairs, *sizes, *nop])
+                                "--domains", ",".join(domains), "--num-pairs", num_pairs, *sizes, *nop])
 
     def expert_stage(domain: str) -> Stage:
         d = experts[domain]

@@ -4,7 +4,9 @@ Per round (paper defaults, all in :class:`SpecializeConfig`):
 
 1. **Brainstorm**: ``prompts_per_round`` prompts, each the domain's instruction-writing header plus
    ``brainstorm_shots=3`` random seed instructions; sampled (temperature 1.0, top-p 0.98). The text
-   before the next ``### Instruction``/``### Response`` mark is the new instruction. With
+   before the next ``### Instruction``/``### Response`` mark is the new instruction (in the chat format,
+   for domains whose seed instructions are one paragraph, also before the first blank line:
+   ``one_paragraph_instructions``). With
    ``share_shots`` (default) the prompts of one generate batch share one random draw of seeds, so the
    generator runs their common prefix once (:mod:`selfmoe.prefix_cache`); the next batch draws again.
 2. **Filter instructions** (:mod:`selfmoe.filters`): empty, short, long, unfinished, format-broken,
@@ -17,7 +19,9 @@ Per round (paper defaults, all in :class:`SpecializeConfig`):
    and rewrite the stats file next to it.
 
 Rounds repeat until ``num_pairs`` records are in the file or ``max_attempts`` instructions were
-brainstormed in this call. Output format: one record per line, ``{"instruction", "input": "",
+brainstormed in this call. The next round's brainstorm runs beside a round's responses (unless the
+round may reach the target by itself), and :func:`specialize` runs its domains side by side: with the
+HF generator they all share the continuous decode batch (:mod:`selfmoe.decode_engine`). Output format: one record per line, ``{"instruction", "input": "",
 "output", "domain"}`` (:mod:`selfmoe.data`), so the file is training data as it stands.
 
 **Resuming**: calling again with the same ``out_path`` continues: the records already there count
@@ -41,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from .names import check_safe_name
 from .data import DataFormatError, append_jsonl, iter_json_lines, repair_jsonl_tail, validate_record
 from .filters import AnswerBalance, FilterConfig, NearDuplicateIndex, check_domain, check_text, empty_stats, normalize_tokens
-from .generate import HFGenerator, SamplingConfig, TextGenerator
+from .generate import GenerateCall, GenerationTask, HFGenerator, SamplingConfig, TextGenerator, run_tasks
 from .prompt_format import check_prompt_format, resolve_prompt_format
 from .prompts import (STOP_MARKS, TemplateSource, build_brainstorm_prompt, build_response_prompt, get_template,
                       load_templates, seed_instruction_text)
@@ -49,7 +53,7 @@ from .prompts import (STOP_MARKS, TemplateSource, build_brainstorm_prompt, build
 PathLike = Union[str, "os.PathLike[str]"]
 
 __all__ = ["SpecializeConfig", "specialize_domain", "specialize", "stats_path", "parse_completion",
-           "check_seed_counts"]
+           "check_seed_counts", "brainstorm_sampling", "PARAGRAPH_STOP"]
 
 
 def _brainstorm_default() -> SamplingConfig:
@@ -65,7 +69,8 @@ class SpecializeConfig:
     """Everything about a self-specialization run except the model, seeds, domain and target count.
 
     ``prompts_per_round``: instructions brainstormed per round (the unit of checkpointing).
-    ``batch_size``: prompts per ``generate`` call when the pipeline builds the HF generator itself.
+    ``batch_size``: rows decoded at once when the pipeline builds the HF generator itself (continuous
+    batching, shared by all domains of a :func:`specialize` call), and the size of a shared few-shot group.
     ``max_attempts``: most instructions brainstormed in one call; ``None`` = 20 x the pairs still
     missing (a model that writes nothing usable then stops instead of looping forever).
     ``seed``: the seed-example draws and the sampling; a run is reproducible given the seed (the
@@ -78,6 +83,14 @@ class SpecializeConfig:
     random few-shot examples, so their long common prefix is computed once; ``False`` draws the
     examples per prompt (as Self-Instruct does; a few times more prefill on a CPU). Sampling itself
     (temperature, top-p, greedy responses) is the same either way.
+    ``one_paragraph_instructions``: a brainstorm ends at its first blank line (the new instruction is
+    one paragraph; :func:`brainstorm_sampling` adds ``"\\n\\n"`` to the brainstorm's stop strings).
+    ``None`` (auto): on in the chat format for a domain whose seed instructions are all one paragraph
+    (the built-in math, knowledge and reasoning seeds; not coding, whose instructions hold code and
+    asserts). The chat prompt lists the examples as paragraphs and asks for one new instruction, and a
+    small model that does not stop there goes on with an answer or more instructions until
+    ``max_new_tokens``, and the instruction is then dropped as unfinished. The Alpaca format ends an
+    instruction at its ``###`` marks, so auto leaves it off there.
     """
 
     brainstorm_shots: int = 3
@@ -94,6 +107,7 @@ class SpecializeConfig:
     progress: bool = True
     prompt_format: str = "auto"
     share_shots: bool = True
+    one_paragraph_instructions: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("brainstorm_shots", "response_shots", "prompts_per_round", "batch_size"):
@@ -106,6 +120,22 @@ class SpecializeConfig:
     @property
     def min_seeds(self) -> int:
         return max(self.brainstorm_shots, self.response_shots)
+
+
+#: The stop string of a one-paragraph instruction (:attr:`SpecializeConfig.one_paragraph_instructions`).
+PARAGRAPH_STOP = "\n\n"
+
+
+def brainstorm_sampling(cfg: SpecializeConfig, seeds: Sequence[Mapping[str, Any]], fmt: str) -> SamplingConfig:
+    """A domain's brainstorm settings: ``cfg.brainstorm``, with :data:`PARAGRAPH_STOP` added to its stop
+    strings when instructions are one paragraph (``cfg.one_paragraph_instructions``; ``None``: the chat
+    format ``fmt`` and no seed instruction with a blank line)."""
+    on = cfg.one_paragraph_instructions
+    if on is None:
+        on = fmt == "chat" and not any(PARAGRAPH_STOP in seed_instruction_text(s).strip() for s in seeds)
+    if not on or PARAGRAPH_STOP in cfg.brainstorm.stop:
+        return cfg.brainstorm
+    return cfg.brainstorm.replace(stop=tuple(cfg.brainstorm.stop) + (PARAGRAPH_STOP,))
 
 
 def stats_path(out_path: PathLike) -> pathlib.Path:
@@ -217,8 +247,17 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
             raise ValueError("pass model and tokenizer, or a generator")
         generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=cfg.progress,
                                 prefix_cache=cfg.share_shots)
+    return _warn_incomplete(*run_tasks(generator, [_domain_task(tokenizer, seeds, domain, out_path, num_pairs, cfg)])[0])
+
+
+def _domain_task(tokenizer: Any, seeds: List[Dict[str, Any]], domain: str, out_path: PathLike, num_pairs: int,
+                 cfg: SpecializeConfig, bar_position: Optional[int] = None) -> GenerationTask:
+    """:func:`specialize_domain`'s work after the argument checks, as a :data:`~selfmoe.generate.GenerationTask`
+    (it yields its generate calls), so that several domains can share the decode batches. Returns the stats
+    and the attempts made in this call."""
     template = get_template(domain, load_templates(cfg.templates))
     fmt = resolve_prompt_format(cfg.prompt_format, tokenizer)
+    cfg = dataclasses.replace(cfg, brainstorm=brainstorm_sampling(cfg, seeds, fmt))
     count_tokens = (lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])) if tokenizer is not None else None
 
     out = pathlib.Path(out_path)
@@ -270,20 +309,40 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
     from tqdm.auto import tqdm
 
     bar = tqdm(total=num_pairs, initial=min(len(existing), num_pairs), desc=f"specialize {domain}",
-               disable=not cfg.progress, unit="pair")
+               disable=not cfg.progress, unit="pair", position=bar_position)
     t0 = time.time()
     dropped_before, kept_before, warned_slow = sum(removed.values()), stats["kept"], False
+    # One RNG per round, keyed by the round's number in this call and the file size at the call's start: a
+    # resumed run continues with fresh draws instead of replaying the first rounds (which the duplicate filter
+    # would eat), and a round's draws never wait for the previous round's results.
+    rounds_before, kept_at_start = stats["rounds"], stats["kept"]
+
+    def brainstorm(i: int, k: int) -> Tuple[random.Random, int, GenerateCall]:
+        rng = random.Random(f"{cfg.seed}:{domain}:{rounds_before + i}:{kept_at_start}")
+        return rng, k, _brainstorm_call(template, seeds, cfg, rng, k, domain, fmt, tokenizer)
+
     try:
-        while stats["kept"] < num_pairs and attempts_this_call < budget:
-            k = min(cfg.prompts_per_round, budget - attempts_this_call)
-            # One RNG per round, keyed by the round number and file size: a resumed run continues with
-            # fresh draws instead of replaying the first rounds (which the duplicate filter would eat).
-            rng = random.Random(f"{cfg.seed}:{domain}:{stats['rounds']}:{stats['kept']}")
+        current = brainstorm(0, min(cfg.prompts_per_round, budget)) if stats["kept"] < num_pairs and budget > 0 else None
+        comps = (yield current[2]) if current is not None else []
+        i = 0
+        while current is not None:
+            rng, k, _ = current
             # The round counts its drops separately and they are merged only once its records are on
             # disk: a round cut short by Ctrl-C leaves no trace, so attempts = kept + removed + surplus.
             round_removed = empty_stats()
-            new = _run_round(generator, template, seeds, cfg, rng, k, index, round_removed, count_tokens, domain,
-                             fmt, tokenizer, balance=balance)
+            local_balance = balance.copy()
+            instructions = _filter_instructions(comps, cfg, index, round_removed, count_tokens, fmt)
+            # The next round's brainstorm runs beside this round's responses (yielded with them, it goes on in
+            # the background; its instructions are judged once this round's records are in), unless this round
+            # may reach the target by itself: a brainstorm run ahead is never thrown away.
+            left = budget - attempts_this_call - k
+            needed = num_pairs - stats["kept"]
+            ahead = brainstorm(i + 1, min(cfg.prompts_per_round, left)) if left > 0 and len(instructions) < needed else None
+            new: List[Dict[str, Any]] = []
+            if instructions:
+                respond = _response_call(template, seeds, cfg, rng, instructions, domain, fmt, tokenizer)
+                answers = yield [respond] + ([ahead[2]] if ahead is not None else [])
+                new = _filter_responses(instructions, answers, cfg, domain, fmt, round_removed, count_tokens, local_balance)
             # Pairs beyond the target are discarded but counted, so attempts = kept + removed + surplus.
             stats["surplus"] += max(0, len(new) - (num_pairs - stats["kept"]))
             new = new[: num_pairs - stats["kept"]]
@@ -307,15 +366,26 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
             if not warned_slow and stats["kept"] < num_pairs:
                 warned_slow = _warn_if_slow(domain, time.time() - t0, stats["kept"] - kept_before, attempts_this_call,
                                             num_pairs - stats["kept"])
+            if stats["kept"] >= num_pairs or attempts_this_call >= budget:
+                break
+            if ahead is None:  # not run beside the responses: brainstorm now
+                ahead = brainstorm(i + 1, min(cfg.prompts_per_round, budget - attempts_this_call))
+            current, i = ahead, i + 1
+            comps = yield current[2]  # at once if it already ran beside the responses
     finally:
         bar.close()
         stats["seconds"] = round(time.time() - t0, 3)
         _write_stats(spath, stats)  # also on Ctrl-C: the report matches what is on disk
+    return stats, attempts_this_call
+
+
+def _warn_incomplete(stats: Mapping[str, Any], attempts_this_call: int) -> Dict[str, Any]:
+    """Warn (in the caller of the public function) when a domain stopped short of its target; returns the stats."""
     if not stats["complete"]:
-        warnings.warn(f"domain {domain!r}: {stats['kept']}/{num_pairs} pairs after {attempts_this_call} attempts "
-                      f"(max_attempts reached); call again to continue. Filter counts: "
-                      f"{ {k: v for k, v in removed.items() if v} }", RuntimeWarning, stacklevel=2)
-    return stats
+        warnings.warn(f"domain {stats['domain']!r}: {stats['kept']}/{stats['target']} pairs after {attempts_this_call} "
+                      f"attempts (max_attempts reached); call again to continue. Filter counts: "
+                      f"{ {k: v for k, v in stats['removed'].items() if v} }", RuntimeWarning, stacklevel=3)
+    return dict(stats)
 
 
 SLOW_WARNING_SECONDS = 3600.0
@@ -349,21 +419,21 @@ def _draw_shots(rng: random.Random, seeds: Sequence[Dict[str, Any]], shots: int,
     return draws
 
 
-def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str, Any]], cfg: SpecializeConfig,
-               rng: random.Random, k: int, index: NearDuplicateIndex, removed: Dict[str, int],
-               count_tokens: Any, domain: str, fmt: str = "alpaca", tokenizer: Any = None, *,
-               balance: Optional[AnswerBalance] = None) -> List[Dict[str, Any]]:
-    """One brainstorm -> filter -> respond -> filter round; returns the kept records (not yet written).
-
-    ``balance``: the domain's kept answer letters (not changed here: the caller adds the records it
-    writes); the round judges its pairs against it plus the pairs it kept before them."""
-    fc = cfg.filters
-    local_balance = (balance or AnswerBalance(fc.max_answer_letter_share, fc.answer_balance_min_kept)).copy()
+def _brainstorm_call(template: Any, seeds: Sequence[Dict[str, Any]], cfg: SpecializeConfig, rng: random.Random,
+                     k: int, domain: str, fmt: str, tokenizer: Any) -> GenerateCall:
+    """A round's brainstorm: ``k`` prompts with few-shot seeds drawn from ``rng`` (then its sampling seed)."""
     prompts = [build_brainstorm_prompt(template, shots, fmt=fmt, tokenizer=tokenizer)
                for shots in _draw_shots(rng, seeds, cfg.brainstorm_shots, k, cfg)]
-    comps = generator.generate(prompts, cfg.brainstorm.replace(seed=rng.getrandbits(31)), desc=f"{domain}: instructions")
-    # Duplicates within the round are checked against a round-local index, so an instruction whose
-    # response is later dropped does not block its near-copies in later rounds.
+    return GenerateCall(prompts, cfg.brainstorm.replace(seed=rng.getrandbits(31)), f"{domain}: instructions")
+
+
+def _filter_instructions(comps: Sequence[Any], cfg: SpecializeConfig, index: NearDuplicateIndex,
+                         removed: Dict[str, int], count_tokens: Any, fmt: str) -> List[Tuple[str, List[str]]]:
+    """The brainstormed instructions that pass the filters, with their normalised tokens; counts the drops.
+
+    Duplicates within the round are checked against a round-local index, so an instruction whose
+    response is later dropped does not block its near-copies in later rounds."""
+    fc = cfg.filters
     local = NearDuplicateIndex(fc.near_dup_threshold)
     instructions: List[Tuple[str, List[str]]] = []
     for c in comps:
@@ -377,12 +447,24 @@ def _run_round(generator: TextGenerator, template: Any, seeds: Sequence[Dict[str
             continue
         local.add(toks, "generated")
         instructions.append((text, toks))
-    if not instructions:
-        return []
-    resp_prompts = [build_response_prompt(template, shots, text, fmt=fmt, tokenizer=tokenizer)
-                    for (text, _), shots in zip(instructions,
-                                                _draw_shots(rng, seeds, cfg.response_shots, len(instructions), cfg))]
-    answers = generator.generate(resp_prompts, cfg.response.replace(seed=rng.getrandbits(31)), desc=f"{domain}: responses")
+    return instructions
+
+
+def _response_call(template: Any, seeds: Sequence[Dict[str, Any]], cfg: SpecializeConfig, rng: random.Random,
+                   instructions: Sequence[Tuple[str, List[str]]], domain: str, fmt: str, tokenizer: Any) -> GenerateCall:
+    """A round's responses: the expert prompt with seed pairs drawn from the round's ``rng``, greedy."""
+    prompts = [build_response_prompt(template, shots, text, fmt=fmt, tokenizer=tokenizer)
+               for (text, _), shots in zip(instructions, _draw_shots(rng, seeds, cfg.response_shots, len(instructions), cfg))]
+    return GenerateCall(prompts, cfg.response.replace(seed=rng.getrandbits(31)), f"{domain}: responses")
+
+
+def _filter_responses(instructions: Sequence[Tuple[str, List[str]]], answers: Sequence[Any], cfg: SpecializeConfig,
+                      domain: str, fmt: str, removed: Dict[str, int], count_tokens: Any,
+                      local_balance: AnswerBalance) -> List[Dict[str, Any]]:
+    """The round's kept records (not yet written). ``local_balance``: the domain's kept answer letters (a copy:
+    the caller adds the records it writes); the round judges its pairs against it plus the pairs it kept
+    before them."""
+    fc = cfg.filters
     kept = []
     for (text, _), a in zip(instructions, answers):
         resp = parse_completion(a.text, fmt=fmt)
@@ -416,6 +498,8 @@ def specialize(model: Any, tokenizer: Any, seeds_by_domain: Mapping[str, Sequenc
         raise ValueError(f"no seeds for domain(s) {missing}; seeds are given for {sorted(seeds_by_domain)}")
     if not names:
         raise ValueError("no domains to specialize")
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
     check_seed_counts({d: seeds_by_domain[d] for d in names}, cfg)
     if generator is None:
         if model is None or tokenizer is None:
@@ -423,5 +507,9 @@ def specialize(model: Any, tokenizer: Any, seeds_by_domain: Mapping[str, Sequenc
         generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=False, prefix_cache=cfg.share_shots)
     out_root = pathlib.Path(out_dir)
     out_root.mkdir(parents=True, exist_ok=True)
-    return {d: specialize_domain(model, tokenizer, seeds_by_domain[d], d, out_root / f"{d}.jsonl", num_pairs,
-                                 config=cfg, generator=generator) for d in names}
+    seeds = {d: _validated_seeds(seeds_by_domain[d], d) for d in names}
+    # The domains run side by side: with continuous batching (HFGenerator) one domain's responses fill the
+    # places another's finished brainstorms left; any other generator runs them one after the other.
+    tasks = [_domain_task(tokenizer, seeds[d], d, out_root / f"{d}.jsonl", num_pairs, cfg,
+                          bar_position=n if len(names) > 1 else None) for n, d in enumerate(names)]
+    return {d: _warn_incomplete(*result) for d, result in zip(names, run_tasks(generator, tasks))}

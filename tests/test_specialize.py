@@ -1,6 +1,7 @@
 """Self-specialization: prompts, filters, the pipeline end to end, resume, interrupts and bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -12,9 +13,9 @@ import selfmoe.filters as filters_mod
 from selfmoe.data import DataFormatError, append_jsonl, load_seeds, read_jsonl, write_jsonl
 from selfmoe.filters import (FILTER_KEYS, FilterConfig, NearDuplicateIndex, filter_records, lcs_length, normalize_tokens,
                              rouge_l_f)
-from selfmoe.generate import Completion, SamplingConfig
+from selfmoe.generate import Completion, HFGenerator, SamplingConfig
 from selfmoe.prompts import (DEFAULT_TEMPLATES, STOP_MARKS, build_brainstorm_prompt, build_response_prompt, get_template,
-                             load_templates)
+                             load_templates, seed_instruction_text)
 from selfmoe.specialization import SpecializeConfig, parse_completion, specialize, specialize_domain, stats_path
 
 from _tiny_lm import load_tiny_lm, save_tiny_lm
@@ -511,3 +512,46 @@ def test_a_run_that_would_take_hours_says_so_once_with_the_measured_speed(tmp_pa
         w_mod.simplefilter("error", RuntimeWarning)
         specialize_domain(None, None, MATH_SEEDS, "math", tmp_path / "fast.jsonl", 8, generator=FastGenerator(),
                           config=fast_config())
+
+
+def test_domains_share_the_decode_batches_and_a_run_is_reproducible(lm, tmp_path, monkeypatch):
+    """specialize() runs its domains as tasks of one continuous batch; the schedule depends only on the
+    outputs, so two runs with the same seed write the same files."""
+    model, tok = lm
+    seeds = {"math": MATH_SEEDS, "logic": [{"instruction": f"Is statement {i} true or false?", "output": "True."}
+                                           for i in range(5)]}
+    runs = []
+    original = HFGenerator.run_tasks
+
+    def spy(self, tasks):
+        runs.append((self.continuous, len(tasks)))
+        return original(self, tasks)
+
+    monkeypatch.setattr(HFGenerator, "run_tasks", spy)
+    texts = []
+    for name in ("a", "b"):
+        stats = specialize(model, tok, seeds, tmp_path / name, num_pairs=5, config=tiny_config(prompts_per_round=3))
+        assert all(st["kept"] == 5 and st["attempts"] == st["kept"] + sum(st["removed"].values()) + st["surplus"]
+                   for st in stats.values())
+        texts.append([(tmp_path / name / f"{d}.jsonl").read_text() for d in seeds])
+    assert runs == [(True, 2), (True, 2)]  # both domains in one continuous run, each time
+    assert texts[0] == texts[1]
+
+
+def test_one_paragraph_instructions_auto_follows_the_format_and_the_seeds():
+    from selfmoe.specialization import PARAGRAPH_STOP, brainstorm_sampling
+
+    cfg = SpecializeConfig()
+    code = [{"instruction": "def f(x):\n    \"\"\"Return x.\"\"\"\n\nassert f(1) == 1", "output": "return x"}]
+    one = [s for s in MATH_SEEDS if PARAGRAPH_STOP not in seed_instruction_text(s)]
+    assert 3 <= len(one) < len(MATH_SEEDS)  # one seed has an input, shown as a second paragraph
+    assert brainstorm_sampling(cfg, MATH_SEEDS, "chat") == cfg.brainstorm
+    assert brainstorm_sampling(cfg, one, "chat").stop == tuple(STOP_MARKS) + (PARAGRAPH_STOP,)
+    assert brainstorm_sampling(cfg, code, "chat") == cfg.brainstorm  # instructions with code span paragraphs
+    assert brainstorm_sampling(cfg, one, "alpaca") == cfg.brainstorm  # the ### marks end instructions there
+    forced = dataclasses.replace(cfg, one_paragraph_instructions=True)
+    assert PARAGRAPH_STOP in brainstorm_sampling(forced, code, "alpaca").stop
+    assert brainstorm_sampling(dataclasses.replace(cfg, one_paragraph_instructions=False), one, "chat") == cfg.brainstorm
+    # Already a stop string: not added twice.
+    twice = dataclasses.replace(forced, brainstorm=cfg.brainstorm.replace(stop=(PARAGRAPH_STOP,)))
+    assert brainstorm_sampling(twice, one, "chat").stop == (PARAGRAPH_STOP,)
