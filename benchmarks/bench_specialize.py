@@ -51,7 +51,7 @@ def _worker(args: argparse.Namespace) -> None:
     from selfmoe.data import builtin_seeds_dir, load_seeds
     from selfmoe.generate import HFGenerator, SamplingConfig
     from selfmoe.prompts import STOP_MARKS
-    from selfmoe.specialization import SpecializeConfig, specialize_domain
+    from selfmoe.specialization import SpecializeConfig, specialize
 
     assert Path(selfmoe.__file__).resolve().is_relative_to(Path(args.src).resolve()), selfmoe.__file__
     torch.set_num_threads(args.threads)
@@ -65,7 +65,9 @@ def _worker(args: argparse.Namespace) -> None:
         max_attempts=args.rounds * args.prompts_per_round,
         brainstorm=SpecializeConfig().brainstorm.replace(max_new_tokens=args.brainstorm_max_new_tokens),
         response=SpecializeConfig().response.replace(max_new_tokens=args.response_max_new_tokens),
-        **({"share_shots": True} if "share_shots" in fields else {}))
+        **({"share_shots": True} if "share_shots" in fields else {}),
+        **({"one_paragraph_instructions": {"auto": None, "on": True, "off": False}[args.one_paragraph]}
+           if "one_paragraph_instructions" in fields else {}))
     # The generator each version's specialize() builds for itself.
     kw = {"prefix_cache": cfg.share_shots} if "prefix_cache" in inspect.signature(HFGenerator).parameters else {}
     inner = HFGenerator(model, tok, batch_size=cfg.batch_size, progress=False, **kw)
@@ -92,19 +94,39 @@ def _worker(args: argparse.Namespace) -> None:
     responses: List[Any] = []
 
     class Recorder:
+        """The version's own generator, with the greedy responses recorded (for the match rate)."""
+
         def generate(self, prompts, config, *, desc=None):
             out = inner.generate(prompts, config, desc=desc)
             if not config.do_sample:
                 responses.extend(zip(prompts, [c.text for c in out]))
             return out
 
+        def _wrap(self, task):
+            try:
+                sent = None
+                while True:
+                    try:
+                        call = next(task) if sent is None else task.send(sent)
+                    except StopIteration as stop:
+                        return stop.value
+                    sent = yield call
+                    first = call[0] if isinstance(call, list) else call  # a list: `sent` answers its first call
+                    if not first.config.do_sample:
+                        responses.extend(zip(first.prompts, [c.text for c in sent]))
+            finally:
+                task.close()
+
+    if hasattr(inner, "run_tasks"):  # a version whose domains share the decode batches
+        Recorder.run_tasks = lambda self, tasks: inner.run_tasks([self._wrap(t) for t in tasks])
+
     result: Dict[str, Any] = {"version": args.label, "domains": args.domains}
     t0, c0 = time.perf_counter(), os.times()
     kept = attempts = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for domain in args.domains.split(","):
-            st = specialize_domain(model, tok, seeds[domain], domain, Path(tmp) / f"{domain}.jsonl", args.num_pairs,
-                                   config=cfg, generator=Recorder())
+    with tempfile.TemporaryDirectory() as tmp:  # all domains in one call, as `selfmoe specialize` runs them
+        stats = specialize(model, tok, seeds, tmp, args.num_pairs, domains=args.domains.split(","), config=cfg,
+                           generator=Recorder())
+        for st in stats.values():
             kept += st["kept"]
             attempts += st["attempts"]
     wall, c1 = time.perf_counter() - t0, os.times()
@@ -135,7 +157,8 @@ def _measure(src: Path, label: str, args: argparse.Namespace, match: int) -> Dic
            "--prompts-per-round", str(args.prompts_per_round), "--batch-size", str(args.batch_size),
            "--brainstorm-max-new-tokens", str(args.brainstorm_max_new_tokens),
            "--response-max-new-tokens", str(args.response_max_new_tokens), "--num-pairs", str(args.num_pairs),
-           "--seed", str(args.seed), "--threads", str(args.threads), "--match", str(match)]
+           "--seed", str(args.seed), "--threads", str(args.threads), "--match", str(match),
+           "--one-paragraph", args.one_paragraph]
     env = dict(os.environ, PYTHONPATH=str(src), TOKENIZERS_PARALLELISM="false")
     print(f"[{label}] running ...", flush=True)
     subprocess.run(cmd, env=env, check=True)
@@ -157,6 +180,8 @@ def main(argv: Any = None) -> int:
     p.add_argument("--num-pairs", type=int, default=1000, help="target pairs (high: the rounds bound the run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--one-paragraph", choices=("auto", "on", "off"), default="auto",
+                   help="SpecializeConfig.one_paragraph_instructions (versions that have it; auto = the default)")
     p.add_argument("--against", default=None, metavar="COMMIT", help="also measure this commit (a git worktree)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--match", type=int, default=16, help="response prompts re-generated for the greedy match rate")
@@ -197,7 +222,8 @@ def main(argv: Any = None) -> int:
         out_rows.append({"device": device, **versions(), "commit": git_commit(),
                          "against": args.against or "", "timestamp": timestamp(),
                          "settings": f"rounds={args.rounds} ppr={args.prompts_per_round} bs={args.batch_size} "
-                                     f"bmax={args.brainstorm_max_new_tokens} rmax={args.response_max_new_tokens}",
+                                     f"bmax={args.brainstorm_max_new_tokens} rmax={args.response_max_new_tokens} "
+                                     f"one_paragraph={args.one_paragraph}",
                          **{k: r.get(k, "") for k in ("version", "domains", "wall_s", "cpu_s", "kept", "attempts", "kept_per_min",
                                                       "kept_per_cpu_min",
                                                       "prefill_tokens", "prefill_s", "prefill_tok_per_s", "decode_rows",
