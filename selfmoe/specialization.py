@@ -89,7 +89,8 @@ class SpecializeConfig:
     (the built-in math, knowledge and reasoning seeds; not coding, whose instructions hold code and
     asserts). The chat prompt lists the examples as paragraphs and asks for one new instruction, and a
     small model that does not stop there goes on with an answer or more instructions until
-    ``max_new_tokens``, and the instruction is then dropped as unfinished. The Alpaca format ends an
+    ``max_new_tokens``, and the instruction is then dropped as unfinished. A first paragraph that ends
+    with a colon (a lead-in to what the stop cut off) counts as unfinished. The Alpaca format ends an
     instruction at its ``###`` marks, so auto leaves it off there.
     """
 
@@ -435,10 +436,15 @@ def _filter_instructions(comps: Sequence[Any], cfg: SpecializeConfig, index: Nea
     response is later dropped does not block its near-copies in later rounds."""
     fc = cfg.filters
     local = NearDuplicateIndex(fc.near_dup_threshold)
+    one_paragraph = PARAGRAPH_STOP in cfg.brainstorm.stop
     instructions: List[Tuple[str, List[str]]] = []
     for c in comps:
         text = parse_completion(c.text, fmt=fmt, kind="instruction")
-        reason = check_text(text, "instruction", fc, finished=c.finish_reason == "stop", count_tokens=count_tokens)
+        finished = c.finish_reason == "stop"
+        if one_paragraph and text.rstrip().endswith(":"):
+            # A lead-in ("Here are two new problems:") whose content the paragraph stop cut off: unfinished.
+            finished = False
+        reason = check_text(text, "instruction", fc, finished=finished, count_tokens=count_tokens)
         toks = normalize_tokens(text)
         if reason is None:
             reason = index.check(toks) or local.check(toks)

@@ -555,3 +555,20 @@ def test_one_paragraph_instructions_auto_follows_the_format_and_the_seeds():
     # Already a stop string: not added twice.
     twice = dataclasses.replace(forced, brainstorm=cfg.brainstorm.replace(stop=(PARAGRAPH_STOP,)))
     assert brainstorm_sampling(twice, one, "chat").stop == (PARAGRAPH_STOP,)
+
+
+def test_a_one_paragraph_lead_in_counts_as_unfinished(tmp_path):
+    """With the paragraph stop, an instruction ending in a colon announced content the stop cut off."""
+    keep = "A pool fills at 3 liters per minute. How long does it take to fill 90 liters?"
+    script = ["Here are two new word problems:", keep, "Write one more problem, like this:", "   "]
+    for on in (True, False):
+        gen = ScriptedGenerator(script)
+        stats = specialize_domain(None, None, MATH_SEEDS, "math", tmp_path / f"{on}.jsonl", num_pairs=10,
+                                  config=fast_config(one_paragraph_instructions=on, max_attempts=4), generator=gen)
+        brainstorm = [c for kind, _, c in gen.calls if kind == "brainstorm"][0]
+        assert ("\n\n" in brainstorm.stop) == on
+        kept = [r["instruction"] for r in lines_of(tmp_path / f"{on}.jsonl")]
+        if on:
+            assert kept == [keep] and stats["removed"]["instruction_unfinished"] == 2
+        else:  # without the paragraph rule a colon is just text
+            assert len(kept) == 3 and stats["removed"]["instruction_unfinished"] == 0
