@@ -2,32 +2,32 @@
 
 The dense-rank formulation (torch_path.py) computes all ``E*r`` rank columns for every token. Here the
 ``S = T*k`` token-slots are sorted by expert once (stable), so that each expert's slots are one
-contiguous segment of rows, and each expert's two skinny GEMMs run on its own rows only::
+contiguous segment, and each expert runs its two skinny GEMMs on its own rows only::
 
     order, e_sorted  [S]        slots sorted by expert (slot s = (t, j) at t*k + j, token t = s // k)
-    xg      = x[tok]            [S, K]   one gather of x in sorted-slot order
-    h_e     = xg_e @ A_e.T      [n_e, r] per expert segment, into one [S, r] buffer (fp32 for half inputs)
-    hg      = h * gate * s_e    [S, r]
-    ys_e    = hg_e @ B_e.T      [n_e, N] per expert segment, into one [S, N] buffer
-    y       = x @ W.T + b, then y.index_add_(0, tok, ys)        (one scatter-add: duplicate ids add up)
+    coef    = gate * s_e        [S]      per sorted slot
+    y       = x @ W.T + b                [T, N]
+    per expert e, its segment of n_e slots and their tokens tok_e:
+      x_e   = x[tok_e]                   [n_e, K]
+      h_e   = x_e @ A_e.T                [n_e, r]  (kept in one [S, r] buffer; fp32 for half inputs)
+      y.index_add_(0, tok_e, (h_e * coef_e) @ B_e.T)      (duplicate ids add up)
 
 Backward, each product only when some input asks for it::
 
-    dyg   = dy[tok]                       [S, N]  one gather
-    dHg_e = dyg_e @ B_e                   [n_e, r] (fp32 for half inputs)
+    per expert:  dy_e = dy[tok_e];  dHg_e = dy_e @ B_e  [n_e, r] (fp32 for half);  dB_e = dy_e.T @ hg_e
     dgate = s_e * sum_r(dHg * h)          [S]     rank-space gate gradients, no [S, N] product
-    dH    = dHg * gate * s_e              [S, r]
-    dx    = dy @ W, then dx.index_add_(0, tok, dH_e @ A_e)
-    dA_e  = dH_e.T @ xg_e,  dB_e = dyg_e.T @ hg_e
+    dH    = dHg * coef                    [S, r]
+    dx    = dy @ W;  per expert: dx.index_add_(0, tok_e, dH_e @ A_e);  dA_e = dH_e.T @ x[tok_e]
 
-Every row of the ``[S, .]`` buffers belongs to exactly one expert's segment, so each is written once
-(``poisoned_empty``: tests fill them with NaN first). The loop is over the E experts (two ``mm`` per
-product), never over tokens. Why not one ``bmm`` on padded segments, which needs 2 ops instead of 2E:
-measured on a CPU at 1 thread it was slower (the padding rows, the spare output row), and the op
-count only matters when the threads wait for each other (benchmarks/NOTES.md, issue 13 item 3).
+Why per expert, end to end, and not one gather of all slots ``[S, K]`` and one ``index_add_`` of all
+``[S, N]`` rows: the gathered rows and the expanded rows of one expert (about 2 MB at the top2-cpu
+shape) are used while they are still in cache; with whole ``[S, .]`` buffers every product is one
+more pass through memory, and on the 2-core CPU the whole-buffer version measured up to 1.3x slower
+than this (benchmarks/NOTES.md, issue 13 item 3). The price is about 4 torch ops per expert and
+product, each a parallel region when torch runs several threads.
 
 Reads the per-expert counts on the host (one sync: fine on a CPU, which is where torch_dispatch.py
-sends this path; on CUDA only when forced).
+sends this path; on CUDA only when forced). No Python loop over tokens; the loops run over E.
 """
 from __future__ import annotations
 
@@ -44,8 +44,7 @@ _HALF = (torch.float16, torch.bfloat16)
 class SortedState(NamedTuple):
     """What backward needs besides the saved tensors."""
 
-    counts: List[int]  # [E] slots per expert (host ints): the segments of the sorted rows
-    T: int
+    counts: List[int]  # [E] slots per expert (host ints): the segments of the sorted slots
     gates_dtype: torch.dtype
     uniform: Optional[float]  # the float scaling, or None for a per-expert tensor (saved)
 
@@ -55,35 +54,19 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _per_expert_mm(a: torch.Tensor, w: torch.Tensor, counts: List[int], out_dtype: torch.dtype) -> torch.Tensor:
-    """``a [S, p]`` (rows in expert segments of ``counts``) times each segment's ``w [E, p, q]`` -> ``[S, q]``.
-
-    One ``mm`` per expert with rows, written into its slice of one buffer: the segments tile all S
-    rows, so every row is written (no zero fill).
-    """
-    out = poisoned_empty((a.shape[0], w.shape[2]), out_dtype, a.device)
+def _segments(counts: List[int]):
+    """``(e, start, end)`` of each expert with slots, in sorted-slot order."""
     start = 0
     for e, n in enumerate(counts):
         if n:
-            torch.mm(a[start:start + n], w[e], out=out[start:start + n])
+            yield e, start, start + n
             start += n
-    return out
 
 
-def _per_expert_tn(a: torch.Tensor, b: torch.Tensor, counts: List[int]) -> torch.Tensor:
-    """``a_e.T @ b_e`` per expert segment (the experts' weight gradients): ``a [S, p]``, ``b [S, q]`` ->
-    ``[E, p, q]``; experts without slots get zeros."""
-    E, p, q = len(counts), a.shape[1], b.shape[1]
-    if all(counts):
-        out = poisoned_empty((E, p, q), a.dtype, a.device)
-    else:
-        out = torch.zeros(E, p, q, dtype=a.dtype, device=a.device)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            torch.mm(a[start:start + n].t(), b[start:start + n], out=out[e])
-            start += n
-    return out
+def _rows(t: torch.Tensor, tok: torch.Tensor, acc: Optional[torch.dtype]) -> torch.Tensor:
+    """``t[tok]``, upcast to ``acc`` when given (half inputs whose products must come out in fp32)."""
+    rows = t.index_select(0, tok)
+    return rows if acc is None else rows.to(acc)
 
 
 def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
@@ -95,87 +78,105 @@ def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
     x = inp.x  # [T, K]
     T, K = x.shape
     k = inp.ids.shape[1]
-    E = inp.lora_A.shape[0]
+    E, r, _ = inp.lora_A.shape
     S = T * k
     acc = _acc_dtype(x)
+    up = acc if x.dtype in _HALF else None  # H in fp32 for half inputs, as the dense path keeps it
     flat = inp.ids.view(S)
     if flat.dtype != torch.int64:
         flat = flat.long()
     e_sorted, order = torch.sort(flat, stable=True)  # [S], [S]: slots grouped by expert, slot order within
     counts = torch.bincount(flat, minlength=E).tolist()  # [E] host read: the segment bounds
     tok = order // k if k > 1 else order  # [S] token of each sorted slot
-    state = SortedState(counts, T, inp.gates.dtype, inp.uniform)
 
     coef = inp.gates.view(S).index_select(0, order).to(acc)  # [S] gate x scaling per sorted slot
     if inp.uniform is None:
         coef.mul_(inp.scaling.index_select(0, e_sorted))
     else:
         coef.mul_(inp.uniform)
-
-    xg = x.index_select(0, tok)  # [S, K]
-    A_t = inp.lora_A.transpose(1, 2)  # [E, K, r] view
-    if x.dtype in _HALF:  # H in fp32, as the dense path keeps it
-        h = _per_expert_mm(xg.float(), A_t.float(), counts, acc)
-    else:
-        h = _per_expert_mm(xg, A_t, counts, acc)  # [S, r]
-    hg = (h * coef.unsqueeze(1)).to(x.dtype)  # [S, r]
-    ys = _per_expert_mm(hg, inp.lora_B.transpose(1, 2), counts, x.dtype)  # [S, N]
+    coef_col = coef.unsqueeze(1)  # [S, 1]
 
     if inp.base_weight is None:
-        y = torch.zeros(T, ys.shape[1], dtype=x.dtype, device=x.device)
+        y = torch.zeros(T, inp.lora_B.shape[1], dtype=x.dtype, device=x.device)
     elif inp.base_bias is not None:
         y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
     else:
         y = x @ inp.base_weight.t()
-    y.index_add_(0, tok, ys)
+    A_t = inp.lora_A.transpose(1, 2)  # [E, K, r] view
+    B_t = inp.lora_B.transpose(1, 2)  # [E, r, N] view
+    if up is not None:
+        A_t = A_t.to(up)
+    h = poisoned_empty((S, r), acc, x.device)  # [S, r]: the segments tile it, each row written once
+    for e, a, b in _segments(counts):
+        tok_e = tok[a:b]
+        torch.mm(_rows(x, tok_e, up), A_t[e], out=h[a:b])  # [n_e, r]
+        hg_e = (h[a:b] * coef_col[a:b]).to(x.dtype)  # [n_e, r]
+        y.index_add_(0, tok_e, hg_e @ B_t[e])  # [n_e, N] rows into their tokens
 
     if not any(needs):
-        return y, (), state
+        return y, (), SortedState(counts, inp.gates.dtype, inp.uniform)
     lora = needs.x or needs.lora_A or needs.lora_B or needs.gates
     saved = (
-        x if needs.base_weight else None,
-        xg if needs.lora_A else None,
+        x if (needs.base_weight or needs.lora_A) else None,
         h if lora else None, coef if lora else None,
         order, e_sorted, tok, inp.lora_A, inp.lora_B, inp.base_weight, inp.scaling,
     )
-    return y, saved, state
+    return y, saved, SortedState(counts, inp.gates.dtype, inp.uniform)
 
 
 def sorted_backward(saved, state: SortedState, dy: torch.Tensor, needs: GradNeeds):
     """``(dx, dA, dB, dgates, dW, db)`` for ``dy [T, N]``, each only when ``needs`` asks for it."""
-    x, xg, h, coef, order, e_sorted, tok, lora_A, lora_B, base_weight, scaling = saved
-    counts, T = state.counts, state.T
+    x, h, coef, order, e_sorted, tok, lora_A, lora_B, base_weight, scaling = saved
+    counts = state.counts
+    E, r, K = lora_A.shape
+    T, N = dy.shape
+    S = tok.shape[0]
     dtype = dy.dtype
+    up = h.dtype if dtype in _HALF else None  # dHg in fp32 for half inputs: it feeds the gate gradients
+    coef_col = coef.unsqueeze(1) if coef is not None else None  # [S, 1]
     dx = dA = dB = dw = None
-    if needs.x or needs.lora_A or needs.lora_B or needs.gates:
-        dyg = dy.index_select(0, tok)  # [S, N]
-        if needs.x or needs.lora_A or needs.gates:
-            if dtype in _HALF:  # dHg in fp32: it feeds the gate gradients
-                dhg = _per_expert_mm(dyg.float(), lora_B.float(), counts, h.dtype)
+    need_dhg = needs.x or needs.lora_A or needs.gates
+
+    # Pass 1, per expert: dy's rows once, for dHg and dB.
+    dhg = poisoned_empty((S, r), h.dtype, dy.device) if need_dhg else None  # [S, r]
+    if needs.lora_B:
+        dB = torch.zeros(E, N, r, dtype=dtype, device=dy.device) if not all(counts) else \
+            poisoned_empty((E, N, r), dtype, dy.device)
+    B_up = lora_B if up is None else lora_B.to(up)
+    if need_dhg or needs.lora_B:
+        for e, a, b in _segments(counts):
+            dy_e = dy.index_select(0, tok[a:b])  # [n_e, N]
+            if need_dhg:
+                torch.mm(dy_e if up is None else dy_e.to(up), B_up[e], out=dhg[a:b])  # [n_e, r]
+            if needs.lora_B:
+                hg_e = (h[a:b] * coef_col[a:b]).to(dtype)  # [n_e, r]
+                torch.mm(dy_e.t(), hg_e, out=dB[e])  # [N, r]
+
+    if needs.gates:
+        g = (dhg * h).sum(1)  # [S]: rank-space gate gradient, before the scaling
+        if state.uniform is None:
+            g.mul_(scaling.index_select(0, e_sorted))
+        else:
+            g.mul_(state.uniform)
+        # back to slot order; order is a permutation, so every element is written
+        dw = poisoned_empty((S,), g.dtype, g.device).index_copy_(0, order, g)
+        dw = dw.to(state.gates_dtype).view(T, S // T)
+
+    # Pass 2, per expert: dH's rows for dx and dA.
+    if needs.x or needs.lora_A:
+        dh = (dhg * coef_col).to(dtype)  # [S, r]
+        if needs.x:
+            if base_weight is not None:
+                dx = dy @ base_weight  # [T, K]
             else:
-                dhg = _per_expert_mm(dyg, lora_B, counts, h.dtype)  # [S, r]
-            if needs.gates:
-                g = (dhg * h).sum(1)  # [S]: rank-space gate gradient, before the scaling
-                if state.uniform is None:
-                    g.mul_(scaling.index_select(0, e_sorted))
-                else:
-                    g.mul_(state.uniform)
-                S = order.shape[0]
-                # back to slot order; order is a permutation, so every element is written
-                dw = poisoned_empty((S,), g.dtype, g.device).index_copy_(0, order, g)
-                dw = dw.to(state.gates_dtype).view(T, S // T)
-            if needs.x or needs.lora_A:
-                dh = (dhg * coef.unsqueeze(1)).to(dtype)  # [S, r]
-                if needs.x:
-                    if base_weight is not None:
-                        dx = dy @ base_weight  # [T, K]
-                    else:
-                        dx = torch.zeros(T, lora_A.shape[2], dtype=dtype, device=dy.device)
-                    dx.index_add_(0, tok, _per_expert_mm(dh, lora_A, counts, dtype))
-                if needs.lora_A:
-                    dA = _per_expert_tn(dh, xg, counts)  # [E, r, K]
-        if needs.lora_B:
-            hg = (h * coef.unsqueeze(1)).to(dtype)  # [S, r]
-            dB = _per_expert_tn(dyg, hg, counts)  # [E, N, r]
+                dx = torch.zeros(T, K, dtype=dtype, device=dy.device)
+        if needs.lora_A:
+            dA = torch.zeros(E, r, K, dtype=dtype, device=dy.device) if not all(counts) else \
+                poisoned_empty((E, r, K), dtype, dy.device)
+        for e, a, b in _segments(counts):
+            if needs.x:
+                dx.index_add_(0, tok[a:b], dh[a:b] @ lora_A[e])  # [n_e, K] rows into their tokens
+            if needs.lora_A:
+                torch.mm(dh[a:b].t(), x.index_select(0, tok[a:b]), out=dA[e])  # [r, K]
     dW, db = torch_base_grads(dy, x, needs)
     return dx, dA, dB, dw, dW, db
