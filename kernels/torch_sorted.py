@@ -45,6 +45,7 @@ class SortedState(NamedTuple):
     """What backward needs besides the saved tensors."""
 
     counts: List[int]  # [E] slots per expert (host ints): the segments of the sorted slots
+    k: int
     gates_dtype: torch.dtype
     uniform: Optional[float]  # the float scaling, or None for a per-expert tensor (saved)
 
@@ -114,14 +115,14 @@ def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
         y.index_add_(0, tok_e, hg_e @ B_t[e])  # [n_e, N] rows into their tokens
 
     if not any(needs):
-        return y, (), SortedState(counts, inp.gates.dtype, inp.uniform)
+        return y, (), SortedState(counts, k, inp.gates.dtype, inp.uniform)
     lora = needs.x or needs.lora_A or needs.lora_B or needs.gates
     saved = (
         x if (needs.base_weight or needs.lora_A) else None,
         h if lora else None, coef if lora else None,
         order, e_sorted, tok, inp.lora_A, inp.lora_B, inp.base_weight, inp.scaling,
     )
-    return y, saved, SortedState(counts, inp.gates.dtype, inp.uniform)
+    return y, saved, SortedState(counts, k, inp.gates.dtype, inp.uniform)
 
 
 def sorted_backward(saved, state: SortedState, dy: torch.Tensor, needs: GradNeeds):
@@ -160,7 +161,7 @@ def sorted_backward(saved, state: SortedState, dy: torch.Tensor, needs: GradNeed
             g.mul_(state.uniform)
         # back to slot order; order is a permutation, so every element is written
         dw = poisoned_empty((S,), g.dtype, g.device).index_copy_(0, order, g)
-        dw = dw.to(state.gates_dtype).view(T, S // T)
+        dw = dw.to(state.gates_dtype).view(T, state.k)
 
     # Pass 2, per expert: dH's rows for dx and dA.
     if needs.x or needs.lora_A:
