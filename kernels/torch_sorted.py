@@ -108,11 +108,15 @@ def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
     if up is not None:
         A_t = A_t.to(up)
     h = poisoned_empty((S, r), acc, x.device)  # [S, r]: the segments tile it, each row written once
+    rows = max(counts) if S else 0  # one expert's rows at most: x rows and expanded rows, reused per expert
+    x_buf = poisoned_empty((rows, K), x.dtype, x.device)
+    y_buf = poisoned_empty((rows, y.shape[1]), x.dtype, x.device)
     for e, a, b in _segments(counts):
-        tok_e = tok[a:b]
-        torch.mm(_rows(x, tok_e, up), A_t[e], out=h[a:b])  # [n_e, r]
-        hg_e = (h[a:b] * coef_col[a:b]).to(x.dtype)  # [n_e, r]
-        y.index_add_(0, tok_e, hg_e @ B_t[e])  # [n_e, N] rows into their tokens
+        tok_e, x_e, y_e = tok[a:b], x_buf[:b - a], y_buf[:b - a]
+        torch.index_select(x, 0, tok_e, out=x_e)  # [n_e, K]
+        torch.mm(x_e if up is None else x_e.to(up), A_t[e], out=h[a:b])  # [n_e, r]
+        torch.mm((h[a:b] * coef_col[a:b]).to(x.dtype), B_t[e], out=y_e)  # [n_e, N]
+        y.index_add_(0, tok_e, y_e)  # into their tokens (a token's duplicate ids add up)
 
     if not any(needs):
         return y, (), SortedState(counts, k, inp.gates.dtype, inp.uniform)
@@ -126,7 +130,11 @@ def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
 
 
 def sorted_backward(saved, state: SortedState, dy: torch.Tensor, needs: GradNeeds):
-    """``(dx, dA, dB, dgates, dW, db)`` for ``dy [T, N]``, each only when ``needs`` asks for it."""
+    """``(dx, dA, dB, dgates, dW, db)`` for ``dy [T, N]``, each only when ``needs`` asks for it.
+
+    One loop over the experts: each expert's dy rows are gathered once and feed its dHg and dB; its
+    dH rows feed dx and dA. The gate gradients are one vectorised step afterwards.
+    """
     x, h, coef, order, e_sorted, tok, lora_A, lora_B, base_weight, scaling = saved
     counts = state.counts
     E, r, K = lora_A.shape
@@ -134,24 +142,47 @@ def sorted_backward(saved, state: SortedState, dy: torch.Tensor, needs: GradNeed
     S = tok.shape[0]
     dtype = dy.dtype
     up = h.dtype if dtype in _HALF else None  # dHg in fp32 for half inputs: it feeds the gate gradients
-    coef_col = coef.unsqueeze(1) if coef is not None else None  # [S, 1]
-    dx = dA = dB = dw = None
-    need_dhg = needs.x or needs.lora_A or needs.gates
+    dx = dA = dB = dw = dhg = None
+    need_dh = needs.x or needs.lora_A
+    need_dhg = need_dh or needs.gates
+    if not (need_dhg or needs.lora_B):
+        dW, db = torch_base_grads(dy, x, needs)
+        return dx, dA, dB, dw, dW, db
 
-    # Pass 1, per expert: dy's rows once, for dHg and dB.
-    dhg = poisoned_empty((S, r), h.dtype, dy.device) if need_dhg else None  # [S, r]
-    if needs.lora_B:
-        dB = torch.zeros(E, N, r, dtype=dtype, device=dy.device) if not all(counts) else \
-            poisoned_empty((E, N, r), dtype, dy.device)
+    coef_col = coef.unsqueeze(1)  # [S, 1]
+    rows = max(counts) if S else 0  # one expert's rows at most, reused per expert
+    dy_buf = poisoned_empty((rows, N), dtype, dy.device)
+    k_buf = poisoned_empty((rows, K), dtype, dy.device) if need_dh else None  # dx rows, then x rows
+    if need_dhg:
+        dhg = poisoned_empty((S, r), h.dtype, dy.device)  # [S, r]: the segments tile it
     B_up = lora_B if up is None else lora_B.to(up)
-    if need_dhg or needs.lora_B:
-        for e, a, b in _segments(counts):
-            dy_e = dy.index_select(0, tok[a:b])  # [n_e, N]
-            if need_dhg:
-                torch.mm(dy_e if up is None else dy_e.to(up), B_up[e], out=dhg[a:b])  # [n_e, r]
-            if needs.lora_B:
-                hg_e = (h[a:b] * coef_col[a:b]).to(dtype)  # [n_e, r]
-                torch.mm(dy_e.t(), hg_e, out=dB[e])  # [N, r]
+    if needs.x:
+        if base_weight is not None:
+            dx = dy @ base_weight  # [T, K]
+        else:
+            dx = torch.zeros(T, K, dtype=dtype, device=dy.device)
+    empty = poisoned_empty if all(counts) else torch.zeros  # experts without slots get zero dA / dB
+    if needs.lora_A:
+        dA = empty((E, r, K), dtype=dtype, device=dy.device)
+    if needs.lora_B:
+        dB = empty((E, N, r), dtype=dtype, device=dy.device)
+
+    for e, a, b in _segments(counts):
+        tok_e, dy_e = tok[a:b], dy_buf[:b - a]
+        torch.index_select(dy, 0, tok_e, out=dy_e)  # [n_e, N]
+        if need_dhg:
+            torch.mm(dy_e if up is None else dy_e.to(up), B_up[e], out=dhg[a:b])  # [n_e, r]
+        if needs.lora_B:
+            torch.mm(dy_e.t(), (h[a:b] * coef_col[a:b]).to(dtype), out=dB[e])  # [N, r]
+        if need_dh:
+            dh_e = (dhg[a:b] * coef_col[a:b]).to(dtype)  # [n_e, r]
+            k_e = k_buf[:b - a]
+            if needs.x:
+                torch.mm(dh_e, lora_A[e], out=k_e)  # [n_e, K]
+                dx.index_add_(0, tok_e, k_e)
+            if needs.lora_A:
+                torch.index_select(x, 0, tok_e, out=k_e)  # [n_e, K]
+                torch.mm(dh_e.t(), k_e, out=dA[e])  # [r, K]
 
     if needs.gates:
         g = (dhg * h).sum(1)  # [S]: rank-space gate gradient, before the scaling
@@ -162,22 +193,5 @@ def sorted_backward(saved, state: SortedState, dy: torch.Tensor, needs: GradNeed
         # back to slot order; order is a permutation, so every element is written
         dw = poisoned_empty((S,), g.dtype, g.device).index_copy_(0, order, g)
         dw = dw.to(state.gates_dtype).view(T, state.k)
-
-    # Pass 2, per expert: dH's rows for dx and dA.
-    if needs.x or needs.lora_A:
-        dh = (dhg * coef_col).to(dtype)  # [S, r]
-        if needs.x:
-            if base_weight is not None:
-                dx = dy @ base_weight  # [T, K]
-            else:
-                dx = torch.zeros(T, K, dtype=dtype, device=dy.device)
-        if needs.lora_A:
-            dA = torch.zeros(E, r, K, dtype=dtype, device=dy.device) if not all(counts) else \
-                poisoned_empty((E, r, K), dtype, dy.device)
-        for e, a, b in _segments(counts):
-            if needs.x:
-                dx.index_add_(0, tok[a:b], dh[a:b] @ lora_A[e])  # [n_e, K] rows into their tokens
-            if needs.lora_A:
-                torch.mm(dh[a:b].t(), x.index_select(0, tok[a:b]), out=dA[e])  # [r, K]
     dW, db = torch_base_grads(dy, x, needs)
     return dx, dA, dB, dw, dW, db

@@ -100,8 +100,8 @@ def test_gradient_subsets_match_reference(sorted_path, grads):
 
 
 def test_router_training_skips_expert_gradient_work(sorted_path, monkeypatch):
-    """With only x and the gates asked for, no per-expert transposed product (dA, dB) runs: count the
-    ``torch.mm`` calls of backward (one dHg per expert with tokens; dA and dB would add one each)."""
+    """With only x and the gates asked for, no per-expert weight-gradient product (dA, dB) runs: count
+    the ``torch.mm`` calls of backward (dHg and dx rows per expert with tokens; dA and dB add one each)."""
     case = _case("top2")
     busy = int((torch.bincount(case.expert_ids.view(-1), minlength=8) > 0).sum())
     real_mm, seen = torch.mm, []
@@ -110,7 +110,7 @@ def test_router_training_skips_expert_gradient_work(sorted_path, monkeypatch):
         seen.append(1)
         return real_mm(*args, **kwargs)
     monkeypatch.setattr(torch_sorted.torch, "mm", mm)
-    for grads, per_expert in ((("x", "expert_weights"), 1), (("x", "expert_weights", "lora_A", "lora_B"), 3)):
+    for grads, per_expert in ((("x", "expert_weights"), 2), (("x", "expert_weights", "lora_A", "lora_B"), 4)):
         low = case.to(torch.float32, {n: True for n in grads})
         y = low.call(lora_mix, backend="torch")
         seen.clear()
