@@ -21,9 +21,11 @@ Cost next to the base GEMM: ``4 * E*r / d`` more FLOPs for router training (grad
 which is a few percent at the paper's sizes. For large ``E*r`` with sparse top-k the grouped Triton
 kernels are the fast path; this one stays correct there, only slower.
 
-Inference at decode sizes takes leaner formulations, chosen per call by torch_dispatch.py:
+Other formulations are chosen per call by torch_dispatch.py: at decode sizes (inference only)
 ``dense-small`` here (the same products in fewer ops, bitwise the same result) and ``gathered``
-(torch_gathered.py: only the selected experts' factors). Training always runs the formulation above.
+(torch_gathered.py: only the selected experts' factors); for many experts on a CPU (``E*r`` large
+against ``k*r``, training and inference) ``sorted`` (torch_sorted.py: slots sorted by expert, its own
+backward, dispatched from here by the type of the saved state).
 
 The backend (``TORCH``) takes prepared inputs (contract.py); ``lora_mix_torch`` is its direct entry point.
 """
