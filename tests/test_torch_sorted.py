@@ -196,3 +196,33 @@ def test_lora_mix_runs_sorted_at_top2_sizes(monkeypatch, shape, expect):
     assert calls == {"forward": 2 * expect, "backward": expect}
     ref = case.to(torch.float64).call(lora_mix_naive)
     assert rel_err(y, ref) <= TOL[torch.float32]
+
+
+def test_pays_only_the_selected_experts_flops(monkeypatch):
+    """At a shape the dispatcher sends to sorted, the GEMM FLOPs are the base plus k*r rank columns
+    per token (dense-rank would pay E*r = 4x as many here), forward and backward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    calls = _count_calls(monkeypatch)
+    T, K, N, E, r, k = 2048, 16, 12, 8, 16, 2
+    S = T * k
+    case = make_case(T, K, N, E, r, k, seed=31)
+    router = case.to(torch.float32, {"x": True, "expert_weights": True})
+    y = router.call(lora_mix, backend="torch")
+    assert calls["forward"] == 1
+    with torch.no_grad():
+        assert flops(lambda: router.call(lora_mix, backend="torch")) == 2 * T * K * N + 2 * S * K * r + 2 * S * r * N
+    dy = torch.randn_like(y)
+    # dx = dy @ W, dHg per slot (dy_e @ B_e), dx rows (dH_e @ A_e); the gate gradient is elementwise.
+    bwd_router = 2 * T * N * K + 2 * S * N * r + 2 * S * r * K
+    assert flops(lambda: y.backward(dy)) == bwd_router
+    experts = case.to(torch.float32, {"x": True, "expert_weights": True, "lora_A": True, "lora_B": True})
+    y = experts.call(lora_mix, backend="torch")
+    assert flops(lambda: y.backward(dy)) == bwd_router + 2 * S * r * K + 2 * S * r * N  # + dA + dB
+    assert calls == {"forward": 3, "backward": 2}
