@@ -19,12 +19,17 @@ Backward, each product only when some input asks for it::
     dH    = dHg * coef                    [S, r]
     dx    = dy @ W;  per expert: dx.index_add_(0, tok_e, dH_e @ A_e);  dA_e = dH_e.T @ x[tok_e]
 
+(``dB`` is built transposed, ``hg_e.T @ dy_e`` into ``[E, r, N]``, and transposed once at the end: the
+``[N, r]`` product measured 2x slower at r = 16.)
+
 Why per expert, end to end, and not one gather of all slots ``[S, K]`` and one ``index_add_`` of all
 ``[S, N]`` rows: the gathered rows and the expanded rows of one expert (about 2 MB at the top2-cpu
 shape) are used while they are still in cache; with whole ``[S, .]`` buffers every product is one
 more pass through memory, and on the 2-core CPU the whole-buffer version measured up to 1.3x slower
-than this (benchmarks/NOTES.md, issue 13 item 3). The price is about 4 torch ops per expert and
-product, each a parallel region when torch runs several threads.
+than this (benchmarks/NOTES.md, issue 13 item 3). The rows go through two buffers of one expert's
+size, reused across experts (``index_select`` / ``mm`` with ``out=``). The price is about 4 torch ops
+per expert and product, each a parallel region when torch runs several threads: cheap on idle cores,
+a scheduler tick each when another process holds one (NOTES again).
 
 Reads the per-expert counts on the host (one sync: fine on a CPU, which is where torch_dispatch.py
 sends this path; on CUDA only when forced). No Python loop over tokens; the loops run over E.
@@ -62,12 +67,6 @@ def _segments(counts: List[int]):
         if n:
             yield e, start, start + n
             start += n
-
-
-def _rows(t: torch.Tensor, tok: torch.Tensor, acc: Optional[torch.dtype]) -> torch.Tensor:
-    """``t[tok]``, upcast to ``acc`` when given (half inputs whose products must come out in fp32)."""
-    rows = t.index_select(0, tok)
-    return rows if acc is None else rows.to(acc)
 
 
 def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
