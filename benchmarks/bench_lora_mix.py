@@ -2,14 +2,19 @@
 
 Providers (each computes ``y = x @ W.T + b + sum_j w_j * s * B_e A_e x`` for top-k routed tokens):
   base              bare ``F.linear`` — the roofline every ratio is measured against
-  selfmoe-torch     ``lora_mix(..., backend="torch")`` with the base fused (the CPU path / fallback)
+  selfmoe-torch     ``lora_mix(..., backend="torch")`` with the base fused (the CPU path / fallback):
+                    whatever formulation the torch-side dispatcher picks (torch_dispatch.py)
+  selfmoe-torch-dense   the same, forced to the dense-rank formulation (``SELFMOE_TORCH_PATH=dense``)
+  selfmoe-torch-sorted  the same, forced to the sorted formulation (``SELFMOE_TORCH_PATH=sorted``:
+                    slots sorted by expert, only the k chosen experts' rank columns, its own backward)
   selfmoe-dense     dense-rank Triton kernels: shrink + expand fused into the base GEMM's K loop  (CUDA)
   selfmoe-grouped   grouped Triton kernels: tokens sorted by expert, only the k chosen experts     (CUDA)
   selfmoe-decode    one-launch decode kernel; only for T <= 64                                    (CUDA)
   selfmoe-auto      ``lora_mix(..., backend="auto")``: whatever the dispatcher picks               (CUDA)
   torch-grouped-mm  ``torch.nn.functional.grouped_mm`` on expert-sorted slots (where torch has it) (CUDA)
   per-expert-loop   PEFT/MixLoRA style: a Python loop over experts, gather tokens, index_add back
-  sorted-expert-loop  the same loop at its best: slots sorted once, in-place index_add_ (only k*r columns)
+  sorted-expert-loop  the same loop at its best: slots sorted once, in-place index_add_ (only k*r columns;
+                    autograd's backward; the prototype of selfmoe-torch-sorted)
   dense-all-experts X-LoRA style: every expert on every token, scaled by dense gates
 
 The Triton providers run on CUDA only: on CPU they would run under the Triton interpreter, whose
@@ -33,6 +38,7 @@ compare timings from the same run only.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +125,25 @@ def base(inp):
 def selfmoe_torch(inp):
     return lora_mix(inp["x"], inp["A"], inp["B"], inp["ids"], inp["w"], SCALING,
                     base_weight=inp["W"], base_bias=inp["b"], backend="torch")
+
+
+def _torch_forced(path: str):
+    """``selfmoe-torch`` with the torch formulation forced to ``path`` for the call (forward and backward
+    both: the backward runs the formulation its forward chose)."""
+    from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
+
+    def provider(inp):
+        old = os.environ.get(ENV_TORCH_PATH)
+        os.environ[ENV_TORCH_PATH] = path
+        try:
+            return selfmoe_torch(inp)
+        finally:
+            if old is None:
+                del os.environ[ENV_TORCH_PATH]
+            else:
+                os.environ[ENV_TORCH_PATH] = old
+    provider.__name__ = f"selfmoe_torch_{path}"
+    return provider
 
 
 def per_expert_loop(inp):
@@ -210,6 +235,8 @@ def torch_grouped_mm(inp):
 PROVIDERS: Dict[str, Callable] = {
     "base": base,
     "selfmoe-torch": selfmoe_torch,
+    "selfmoe-torch-dense": _torch_forced("dense"),
+    "selfmoe-torch-sorted": _torch_forced("sorted"),
     "selfmoe-dense": selfmoe_dense,
     "selfmoe-grouped": selfmoe_grouped,
     "selfmoe-decode": selfmoe_decode,
@@ -317,11 +344,11 @@ def run(shapes: List[str], modes: List[str], providers: List[str], dtype: torch.
 
 
 def print_table(rows: List[Dict[str, object]]) -> None:
-    header = f"{'shape':<14}{'mode':<17}{'provider':<20}{'ms':>10}{'x base':>9}"
+    header = f"{'shape':<14}{'mode':<17}{'provider':<22}{'ms':>10}{'x base':>9}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['shape']:<14}{row['mode']:<17}{row['provider']:<20}{row['ms']:>10.3f}{row['ratio_to_base']:>9.3f}")
+        print(f"{row['shape']:<14}{row['mode']:<17}{row['provider']:<22}{row['ms']:>10.3f}{row['ratio_to_base']:>9.3f}")
 
 
 def plot(rows: List[Dict[str, object]], path: Path) -> None:
@@ -368,6 +395,8 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (torch.set_num_threads; default: torch's own, one per core)")
     parser.add_argument("--reps", type=int, default=10, help="timed repetitions on CPU (CUDA uses do_bench)")
     parser.add_argument("--results-dir", default=str(LOCAL_RESULTS_DIR),
                         help="where <device>.csv and .png go (default: benchmarks/results/local, ignored by git; "
@@ -375,6 +404,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="CSV path (overrides --results-dir)")
     args = parser.parse_args(argv)
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA device is available")

@@ -21,9 +21,11 @@ Cost next to the base GEMM: ``4 * E*r / d`` more FLOPs for router training (grad
 which is a few percent at the paper's sizes. For large ``E*r`` with sparse top-k the grouped Triton
 kernels are the fast path; this one stays correct there, only slower.
 
-Inference at decode sizes takes leaner formulations, chosen per call by torch_dispatch.py:
+Other formulations are chosen per call by torch_dispatch.py: at decode sizes (inference only)
 ``dense-small`` here (the same products in fewer ops, bitwise the same result) and ``gathered``
-(torch_gathered.py: only the selected experts' factors). Training always runs the formulation above.
+(torch_gathered.py: only the selected experts' factors); for many experts on a CPU (``E*r`` large
+against ``k*r``, training and inference) ``sorted`` (torch_sorted.py: slots sorted by expert, its own
+backward, dispatched from here by the type of the saved state).
 
 The backend (``TORCH``) takes prepared inputs (contract.py); ``lora_mix_torch`` is its direct entry point.
 """
@@ -36,6 +38,7 @@ import torch
 from .contract import Backend, LoRAMixInputs, entry_point, torch_base_grads
 from .torch_dispatch import choose_torch_path
 from .torch_gathered import gathered_forward
+from .torch_sorted import SortedState, sorted_backward, sorted_forward
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -154,7 +157,8 @@ def _dense_small_forward(inp: LoRAMixInputs, gates: Optional[torch.Tensor] = Non
 
 
 class TorchBackend(Backend):
-    """Dense-rank PyTorch backend (any device; float64 too)."""
+    """PyTorch backend (any device; float64 too): the dense-rank formulation here, the others by
+    torch_dispatch.py's choice (sorted: torch_sorted.py, gathered: torch_gathered.py)."""
 
     name = "torch"
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -163,7 +167,9 @@ class TorchBackend(Backend):
         x, lora_A = inp.x, inp.lora_A  # x: [T, K]
         T, K = x.shape
         E, r, _ = lora_A.shape
-        path = choose_torch_path(T, E, inp.ids.shape[1], needs)
+        path = choose_torch_path(T, E, inp.ids.shape[1], needs, r=r, cpu=x.device.type == "cpu")
+        if path == "sorted":
+            return sorted_forward(inp, needs)
         if path == "gathered":  # inference only
             return gathered_forward(inp), (), None
         if path == "dense-small":  # inference only
@@ -191,6 +197,8 @@ class TorchBackend(Backend):
         return y, saved, inp.gates.dtype
 
     def backward(self, saved, state, dy, needs):
+        if isinstance(state, SortedState):
+            return sorted_backward(saved, state, dy, needs)
         x, lora_A, B_all, ids, h, gate_cols, base_weight, expand = saved
         gates_dtype = state
         T, K = x.shape
