@@ -88,13 +88,16 @@ def decode_ms(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Tuple[floa
     """Prefill ``prompt [B, S]`` (not timed), then ``tokens`` greedy steps: ``(ms per step, tokens [B, n])``."""
     from transformers import DynamicCache
 
+    from selfmoe.prefix_cache import cache_kwarg
+
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    name = cache_kwarg(model)  # `cache` from transformers 5.24 on (`past_key_values` goes in 5.40)
+    out = model(input_ids=prompt, **{name: cache}, use_cache=True)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     produced = [nxt]
     start = time.perf_counter()
     for _ in range(tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        out = model(input_ids=nxt, **{name: cache}, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         produced.append(nxt)
     return (time.perf_counter() - start) * 1e3 / tokens, torch.cat(produced, 1)
