@@ -7,7 +7,7 @@ import torch
 from selfmoe.decode_engine import ContinuousBatcher, DecodeRequest, _merge, _restack
 from selfmoe.generate import Completion, GenerateCall, HFGenerator, SamplingConfig, run_tasks
 
-from _tiny_lm import load_tiny_lm, save_tiny_lm
+from _tiny_lm import sharp_tiny_lm
 
 HEAD = ("You are a careful assistant. Here are solved examples. Tom has 3 apples and buys 5 more, so he has 8. "
         "A train goes 60 miles per hour for 3 hours, so it travels 180 miles. ")
@@ -18,15 +18,7 @@ LONG = [HEAD + s for s in ("Anna saves 4 dollars a week for 9 weeks. How much?",
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    """The tiny random Llama with sharp attention: at the default init its attention is nearly uniform, so
-    its greedy tokens barely depend on positions or on which cached columns a row sees, and a misplaced
-    cache column or position would go unnoticed."""
-    model, tok = load_tiny_lm(save_tiny_lm(tmp_path_factory.mktemp("lm")))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return model, tok
+    return sharp_tiny_lm(tmp_path_factory.mktemp("lm"))
 
 
 def alone(model, tok, prompt, config):

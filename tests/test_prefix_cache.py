@@ -11,7 +11,7 @@ from selfmoe.generate import HFGenerator, SamplingConfig
 from selfmoe.prefix_cache import common_prefix_length, prefix_batches, suffix_block, supports_prefix_cache
 from selfmoe.specialization import SpecializeConfig, _draw_shots
 
-from _tiny_lm import load_tiny_lm, save_tiny_lm
+from _tiny_lm import load_tiny_lm, save_tiny_lm, sharp_tiny_lm
 
 # A long few-shot head shared by every prompt, then suffixes of different lengths: batches must pad.
 HEAD = ("You are a careful assistant. Here are solved examples. Tom has 3 apples and buys 5 more, so he has 8. "
@@ -22,14 +22,7 @@ SUFFIXES = ["Anna saves 4 dollars a week for 9 weeks. How much?", "Two plus two?
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    """The tiny random Llama with sharp attention (at the default init its attention is nearly uniform, and
-    a wrong position or cache column would barely change its greedy tokens)."""
-    model, tok = load_tiny_lm(save_tiny_lm(tmp_path_factory.mktemp("lm")))
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
-    return model, tok
+    return sharp_tiny_lm(tmp_path_factory.mktemp("lm"))
 
 
 def alone(model, tok, prompt, max_new_tokens):
