@@ -60,6 +60,7 @@ class DecodeRequest:
     outputs: List[List[int]] = field(default_factory=list, init=False)
     left: int = field(default=0, init=False)
     rng: Optional[torch.Generator] = field(default=None, init=False)
+    stop_window: int = field(default=0, init=False)
 
 
 @dataclass
@@ -117,6 +118,8 @@ class ContinuousBatcher:
             raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
         request.outputs = [[] for _ in request.seqs]
         request.left = len(request.seqs)
+        # Tokens decoded to look for a stop string: each is at least a character, but may render as none.
+        request.stop_window = max((len(stop) for stop in request.stop), default=0) + 2
         if request.do_sample and request.seed is not None:
             request.rng = torch.Generator(device=self.device)
             request.rng.manual_seed(int(request.seed))
@@ -172,9 +175,8 @@ class ContinuousBatcher:
             row = request.outputs[i]
             row.append(token)
             self.counters["generated_tokens"] += 1
-            window = max((len(s) for s in request.stop), default=0) + 2
             if (token in self.eos or len(row) >= request.max_new_tokens
-                    or _stop_hit(self.tokenizer, row, request.stop, window)):
+                    or _stop_hit(self.tokenizer, row, request.stop, request.stop_window)):
                 finished.add(b)
         return finished
 

@@ -350,11 +350,10 @@ class HFGenerator(BatchedRunner):
                 advance(n, answered.pop(id(call))[1])
 
         def start(n: int, call: GenerateCall) -> None:
-            answered[id(call)] = (call, None)
-            if not call.prompts:
-                answered[id(call)] = (call, [])
-                return
             encoded = self._encode(call.prompts)
+            answered[id(call)] = (call, None if encoded else [])
+            if not encoded:
+                return
             self.counters["prompts"] += len(encoded)
             self.counters["prompt_tokens"] += sum(len(e) for e in encoded)
             bar.total += len(encoded)
@@ -385,8 +384,7 @@ class HFGenerator(BatchedRunner):
         if self.continuous:
             def one() -> GenerationTask:
                 return (yield GenerateCall(prompts, config, desc))
-            self._encode(prompts)  # bad prompts raise here, before anything runs
-            return self.run_tasks([one()])[0] if prompts else []
+            return self.run_tasks([one()])[0]  # bad prompts raise when the call starts, before any decoding
         return self._generate_batches(prompts, config, desc=desc)
 
     def _generate_batches(self, prompts: Sequence[str], config: SamplingConfig, *, desc: Optional[str] = None
@@ -394,11 +392,9 @@ class HFGenerator(BatchedRunner):
         """``generate`` batch by batch (``model.generate``, or the decode loop with a :attr:`row_listener`)."""
         from tqdm.auto import tqdm
 
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a sequence of strings, not one string")
-        if not prompts:
-            return []
         encoded = self._encode(prompts)
+        if not encoded:
+            return []
         order = list(range(len(prompts)))
         if self.prefix_cache:
             from .prefix_cache import prefix_batches

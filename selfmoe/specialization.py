@@ -239,16 +239,34 @@ def specialize_domain(model: Any, tokenizer: Any, seeds: Sequence[Mapping[str, A
     cfg = dataclasses.replace(config or SpecializeConfig(), **overrides)
     if not isinstance(domain, str) or not domain.strip():
         raise ValueError(f"domain must be a non-empty string, got {domain!r}")
+    return _run_domains(model, tokenizer, generator, {domain: seeds}, {domain: out_path}, num_pairs, cfg,
+                        progress=cfg.progress)[domain]
+
+
+def _run_domains(model: Any, tokenizer: Any, generator: Optional[TextGenerator],
+                 seeds_by_domain: Mapping[str, Sequence[Mapping[str, Any]]], out_paths: Mapping[str, PathLike],
+                 num_pairs: int, cfg: SpecializeConfig, *, progress: bool) -> Dict[str, Dict[str, Any]]:
+    """The common part of :func:`specialize_domain` and :func:`specialize`: check the pair count and every
+    domain's seeds before anything runs, build the HF generator unless one is given (``progress``: its own
+    bar), run the domains as tasks side by side (with continuous batching, one domain's responses fill the
+    places another's finished brainstorms left; any other generator runs them one after the other), and
+    warn for each domain that stopped short."""
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    seeds = _validated_seeds(seeds, domain)
-    check_seed_counts({domain: seeds}, cfg)
+    seeds = {d: _validated_seeds(s, d) for d, s in seeds_by_domain.items()}
+    check_seed_counts(seeds, cfg)
     if generator is None:
         if model is None or tokenizer is None:
             raise ValueError("pass model and tokenizer, or a generator")
-        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=cfg.progress,
+        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=progress,
                                 prefix_cache=cfg.share_shots)
-    return _warn_incomplete(*run_tasks(generator, [_domain_task(tokenizer, seeds, domain, out_path, num_pairs, cfg)])[0])
+    several = len(seeds) > 1
+    tasks = [_domain_task(tokenizer, seeds[d], d, out_paths[d], num_pairs, cfg, bar_position=n if several else None)
+             for n, d in enumerate(seeds)]
+    out = {}
+    for d, result in zip(seeds, run_tasks(generator, tasks)):  # a loop, not a comprehension: the warnings'
+        out[d] = _warn_incomplete(*result)                        # stacklevel reaches the public caller
+    return out
 
 
 def _domain_task(tokenizer: Any, seeds: List[Dict[str, Any]], domain: str, out_path: PathLike, num_pairs: int,
@@ -385,7 +403,7 @@ def _warn_incomplete(stats: Mapping[str, Any], attempts_this_call: int) -> Dict[
     if not stats["complete"]:
         warnings.warn(f"domain {stats['domain']!r}: {stats['kept']}/{stats['target']} pairs after {attempts_this_call} "
                       f"attempts (max_attempts reached); call again to continue. Filter counts: "
-                      f"{ {k: v for k, v in stats['removed'].items() if v} }", RuntimeWarning, stacklevel=3)
+                      f"{ {k: v for k, v in stats['removed'].items() if v} }", RuntimeWarning, stacklevel=4)
     return dict(stats)
 
 
@@ -403,7 +421,7 @@ def _warn_if_slow(domain: str, elapsed: float, kept: int, attempts: int, remaini
         f"domain {domain!r}: at the speed so far ({elapsed:.0f} s for {kept} kept pair(s), {attempts} attempt(s)) the "
         f"remaining {remaining} pairs need about {eta / 3600:.1f} h; fewer pairs (--num-pairs), shorter generations "
         "(--response-max-new-tokens, --brainstorm-max-new-tokens) or a GPU make it shorter. Ctrl-C keeps what is "
-        "written; rerun the same command to continue.", RuntimeWarning, stacklevel=3)
+        "written; rerun the same command to continue.", RuntimeWarning, stacklevel=4)
     return True
 
 
@@ -504,18 +522,6 @@ def specialize(model: Any, tokenizer: Any, seeds_by_domain: Mapping[str, Sequenc
         raise ValueError(f"no seeds for domain(s) {missing}; seeds are given for {sorted(seeds_by_domain)}")
     if not names:
         raise ValueError("no domains to specialize")
-    if num_pairs < 1:
-        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-    check_seed_counts({d: seeds_by_domain[d] for d in names}, cfg)
-    if generator is None:
-        if model is None or tokenizer is None:
-            raise ValueError("pass model and tokenizer, or a generator")
-        generator = HFGenerator(model, tokenizer, batch_size=cfg.batch_size, progress=False, prefix_cache=cfg.share_shots)
-    out_root = pathlib.Path(out_dir)
-    out_root.mkdir(parents=True, exist_ok=True)
-    seeds = {d: _validated_seeds(seeds_by_domain[d], d) for d in names}
-    # The domains run side by side: with continuous batching (HFGenerator) one domain's responses fill the
-    # places another's finished brainstorms left; any other generator runs them one after the other.
-    tasks = [_domain_task(tokenizer, seeds[d], d, out_root / f"{d}.jsonl", num_pairs, cfg,
-                          bar_position=n if len(names) > 1 else None) for n, d in enumerate(names)]
-    return {d: _warn_incomplete(*result) for d, result in zip(names, run_tasks(generator, tasks))}
+    out_root = pathlib.Path(out_dir)  # each domain's task creates it once the checks passed
+    return _run_domains(model, tokenizer, generator, {d: seeds_by_domain[d] for d in names},
+                        {d: out_root / f"{d}.jsonl" for d in names}, num_pairs, cfg, progress=False)
