@@ -38,9 +38,9 @@ SORTED_SLOT_COST = 32  # a slot's row gather and index_add_, beside its r rank c
 SORTED_EXPERT_COST = 1024  # an expert's fixed cost (its ~8 small ops), spread over the T tokens
 
 
-def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds, *, r: Optional[int] = None, cpu: bool = True) -> str:
+def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds, *, r: int, cpu: bool = True) -> str:
     """The torch formulation for ``T`` tokens, ``E`` experts of rank ``r`` and top-``k`` (``needs``:
-    gradients asked for; ``cpu``: the tensors are on a CPU). Without ``r`` the sorted path is never chosen."""
+    gradients asked for; ``cpu``: the tensors are on a CPU)."""
     forced = os.environ.get(ENV_TORCH_PATH, "")
     inference = not any(needs)
     if forced:
@@ -54,7 +54,7 @@ def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds, *, r: Optional[i
         small = inference_path(T, E, k)
         if small is not None:
             return small
-    if r is not None and cpu and sorted_pays(T, E, k, r):
+    if cpu and sorted_pays(T, E, k, r):
         return "sorted"
     return "dense"
 

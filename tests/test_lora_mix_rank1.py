@@ -41,14 +41,15 @@ def test_rank1_many_experts_torch_inference(name, T, path, monkeypatch):
     ref = case.to(torch.float64).call(lora_mix_naive)
     with torch.no_grad():
         out = case.call(lora_mix, backend="torch")
-    assert choose_torch_path(T, E, k, NO_GRADS) == path
+    assert choose_torch_path(T, E, k, NO_GRADS, r=r) == path
     assert rel_err(out, ref) <= 1e-5
 
 
 def test_rank1_dispatch_choices():
-    # torch side: decode goes gathered while T*k < E, training is always dense
-    assert choose_torch_path(1, 256, 8, GradNeeds(False, False, False, False, False, False)) == "gathered"
-    assert choose_torch_path(4096, 256, 256, GradNeeds(True, False, False, True, False, False)) == "dense"
+    # torch side: decode goes gathered while T*k < E; training stays dense at rank 1 (sorting a slot
+    # costs more than the one rank column it saves: torch_dispatch.sorted_pays)
+    assert choose_torch_path(1, 256, 8, GradNeeds(False, False, False, False, False, False), r=1) == "gathered"
+    assert choose_torch_path(4096, 256, 256, GradNeeds(True, False, False, True, False, False), r=1) == "dense"
     # Triton side (H100 model): prefill keeps the dense-rank kernels at E*r = 256 rank columns whether
     # gating is dense or top-8 (the grouped path would gather x once per slot and pad r=1 to a 16-wide
     # dot); the decode kernel is no candidate past 128 rank columns.

@@ -63,19 +63,19 @@ def test_inference_paths_match_reference_and_dense(monkeypatch, path, name, dtyp
 def test_inference_paths_are_taken_for_decode_and_nowhere_else(monkeypatch):
     monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
     train = GradNeeds(True, False, False, True, False, False)
-    assert choose_torch_path(1, 4, 1, NO_GRADS) == "gathered"
-    assert choose_torch_path(3, 8, 2, NO_GRADS) == "gathered"  # 6 slots < 8 experts
-    assert choose_torch_path(16, 4, 1, NO_GRADS) == "dense-small"
-    assert choose_torch_path(65, 4, 1, NO_GRADS) == "dense"
-    assert choose_torch_path(1, 4, 1, train) == "dense"  # no backward of their own: never with autograd
-    assert choose_torch_path(16, 4, 1, train) == "dense"
+    assert choose_torch_path(1, 4, 1, NO_GRADS, r=8) == "gathered"
+    assert choose_torch_path(3, 8, 2, NO_GRADS, r=8) == "gathered"  # 6 slots < 8 experts
+    assert choose_torch_path(16, 4, 1, NO_GRADS, r=8) == "dense-small"
+    assert choose_torch_path(65, 4, 1, NO_GRADS, r=8) == "dense"
+    assert choose_torch_path(1, 4, 1, train, r=8) == "dense"  # no backward of their own: never with autograd
+    assert choose_torch_path(16, 4, 1, train, r=8) == "dense"
     for path in ("gathered", "dense-small"):
         _force(monkeypatch, path)
-        assert choose_torch_path(4096, 4, 1, NO_GRADS) == path
-        assert choose_torch_path(64, 4, 1, train) == "dense"
+        assert choose_torch_path(4096, 4, 1, NO_GRADS, r=8) == path
+        assert choose_torch_path(64, 4, 1, train, r=8) == "dense"
     _force(monkeypatch, "bogus")
     with pytest.raises(ValueError, match=ENV_TORCH_PATH):
-        choose_torch_path(1, 4, 1, NO_GRADS)
+        choose_torch_path(1, 4, 1, NO_GRADS, r=8)
 
 
 def test_decode_with_autograd_still_gets_every_gradient(monkeypatch):

@@ -168,7 +168,6 @@ def test_dispatcher_picks_sorted_only_where_it_pays(monkeypatch):
         assert choose_torch_path(2048, 8, 2, needs, r=8) == "dense"  # measured: dense wins there
         assert choose_torch_path(128, 8, 2, needs, r=16) == "dense"  # few tokens per expert
         assert choose_torch_path(2048, 8, 8, needs, r=16) == "dense"  # k == E: nothing to skip
-        assert choose_torch_path(2048, 8, 2, needs) == "dense"  # no r: never sorted
         assert choose_torch_path(2048, 8, 2, needs, r=16, cpu=False) == "dense"  # GPUs: no host sync
         assert choose_torch_path(0, 8, 2, needs, r=16) != "sorted"
     assert choose_torch_path(1, 8, 2, NO_GRADS, r=16) == "gathered"  # decode keeps its paths
@@ -176,7 +175,7 @@ def test_dispatcher_picks_sorted_only_where_it_pays(monkeypatch):
     assert choose_torch_path(1, 8, 2, TRAIN, r=16) == "dense"
     assert sorted_pays(2048, 16, 2, 8) and not sorted_pays(256, 8, 2, 16)
     monkeypatch.setenv(ENV_TORCH_PATH, "sorted")
-    assert choose_torch_path(1, 4, 1, TRAIN) == "sorted"  # forced: anywhere, training too
+    assert choose_torch_path(1, 4, 1, TRAIN, r=8) == "sorted"  # forced: anywhere, training too
     monkeypatch.setenv(ENV_TORCH_PATH, "dense")
     assert choose_torch_path(2048, 8, 2, TRAIN, r=16) == "dense"
 
