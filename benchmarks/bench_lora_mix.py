@@ -42,6 +42,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -133,15 +134,8 @@ def _torch_forced(path: str):
     from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
 
     def provider(inp):
-        old = os.environ.get(ENV_TORCH_PATH)
-        os.environ[ENV_TORCH_PATH] = path
-        try:
+        with mock.patch.dict(os.environ, {ENV_TORCH_PATH: path}):
             return selfmoe_torch(inp)
-        finally:
-            if old is None:
-                del os.environ[ENV_TORCH_PATH]
-            else:
-                os.environ[ENV_TORCH_PATH] = old
     provider.__name__ = f"selfmoe_torch_{path}"
     return provider
 
