@@ -207,3 +207,28 @@ def test_batcher_rejects_bad_requests(lm):
         engine.submit(DecodeRequest([[1, 2]], 0))
     with pytest.raises(ValueError, match="max_rows"):
         ContinuousBatcher(model, tok, max_rows=0, eos_ids=[1], pad_id=0)
+
+
+def test_a_sliding_window_cache_keeps_the_batch_by_batch_loop(lm):
+    """The engine pads, merges and cuts cache layers itself, so only plain DynamicLayers qualify: a model
+    whose cache has sliding-window layers must fall back to the batch-by-batch loop and still answer
+    every call of its tasks correctly."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from selfmoe.prefix_cache import cache_layers_are_plain
+
+    _, tok = lm
+    torch.manual_seed(0)
+    sliding = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4, pad_token_id=tok.pad_token_id)).eval()
+    assert cache_layers_are_plain(lm[0]) and not cache_layers_are_plain(sliding)
+    gen = HFGenerator(sliding, tok, batch_size=2, progress=False, decode_loop=True)
+    assert not gen.continuous
+    cfg = SamplingConfig(max_new_tokens=6, do_sample=False)
+
+    def task(prompts):
+        return (yield GenerateCall(prompts, cfg))
+
+    got = gen.run_tasks([task(SHORT[:3]), task(SHORT[3:])])
+    assert got == [[alone(sliding, tok, p, cfg) for p in SHORT[:3]], [alone(sliding, tok, p, cfg) for p in SHORT[3:]]]
