@@ -4,8 +4,11 @@ A decode step of a Self-MoE model calls the routed linear 7 times per layer, eac
 tokens, where ``lora_mix``'s validation, autocast probe, backend resolution, input preparation and
 path choice cost as much as the arithmetic (benchmarks/NOTES.md, issue 13 item 2). A caller whose
 parameters were checked when they were made (``MoLoRALinear``), with ids from its own router, can
-skip all of that here. It computes with the very functions ``lora_mix`` would pick for the call
-(``gathered`` or ``dense-small``, torch_dispatch.py), so the result is bitwise the same (tested).
+skip all of that here. It runs the very products of the formulation ``lora_mix`` would pick for the
+call (``gathered`` or ``dense-small``, torch_dispatch.py), so the result is bitwise the same (tested).
+The two calls a decode makes most, one token with top-1 and a small batch on dense-small, are written
+out here op by op (measured: at batch 1 each extra view or check is a visible part of the call;
+benchmarks/NOTES.md); the rest go through ``gathered_forward``.
 
 ``memo`` lets the projections that read one router call share what depends only on the gates: a dict
 the caller empties whenever the gates change (``GateSlot`` does, on ``set`` and ``clear``).
@@ -21,7 +24,9 @@ from .contract import LoRAMixInputs, _uniform_scaling
 from .op import _autocast_dtype
 from .torch_dispatch import ENV_TORCH_PATH, SMALL_T, inference_path
 from .torch_gathered import gathered_forward
-from .torch_path import _dense_small_forward, scaled_dense_gates
+from .torch_path import _mm_acc, _stack_B, dense_gates
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def lora_mix_small_inference(
@@ -50,7 +55,8 @@ def lora_mix_small_inference(
         return None
     K = x.shape[-1]
     T = x.numel() // K if K else 0
-    if K != lora_A.shape[2] or not 0 < T <= SMALL_T or not x.is_contiguous():
+    E, r, K_A = lora_A.shape
+    if K != K_A or not 0 < T <= SMALL_T or not x.is_contiguous():
         return None
     if os.environ.get(ENV_TORCH_PATH, "auto") != "auto":
         return None
@@ -58,20 +64,38 @@ def lora_mix_small_inference(
     if lora_A.dtype != dtype or lora_B.dtype != dtype or base_weight.dtype != dtype or (
             base_bias is not None and base_bias.dtype != dtype) or not lora_A.is_contiguous():
         return None
-    E = lora_A.shape[0]
     k = expert_ids.shape[-1]
+    x2 = x.view(T, K)
+    if T == 1 and k == 1 and dtype not in _HALF:
+        # One sequence, top-1 (the decode of a Self-MoE model): gathered_forward's products for this case
+        # (_top1_forward at T = 1), written out here because at a GEMV's size each dispatch and check
+        # costs as much as the arithmetic, and a decode step makes 7 such calls per layer.
+        y = torch.mm(x2, base_weight.t()) if base_bias is None else torch.addmm(base_bias, x2, base_weight.t())
+        e = int(expert_ids)  # a CPU tensor: no device sync
+        h = torch.mm(lora_A[e], x2.t())  # [r, 1]: expert e's own contiguous block, a view
+        h.mul_(expert_weights.view(1, 1))
+        y.view(-1, 1).addmm_(lora_B[e], h, alpha=scaling)
+        return y.view(*x.shape[:-1], y.shape[1])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    inp = LoRAMixInputs(
-        x.view(T, K), lora_A, lora_B, expert_ids.reshape(T, k).contiguous(), expert_weights.reshape(T, k).contiguous(),
-        _uniform_scaling(E, scaling, acc, x.device), scaling, base_weight, base_bias)
+    ids = expert_ids.reshape(T, k)
+    weights = expert_weights.reshape(T, k)
     if inference_path(T, E, k) == "gathered":  # else "dense-small": T <= SMALL_T was checked above
+        inp = LoRAMixInputs(x2, lora_A, lora_B, ids.contiguous(), weights.contiguous(),
+                            _uniform_scaling(E, scaling, acc, x.device), scaling, base_weight, base_bias)
         y = gathered_forward(inp)
-    else:
-        gates = None
+        return y.view(*x.shape[:-1], y.shape[1])
+    # dense-small (torch_path._dense_small_forward's products, bitwise; see its docstring), with the
+    # per-expert gates x scaling shared through ``memo`` by the projections reading one router call.
+    key = ("dense_gates", E, scaling, acc)
+    gates = None if memo is None else memo.get(key)
+    if gates is None:
+        gates = (dense_gates(ids if ids.dtype == torch.int64 else ids.long(), weights, E, acc) * scaling).view(T, E, 1)
         if memo is not None:
-            key = ("dense_gates", E, scaling, acc)
-            gates = memo.get(key)
-            if gates is None:
-                gates = memo[key] = scaled_dense_gates(inp)
-        y = _dense_small_forward(inp, gates)
+            memo[key] = gates
+    h = _mm_acc(x2, lora_A.view(E * r, K).t())  # [T, E*r], fresh: scaled in place
+    hg = h.view(T, E, r).mul_(gates)
+    if hg.dtype != dtype:
+        hg = hg.to(dtype)
+    y = torch.mm(x2, base_weight.t()) if base_bias is None else torch.addmm(base_bias, x2, base_weight.t())
+    y.addmm_(hg.view(T, E * r), _stack_B(lora_B).t())
     return y.view(*x.shape[:-1], y.shape[1])

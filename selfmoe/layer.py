@@ -340,14 +340,27 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         """
         if self._merged_expert is not None or not self.experts_enabled:
             return self.base_layer(x)
+        slot = self.gate_slot
+        tried_fast = False
+        if (expert_ids is None and expert_weights is None and slot is not None and not slot.bypass
+                and slot.ids is not None and self._uniform_scaling is not None and self.mix_and_match is None
+                and self.hyper_expert is None and slot.ids.shape[:-1] == x.shape[:-1] and slot.ids.device == x.device):
+            # Decode on a CPU with the shared router's gates: the same numbers as the general path below
+            # without lora_mix's per-call checks (ours were done when the parameters were made; our
+            # router's ids are in range), and without this method's own bookkeeping, which at a decode
+            # step's size costs as much as the arithmetic. None: not such a call.
+            tried_fast = True
+            y = lora_mix_small_inference(
+                x, self.lora_A, self.lora_B, slot.ids, slot.weights, self._uniform_scaling,
+                self.base_layer.weight, self.base_layer.bias, slot.memo)
+            if y is not None:
+                return y
         if (expert_ids is None) != (expert_weights is None):
             raise ValueError(f"{self._name()}: pass both expert_ids and expert_weights, or neither")
         # Ids from our own routers come out of top-k over E logits: always in range, so skip the range
         # check (a device sync per call on CUDA). Ids passed in by the caller are checked.
         from_router = expert_ids is None
-        slot = None
         if expert_ids is None:
-            slot = self.gate_slot
             if slot is not None:
                 if slot.bypass:
                     return self.base_layer(x)
@@ -371,10 +384,10 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
                 raise ValueError(
                     f"{self._name()}: gates {_shape(expert_ids)} do not match the tokens of x {_shape(x)}"
                 )
-        if (from_router and self.mix_and_match is None and self.hyper_expert is None
+        if (from_router and not tried_fast and self.mix_and_match is None and self.hyper_expert is None
                 and self._uniform_scaling is not None):
-            # Decode on a CPU: the same numbers without lora_mix's per-call checks (ours were done when
-            # the parameters were made; our router's ids are in range). None: not such a call.
+            # The same decode shortcut for gates from the module's own router, or from a slot whose
+            # tokens were flattened differently (reshaped above). None: not such a call.
             y = lora_mix_small_inference(
                 x, self.lora_A, self.lora_B, expert_ids, expert_weights, self._uniform_scaling,
                 self.base_layer.weight, self.base_layer.bias, None if slot is None else slot.memo)

@@ -63,15 +63,17 @@ def test_decode_paths_equal_the_general_path(monkeypatch, dtype, batch):
     assert rel_err(bare, general) > 100 * TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_layer_inference_shortcut_is_bitwise_the_op(monkeypatch, top_k, batch):
+def test_layer_inference_shortcut_is_bitwise_the_op(monkeypatch, top_k, batch, dtype):
     """MoLoRALinear's decode shortcut (torch_inference.py, no per-call checks, gates shared per layer)
-    gives exactly lora_mix's numbers, and it is really taken at decode."""
+    gives exactly lora_mix's numbers, and it is really taken at decode. float64: the router's gates stay
+    float32 while the layer computes in float64 (the promotion must match the op's)."""
     import selfmoe.layer as layer_module
 
-    seed = 5 * batch + top_k
-    model = _mixse(torch.float32, seed, top_k=top_k)
+    seed = 5 * batch + top_k + (dtype == torch.float64)
+    model = _mixse(dtype, seed, top_k=top_k)
     prompt = torch.randint(1, 97, (batch, 5), generator=torch.Generator().manual_seed(seed))
     monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
     real = layer_module.lora_mix_small_inference

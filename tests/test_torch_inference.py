@@ -45,6 +45,23 @@ def test_equals_lora_mix_bitwise(monkeypatch, dtype, T, k, bias):
     assert torch.equal(got2, want2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("lead", [(1, 1), (1,), ()])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_token_equals_lora_mix_bitwise(monkeypatch, dtype, lead, k, bias):
+    """A single token (batch-1 decode; top-1 has its own op-by-op code), whatever its leading dims."""
+    monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    x, A, B, ids, w, W, b = _case(1, k, dtype, seed=len(lead) * 7 + k + 3 * bias, bias=bias)
+    x, ids, w = x[0].reshape(*lead, 10), ids[0].reshape(*lead, k), w[0].reshape(*lead, k)
+    w32 = w.float()  # a router's gates are float32 whatever the layer's dtype
+    with torch.no_grad():
+        want = lora_mix(x, A, B, ids, w32, 0.75, base_weight=W, base_bias=b)
+        got = lora_mix_small_inference(x, A, B, ids, w32, 0.75, W, b, {})
+    assert got is not None and got.shape == want.shape == (*lead, 7)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
 def test_declines_what_it_does_not_serve(monkeypatch):
     monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
     x, A, B, ids, w, W, b = _case(3, 1, torch.float32, seed=1)
