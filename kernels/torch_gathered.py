@@ -16,6 +16,8 @@ bytes grow with ``S``, so the torch dispatcher (torch_dispatch.py) sends it only
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .contract import LoRAMixInputs
@@ -71,18 +73,16 @@ def _top1_forward(inp: LoRAMixInputs, ids: torch.Tensor) -> torch.Tensor:
     left out (at T=1 they are a fifth of the op's dispatches)."""
     x = inp.x  # [T, K]
     T, K = x.shape
+    if T == 1 and not x.is_cuda:  # reading the id costs no device sync here
+        return top1_one_token(x, inp.lora_A, inp.lora_B, int(ids), inp.gates, inp.uniform, inp.base_weight,
+                              inp.base_bias)
     if inp.base_bias is not None:
         y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
     else:
         y = torch.mm(x, inp.base_weight.t())
-    if T == 1:  # plain GEMVs: bmm on a CPU splits its batch with a select per matrix
-        E, r, _ = inp.lora_A.shape
-        N = y.shape[1]
-        if x.is_cuda:
-            a_sel, b_sel = inp.lora_A.index_select(0, ids).view(r, K), inp.lora_B.index_select(0, ids).view(N, r)
-        else:  # reading the id costs no device sync here, and a view costs less than index_select's copy
-            e = int(ids)
-            a_sel, b_sel = inp.lora_A[e], inp.lora_B[e]  # [r, K], [N, r]: the same contiguous blocks
+    if T == 1:  # CUDA: plain GEMVs on gathered blocks (bmm on a CPU splits its batch with a select per matrix)
+        r, N = inp.lora_A.shape[1], y.shape[1]
+        a_sel, b_sel = inp.lora_A.index_select(0, ids).view(r, K), inp.lora_B.index_select(0, ids).view(N, r)
         h = torch.mm(a_sel, x.t())  # [r, 1]
         h.mul_(inp.gates)  # gates [1, 1]
         y.view(N, 1).addmm_(b_sel, h, alpha=inp.uniform)
@@ -90,4 +90,20 @@ def _top1_forward(inp: LoRAMixInputs, ids: torch.Tensor) -> torch.Tensor:
     h = torch.bmm(inp.lora_A.index_select(0, ids), x.unsqueeze(2))  # [T, r, 1]
     h.mul_(inp.gates.unsqueeze(2))  # gates [T, 1] -> [T, 1, 1]
     y.unsqueeze(2).baddbmm_(inp.lora_B.index_select(0, ids), h, alpha=inp.uniform)
+    return y
+
+
+def top1_one_token(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, e: int, gate: torch.Tensor,
+                   scaling: float, base_weight: torch.Tensor, base_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y [1, N]`` for one token routed to expert ``e`` alone (the decode of a Self-MoE model at batch 1).
+
+    x ``[1, K]``, gate ``[1, 1]`` (the token's gate), a float scaling, fp32/fp64 operands. Plain GEMVs on
+    the expert's own contiguous blocks, read as views: at a GEMV's size each dispatch costs about as
+    much as the arithmetic. Shared by ``gathered`` and the layer's decode shortcut (torch_inference.py),
+    which must give the same bits.
+    """
+    y = torch.mm(x, base_weight.t()) if base_bias is None else torch.addmm(base_bias, x, base_weight.t())  # [1, N]
+    h = torch.mm(lora_A[e], x.t())  # [r, 1]
+    h.mul_(gate)
+    y.view(-1, 1).addmm_(lora_B[e], h, alpha=scaling)
     return y

@@ -6,8 +6,9 @@ path choice cost as much as the arithmetic (benchmarks/NOTES.md, issue 13 item 2
 parameters were checked when they were made (``MoLoRALinear``), with ids from its own router, can
 skip all of that here. It runs the very products of the formulation ``lora_mix`` would pick for the
 call (``gathered`` or ``dense-small``, torch_dispatch.py), so the result is bitwise the same (tested).
-The two calls a decode makes most, one token with top-1 and a small batch on dense-small, are written
-out here op by op (measured: at batch 1 each extra view or check is a visible part of the call;
+The two calls a decode makes most, one token with top-1 and a small batch on dense-small, go straight
+to the functions that hold their products (``top1_one_token``, ``dense_small_products``) without the
+prepared inputs (measured: at batch 1 each extra view or check is a visible part of the call;
 benchmarks/NOTES.md); the rest go through ``gathered_forward``.
 
 ``memo`` lets the projections that read one router call share what depends only on the gates: a dict
@@ -23,8 +24,8 @@ import torch
 from .contract import LoRAMixInputs, _uniform_scaling
 from .op import _autocast_dtype
 from .torch_dispatch import ENV_TORCH_PATH, SMALL_T, inference_path
-from .torch_gathered import gathered_forward
-from .torch_path import _mm_acc, _stack_B, dense_gates
+from .torch_gathered import gathered_forward, top1_one_token
+from .torch_path import dense_gates, dense_small_products
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -55,7 +56,7 @@ def lora_mix_small_inference(
         return None
     K = x.shape[-1]
     T = x.numel() // K if K else 0
-    E, r, K_A = lora_A.shape
+    E, _, K_A = lora_A.shape
     if K != K_A or not 0 < T <= SMALL_T or not x.is_contiguous():
         return None
     if os.environ.get(ENV_TORCH_PATH, "auto") != "auto":
@@ -66,15 +67,9 @@ def lora_mix_small_inference(
         return None
     k = expert_ids.shape[-1]
     x2 = x.view(T, K)
-    if T == 1 and k == 1 and dtype not in _HALF:
-        # One sequence, top-1 (the decode of a Self-MoE model): gathered_forward's products for this case
-        # (_top1_forward at T = 1), written out here because at a GEMV's size each dispatch and check
-        # costs as much as the arithmetic, and a decode step makes 7 such calls per layer.
-        y = torch.mm(x2, base_weight.t()) if base_bias is None else torch.addmm(base_bias, x2, base_weight.t())
-        e = int(expert_ids)  # a CPU tensor: no device sync
-        h = torch.mm(lora_A[e], x2.t())  # [r, 1]: expert e's own contiguous block, a view
-        h.mul_(expert_weights.view(1, 1))
-        y.view(-1, 1).addmm_(lora_B[e], h, alpha=scaling)
+    if T == 1 and k == 1 and dtype not in _HALF:  # one sequence, top-1: the decode of a Self-MoE model
+        y = top1_one_token(x2, lora_A, lora_B, int(expert_ids), expert_weights.view(1, 1), scaling, base_weight,
+                           base_bias)  # int(): a CPU tensor, no device sync
         return y.view(*x.shape[:-1], y.shape[1])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     ids = expert_ids.reshape(T, k)
@@ -84,18 +79,13 @@ def lora_mix_small_inference(
                             _uniform_scaling(E, scaling, acc, x.device), scaling, base_weight, base_bias)
         y = gathered_forward(inp)
         return y.view(*x.shape[:-1], y.shape[1])
-    # dense-small (torch_path._dense_small_forward's products, bitwise; see its docstring), with the
+    # dense-small (dense_small_products: the op's products, bitwise), with the
     # per-expert gates x scaling shared through ``memo`` by the projections reading one router call.
     key = ("dense_gates", E, scaling, acc)
     gates = None if memo is None else memo.get(key)
     if gates is None:
-        gates = (dense_gates(ids if ids.dtype == torch.int64 else ids.long(), weights, E, acc) * scaling).view(T, E, 1)
+        gates = dense_gates(ids if ids.dtype == torch.int64 else ids.long(), weights, E, acc) * scaling  # [T, E]
         if memo is not None:
             memo[key] = gates
-    h = _mm_acc(x2, lora_A.view(E * r, K).t())  # [T, E*r], fresh: scaled in place
-    hg = h.view(T, E, r).mul_(gates)
-    if hg.dtype != dtype:
-        hg = hg.to(dtype)
-    y = torch.mm(x2, base_weight.t()) if base_bias is None else torch.addmm(base_bias, x2, base_weight.t())
-    y.addmm_(hg.view(T, E * r), _stack_B(lora_B).t())
+    y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias)
     return y.view(*x.shape[:-1], y.shape[1])

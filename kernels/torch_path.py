@@ -132,27 +132,35 @@ def scaled_dense_gates(inp: LoRAMixInputs) -> torch.Tensor:
 
 
 def _dense_small_forward(inp: LoRAMixInputs, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The dense-rank forward for a few tokens without autograd, in as few ops as possible.
-
-    At decode sizes every op's fixed cost outweighs its arithmetic, so the gates go straight onto the
-    rank columns with one broadcasting multiply (no expander GEMM, no saved tensors; at large T that
-    multiply is the slower one, see ``_expander``). ``gates``: ``scaled_dense_gates(inp)`` when the
-    caller already has it.
-    """
-    x, lora_A = inp.x, inp.lora_A
-    T, K = x.shape
-    E, r, _ = lora_A.shape
+    """The dense-rank forward for a few tokens without autograd (``dense_small_products`` on prepared
+    inputs). ``gates``: ``scaled_dense_gates(inp)`` when the caller already has it."""
     if gates is None:
         gates = scaled_dense_gates(inp)  # [T, E]
-    h = _mm_acc(x, lora_A.view(E * r, K).t())  # [T, E*r]
-    hg = (h.view(T, E, r) * gates.view(T, E, 1)).to(x.dtype).view(T, E * r)
-    B_all = _stack_B(inp.lora_B)  # [N, E*r]
-    if inp.base_weight is None:
+    return dense_small_products(inp.x, inp.lora_A, inp.lora_B, gates, inp.base_weight, inp.base_bias)
+
+
+def dense_small_products(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
+                         base_weight: Optional[torch.Tensor], base_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y [T, N]``: the dense-rank products for a few tokens, in as few ops as possible, no autograd.
+
+    x ``[T, K]`` contiguous, lora_A ``[E, r, K]`` contiguous, lora_B ``[E, N, r]``, gates ``[T, E]`` the
+    per-expert gate x scaling in the accumulation dtype (``scaled_dense_gates``). At decode sizes every
+    op's fixed cost outweighs its arithmetic, so the gates go straight onto the rank columns with one
+    broadcasting multiply, in place on the fresh H (no expander GEMM, no saved tensors; at large T that
+    multiply is the slower one, see ``_expander``). Shared by ``dense-small`` and the layer's decode
+    shortcut (torch_inference.py), which must give the same bits.
+    """
+    T, K = x.shape
+    E, r, _ = lora_A.shape
+    h = _mm_acc(x, lora_A.view(E * r, K).t())  # [T, E*r], fresh
+    hg = h.view(T, E, r).mul_(gates.view(T, E, 1))
+    if hg.dtype != x.dtype:
+        hg = hg.to(x.dtype)
+    hg = hg.view(T, E * r)
+    B_all = _stack_B(lora_B)  # [N, E*r]
+    if base_weight is None:
         return hg @ B_all.t()
-    if inp.base_bias is not None:
-        y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
-    else:
-        y = x @ inp.base_weight.t()
+    y = torch.mm(x, base_weight.t()) if base_bias is None else torch.addmm(base_bias, x, base_weight.t())  # [T, N]
     return y.addmm_(hg, B_all.t())
 
 
