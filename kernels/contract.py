@@ -40,6 +40,8 @@ from .utils import device_guard
 Scaling = Union[float, torch.Tensor]
 ScaleArgs = Tuple[torch.Tensor, float, bool]  # the kernels' (scale_ptr, scale_val, PER_EXPERT_SCALE)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Half-width inputs: the torch formulations keep H, dHg and the gate products in fp32 for them.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class LoRAMixInputs(NamedTuple):

@@ -20,9 +20,7 @@ from typing import Optional
 
 import torch
 
-from .contract import LoRAMixInputs
-
-_HALF = (torch.float16, torch.bfloat16)
+from .contract import HALF_DTYPES, LoRAMixInputs
 
 
 def gathered_forward(inp: LoRAMixInputs) -> torch.Tensor:
@@ -36,11 +34,11 @@ def gathered_forward(inp: LoRAMixInputs) -> torch.Tensor:
     k = inp.ids.shape[1]
     ids = inp.ids.view(T * k)  # [S], slot s = (t, j) at t*k + j
     E, r, _ = inp.lora_A.shape
-    if k == 1 and inp.uniform is not None and x.dtype not in _HALF and inp.base_weight is not None:
+    if k == 1 and inp.uniform is not None and x.dtype not in HALF_DTYPES and inp.base_weight is not None:
         return _top1_forward(inp, ids)
     # [S, r, K] viewed as [T, k*r, K] (free): one GEMV per token covers all its k experts.
     a_sel = inp.lora_A.index_select(0, ids).view(T, k * r, K)
-    if x.dtype in _HALF:  # H in fp32, as the dense path keeps it (k*r numbers per token)
+    if x.dtype in HALF_DTYPES:  # H in fp32, as the dense path keeps it (k*r numbers per token)
         h = torch.bmm(a_sel.float(), x.float().view(T, K, 1))
     else:
         h = torch.bmm(a_sel, x.view(T, K, 1))  # [T, k*r, 1]

@@ -21,13 +21,11 @@ from typing import Dict, Optional
 
 import torch
 
-from .contract import LoRAMixInputs, _uniform_scaling
+from .contract import HALF_DTYPES, LoRAMixInputs, _uniform_scaling
 from .op import _autocast_dtype
 from .torch_dispatch import ENV_TORCH_PATH, SMALL_T, inference_path
 from .torch_gathered import gathered_forward, top1_one_token
 from .torch_path import dense_gates, dense_small_products
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def lora_mix_small_inference(
@@ -67,7 +65,8 @@ def lora_mix_small_inference(
         return None
     k = expert_ids.shape[-1]
     x2 = x.view(T, K)
-    if T == 1 and k == 1 and dtype not in _HALF:  # one sequence, top-1: the decode of a Self-MoE model
+    # One sequence, top-1 (a Self-MoE model's decode): where gathered_forward -> _top1_forward would go.
+    if T == 1 and k == 1 and dtype not in HALF_DTYPES:
         y = top1_one_token(x2, lora_A, lora_B, int(expert_ids), expert_weights.view(1, 1), scaling, base_weight,
                            base_bias)  # int(): a CPU tensor, no device sync
         return y.view(*x.shape[:-1], y.shape[1])
@@ -84,7 +83,7 @@ def lora_mix_small_inference(
     key = ("dense_gates", E, scaling, acc)
     gates = None if memo is None else memo.get(key)
     if gates is None:
-        gates = dense_gates(ids if ids.dtype == torch.int64 else ids.long(), weights, E, acc) * scaling  # [T, E]
+        gates = dense_gates(ids, weights, E, acc) * scaling  # [T, E], as scaled_dense_gates
         if memo is not None:
             memo[key] = gates
     y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias)

@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .contract import Backend, LoRAMixInputs, entry_point, torch_base_grads
+from .contract import HALF_DTYPES, Backend, LoRAMixInputs, entry_point, torch_base_grads
 from .torch_dispatch import choose_torch_path
 from .torch_gathered import gathered_forward
 from .torch_sorted import SortedState, sorted_backward, sorted_forward
@@ -47,7 +47,6 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-_HALF = (torch.float16, torch.bfloat16)
 _cuda_mm_out_dtype = True  # flips to False once torch.mm(..., out_dtype=) turns out to be missing
 
 
@@ -60,7 +59,7 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     half GEMM; elsewhere the operands are upcast.
     """
     global _cuda_mm_out_dtype
-    if a.dtype not in _HALF:
+    if a.dtype not in HALF_DTYPES:
         return a @ b
     if a.is_cuda and _cuda_mm_out_dtype:
         try:
@@ -71,8 +70,11 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def dense_gates(expert_ids: torch.Tensor, expert_weights: torch.Tensor, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
-    """Scatter top-k gates ``[T, k]`` into dense per-expert gates ``[T, E]``; duplicate ids add up."""
+    """Scatter top-k gates ``[T, k]`` (ids of any integer dtype) into dense per-expert gates ``[T, E]``;
+    duplicate ids add up."""
     T = expert_ids.shape[0]
+    if expert_ids.dtype != torch.int64:  # scatter takes int64 indices
+        expert_ids = expert_ids.long()
     gates = torch.zeros(T, num_experts, dtype=dtype, device=expert_ids.device)
     return gates.scatter_add_(1, expert_ids, expert_weights.to(dtype))
 
@@ -125,9 +127,7 @@ def scaled_dense_gates(inp: LoRAMixInputs) -> torch.Tensor:
     ``dense-small`` is bitwise the same as ``forward`` (tested). Depends only on the gates and the
     scaling, so the projections that share one router call can share it (torch_inference.py).
     """
-    E = inp.lora_A.shape[0]
-    ids = inp.ids if inp.ids.dtype == torch.int64 else inp.ids.long()
-    gates = dense_gates(ids, inp.gates, E, _acc_dtype(inp.x))  # [T, E]
+    gates = dense_gates(inp.ids, inp.gates, inp.lora_A.shape[0], _acc_dtype(inp.x))  # [T, E]
     return gates * (inp.scaling if inp.uniform is None else inp.uniform)
 
 

@@ -40,10 +40,8 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-from .contract import GradNeeds, LoRAMixInputs, torch_base_grads
+from .contract import HALF_DTYPES, GradNeeds, LoRAMixInputs, torch_base_grads
 from .utils import poisoned_empty
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 class SortedState(NamedTuple):
@@ -81,7 +79,7 @@ def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
     E, r, _ = inp.lora_A.shape
     S = T * k
     acc = _acc_dtype(x)
-    up = acc if x.dtype in _HALF else None  # H in fp32 for half inputs, as the dense path keeps it
+    up = acc if x.dtype in HALF_DTYPES else None  # H in fp32 for half inputs, as the dense path keeps it
     flat = inp.ids.view(S)
     if flat.dtype != torch.int64:
         flat = flat.long()
@@ -140,7 +138,7 @@ def sorted_backward(saved, state: SortedState, dy: torch.Tensor, needs: GradNeed
     T, N = dy.shape
     S = tok.shape[0]
     dtype = dy.dtype
-    up = h.dtype if dtype in _HALF else None  # dHg in fp32 for half inputs: it feeds the gate gradients
+    up = h.dtype if dtype in HALF_DTYPES else None  # dHg in fp32 for half inputs: it feeds the gate gradients
     dx = dA = dB = dw = dhg = None
     need_dh = needs.x or needs.lora_A
     need_dhg = need_dh or needs.gates

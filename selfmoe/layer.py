@@ -12,7 +12,7 @@ zero experts where an adapter has no weights — exactly what that adapter does 
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -326,6 +326,17 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
     def _name(self) -> str:
         return self.route_key or "MoLoRALinear"
 
+    def _decode_shortcut(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                         memo: Optional[Dict]) -> Optional[torch.Tensor]:
+        """``lora_mix_small_inference`` for gates from our own router(s) (ids in range; ``[..., k]`` with x's
+        leading dims): decode on a CPU without lora_mix's per-call checks, ours having been done when the
+        parameters were made. The same numbers as the general path. None: not such a call (or not such
+        a layer: per-expert scalings, mix-and-match, a HyperExpert)."""
+        if self._uniform_scaling is None or self.mix_and_match is not None or self.hyper_expert is not None:
+            return None
+        return lora_mix_small_inference(x, self.lora_A, self.lora_B, expert_ids, expert_weights, self._uniform_scaling,
+                                        self.base_layer.weight, self.base_layer.bias, memo)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -343,16 +354,11 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         slot = self.gate_slot
         tried_fast = False
         if (expert_ids is None and expert_weights is None and slot is not None and not slot.bypass
-                and slot.ids is not None and self._uniform_scaling is not None and self.mix_and_match is None
-                and self.hyper_expert is None and slot.ids.shape[:-1] == x.shape[:-1] and slot.ids.device == x.device):
-            # Decode on a CPU with the shared router's gates: the same numbers as the general path below
-            # without lora_mix's per-call checks (ours were done when the parameters were made; our
-            # router's ids are in range), and without this method's own bookkeeping, which at a decode
-            # step's size costs as much as the arithmetic. None: not such a call.
+                and slot.ids is not None and slot.ids.shape[:-1] == x.shape[:-1] and slot.ids.device == x.device):
+            # The shared router's gates, ready for x's tokens: try the decode shortcut before this method's
+            # own bookkeeping, which at a decode step's size costs as much as the arithmetic.
             tried_fast = True
-            y = lora_mix_small_inference(
-                x, self.lora_A, self.lora_B, slot.ids, slot.weights, self._uniform_scaling,
-                self.base_layer.weight, self.base_layer.bias, slot.memo)
+            y = self._decode_shortcut(x, slot.ids, slot.weights, slot.memo)
             if y is not None:
                 return y
         if (expert_ids is None) != (expert_weights is None):
@@ -384,13 +390,8 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
                 raise ValueError(
                     f"{self._name()}: gates {_shape(expert_ids)} do not match the tokens of x {_shape(x)}"
                 )
-        if (from_router and not tried_fast and self.mix_and_match is None and self.hyper_expert is None
-                and self._uniform_scaling is not None):
-            # The same decode shortcut for gates from the module's own router, or from a slot whose
-            # tokens were flattened differently (reshaped above). None: not such a call.
-            y = lora_mix_small_inference(
-                x, self.lora_A, self.lora_B, expert_ids, expert_weights, self._uniform_scaling,
-                self.base_layer.weight, self.base_layer.bias, None if slot is None else slot.memo)
+        if from_router and not tried_fast:  # the module's own router, or a slot's gates reshaped above
+            y = self._decode_shortcut(x, expert_ids, expert_weights, None if slot is None else slot.memo)
             if y is not None:
                 return y
         try:
