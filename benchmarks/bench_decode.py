@@ -9,8 +9,11 @@ Per repetition and batch size: prefill a random prompt of ``--prompt`` tokens (n
 ``--tokens`` greedy steps (forward of the last token with the KV cache, argmax), for base and MiXSE
 in turn (round-robin, so load from other processes lands on both alike). The figure is ms per
 decode step (a step decodes one token for each of the B sequences); the ratio is MiXSE / base from
-the same run, median over repetitions. ``--ab-dense`` adds ``mixse-dense``, the same MiXSE with the
-torch path forced to its general (dense-rank, training) formulation: the A/B of the decode paths.
+the same run, median over repetitions. MiXSE decodes inside ``selfmoe.decode_cache`` (as selfmoe's
+generation does: each routed layer stacks its experts' B once per generation, not once per call).
+``--ab-dense`` adds ``mixse-dense``, the same MiXSE with the torch path forced to its general
+(dense-rank, training) formulation: the A/B of the decode paths; ``--ab-cache`` adds ``mixse-nocache``,
+the same MiXSE outside that block.
 
 Usage:
   python benchmarks/bench_decode.py                       # batch 1 and 16, 32 tokens, 5 reps
@@ -104,16 +107,23 @@ def decode_ms(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Tuple[floa
 
 
 def timed_decode(name: str, model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
-    """``decode_ms`` of one provider; ``mixse-dense`` runs with ``SELFMOE_TORCH_PATH=dense`` (the A/B of
-    the decode-sized torch paths against the general one, in the same run)."""
+    """``decode_ms`` of one provider. MiXSE decodes inside ``decode_cache`` as selfmoe's own generation
+    does (the routed layers keep their stacked B for the generation), except ``mixse-nocache`` (the A/B
+    of that block); ``mixse-dense`` runs with ``SELFMOE_TORCH_PATH=dense`` (the A/B of the decode-sized
+    torch paths against the general one, in the same run)."""
+    from selfmoe.decode_cache import decode_cache
     from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
 
-    if name != "mixse-dense":
+    if name in ("base", "mixse-nocache"):
         return decode_ms(model, prompt, tokens)[0]
+    if name != "mixse-dense":
+        with decode_cache(model):
+            return decode_ms(model, prompt, tokens)[0]
     old = os.environ.get(ENV_TORCH_PATH)
     os.environ[ENV_TORCH_PATH] = "dense"
     try:
-        return decode_ms(model, prompt, tokens)[0]
+        with decode_cache(model):
+            return decode_ms(model, prompt, tokens)[0]
     finally:
         if old is None:
             del os.environ[ENV_TORCH_PATH]
@@ -134,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--random-base", action="store_true", help="random weights with SmolLM2's config")
     ap.add_argument("--ab-dense", action="store_true",
                     help="also time mixse-dense: MiXSE with the torch path forced to its general formulation")
+    ap.add_argument("--ab-cache", action="store_true",
+                    help="also time mixse-nocache: MiXSE decoding outside selfmoe.decode_cache")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--results-dir", default=str(LOCAL_RESULTS_DIR),
                     help="where decode_<device>.csv goes (default: benchmarks/results/local, ignored by git)")
@@ -148,10 +160,12 @@ def main(argv=None) -> int:
     models: Dict[str, nn.Module] = {"base": base, "mixse": mixse}
     if args.ab_dense:
         models["mixse-dense"] = mixse  # the same model with the torch path forced to the general formulation
+    if args.ab_cache:
+        models["mixse-nocache"] = mixse  # the same model, its B stacked on every call
     label = device_label(device)
     vers = versions()
     print(f"decode, {source}, {args.experts} experts r={args.rank} top-{args.top_k} shared router, {label}")
-    print(f"{'batch':>5} {'provider':<8} {'ms/step':>9} {'ms/token':>9} {'x base':>7}")
+    print(f"{'batch':>5} {'provider':<13} {'ms/step':>9} {'ms/token':>9} {'x base':>7}")
     rows: List[Dict[str, object]] = []
     g = torch.Generator().manual_seed(3)
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -167,7 +181,7 @@ def main(argv=None) -> int:
         for name in models:
             ratios = [a / b for a, b in zip(samples[name], samples["base"])]
             ratio = statistics.median(ratios)
-            print(f"{batch:>5} {name:<8} {med[name]:>9.3f} {med[name] / batch:>9.3f} {ratio:>7.3f}")
+            print(f"{batch:>5} {name:<13} {med[name]:>9.3f} {med[name] / batch:>9.3f} {ratio:>7.3f}")
             rows.append({
                 "timestamp": timestamp(), "device": label, "model": source, "provider": name, "batch": batch,
                 "prompt": args.prompt, "tokens": args.tokens, "ms_per_step": round(med[name], 4),

@@ -38,6 +38,7 @@ def lora_mix_small_inference(
     base_weight: torch.Tensor,
     base_bias: Optional[torch.Tensor] = None,
     memo: Optional[Dict] = None,
+    stacked_B: Optional[torch.Tensor] = None,
 ) -> Optional[torch.Tensor]:
     """``lora_mix(x, ..., base_weight=, base_bias=)`` for a decode-sized call, or None when not served.
 
@@ -49,6 +50,9 @@ def lora_mix_small_inference(
     the torch backend), no autocast on x's device, every operand in x's dtype, x contiguous, at most
     ``SMALL_T`` tokens, and no path forced by ``SELFMOE_TORCH_PATH``. Anything else returns None, and the caller
     goes through ``lora_mix``, which validates and explains.
+
+    ``stacked_B``: ``torch_path.stack_B(lora_B)`` kept by a caller that knows lora_B has not changed since
+    it was built (``selfmoe.decode_cache``), used on the dense-small path instead of stacking anew.
     """
     if torch.is_grad_enabled() or x.is_cuda or _autocast_dtype(x) is not None:
         return None
@@ -86,5 +90,5 @@ def lora_mix_small_inference(
         gates = dense_gates(ids, weights, E, acc) * scaling  # [T, E], as scaled_dense_gates
         if memo is not None:
             memo[key] = gates
-    y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias)
+    y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias, stacked_B)
     return y.view(*x.shape[:-1], y.shape[1])

@@ -106,11 +106,12 @@ def _expander(num_experts: int, rank: int, inp: LoRAMixInputs, dtype: torch.dtyp
     return m
 
 
-def _stack_B(lora_B: torch.Tensor) -> torch.Tensor:
+def stack_B(lora_B: torch.Tensor) -> torch.Tensor:
     """``[E, d_out, r] -> [d_out, E*r]`` with expert e's rank columns at ``e*r:(e+1)*r``.
 
-    A copy per call (small: the experts' B). Not cached across calls on purpose: a cache keyed on the
-    parameter would miss writes made through ``param.data``, which bypass the version counter. Built
+    A copy per call (small: the experts' B). Not cached here on purpose: a cache keyed on the parameter
+    would miss writes made through ``param.data``, which bypass the version counter; only a caller that
+    knows the weights stay put may keep it (``selfmoe.decode_cache``, for a generation). Built
     with ``cat`` of the E contiguous ``[d_out, r]`` blocks: the same bytes as
     ``transpose(0, 1).reshape``, whose strided copy (rows of r elements) measured about 2x slower on a
     CPU (benchmarks/NOTES.md).
@@ -140,7 +141,8 @@ def _dense_small_forward(inp: LoRAMixInputs, gates: Optional[torch.Tensor] = Non
 
 
 def dense_small_products(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
-                         base_weight: Optional[torch.Tensor], base_bias: Optional[torch.Tensor]) -> torch.Tensor:
+                         base_weight: Optional[torch.Tensor], base_bias: Optional[torch.Tensor],
+                         stacked_B: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``y [T, N]``: the dense-rank products for a few tokens, in as few ops as possible, no autograd.
 
     x ``[T, K]`` contiguous, lora_A ``[E, r, K]`` contiguous, lora_B ``[E, N, r]``, gates ``[T, E]`` the
@@ -148,7 +150,8 @@ def dense_small_products(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
     op's fixed cost outweighs its arithmetic, so the gates go straight onto the rank columns with one
     broadcasting multiply, in place on the fresh H (no expander GEMM, no saved tensors; at large T that
     multiply is the slower one, see ``_expander``). Shared by ``dense-small`` and the layer's decode
-    shortcut (torch_inference.py), which must give the same bits.
+    shortcut (torch_inference.py), which must give the same bits. ``stacked_B``: ``stack_B(lora_B)`` kept
+    by a caller that knows lora_B has not changed since (``selfmoe.decode_cache``); None: stacked here.
     """
     T, K = x.shape
     E, r, _ = lora_A.shape
@@ -157,7 +160,7 @@ def dense_small_products(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Te
     if hg.dtype != x.dtype:
         hg = hg.to(x.dtype)
     hg = hg.view(T, E * r)
-    B_all = _stack_B(lora_B)  # [N, E*r]
+    B_all = stack_B(lora_B) if stacked_B is None else stacked_B  # [N, E*r]
     if base_weight is None:
         return hg @ B_all.t()
     y = torch.mm(x, base_weight.t()) if base_bias is None else torch.addmm(base_bias, x, base_weight.t())  # [T, N]
@@ -185,7 +188,7 @@ class TorchBackend(Backend):
         ids = inp.ids if inp.ids.dtype == torch.int64 else inp.ids.long()
         acc = _acc_dtype(x)
         A_all = lora_A.reshape(E * r, K)  # [E*r, K]
-        B_all = _stack_B(inp.lora_B)  # [N, E*r]
+        B_all = stack_B(inp.lora_B)  # [N, E*r]
         expand = _expander(E, r, inp, acc)  # [E, E*r], scaling included
 
         gates = dense_gates(ids, inp.gates, E, acc)  # [T, E]

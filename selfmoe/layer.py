@@ -20,6 +20,7 @@ from torch import nn
 from selfmoe.kernels import lora_mix
 from selfmoe.kernels.torch_inference import lora_mix_small_inference
 
+from .decode_cache import cached_stacked_B
 from .rank1 import check_mix_and_match, mix_and_match_lora, pair_of
 from .routers import ROUTING_MODES, GateSlot, TopKRouter, check_top_k
 
@@ -334,8 +335,10 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         a layer: per-expert scalings, mix-and-match, a HyperExpert)."""
         if self._uniform_scaling is None or self.mix_and_match is not None or self.hyper_expert is not None:
             return None
+        # Inside a decode_cache block (a generation), the stacked B built once for the block.
+        stacked_B = None if torch.is_grad_enabled() else cached_stacked_B(self)
         return lora_mix_small_inference(x, self.lora_A, self.lora_B, expert_ids, expert_weights, self._uniform_scaling,
-                                        self.base_layer.weight, self.base_layer.bias, memo)
+                                        self.base_layer.weight, self.base_layer.bias, memo, stacked_B)
 
     def forward(
         self,

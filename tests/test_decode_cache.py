@@ -1,0 +1,190 @@
+"""``decode_cache``: a generation keeps each routed layer's stacked B; the numbers do not move.
+
+Inside the block a batched decode (the dense-small path, 2..SMALL_T tokens) reuses one stack per layer
+instead of stacking ``lora_B`` on every call. It must give the very bits of the uncached decode, build
+each stack once per block, see in-place updates that torch records, and leave nothing behind.
+"""
+import pytest
+import torch
+
+import selfmoe.decode_cache as decode_cache_module
+from selfmoe import MiXSE
+from selfmoe.decode_cache import cached_stacked_B, decode_cache
+from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
+from selfmoe.kernels.torch_path import stack_B
+from selfmoe.tiny_model import build_model
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")]
+
+
+def _mixse(dtype: torch.dtype, seed: int, top_k: int = 1) -> MiXSE:
+    base = build_model(97, seed=seed).to(dtype).eval()
+    model = MiXSE.from_scratch(base, num_experts=4, r=3, lora_alpha=5, top_k=top_k, router="shared")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.lora_modules.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64) * 0.1)
+        model.router.linear.weight.copy_(torch.randn(model.router.linear.weight.shape, generator=g) * 2.0)
+    return model.eval()
+
+
+def _decode_logits(model: MiXSE, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decode with the KV cache: every step's logits, ``[B, steps, V]``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = []
+    with torch.no_grad():
+        logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+        for _ in range(steps):
+            out.append(logits)
+            logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.stack(out, 1)
+
+
+def _routed_call(layer, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with gates from its shared router's slot, the way a decode step calls it (the only
+    calls the decode shortcut serves: ids passed in by a caller go through lora_mix's checks)."""
+    layer.gate_slot.set(w, ids)
+    try:
+        return layer(x)
+    finally:
+        layer.gate_slot.clear()
+
+
+@pytest.fixture
+def counted_stacks(monkeypatch):
+    """How many times decode_cache stacked a layer's B."""
+    built = []
+
+    def counting(lora_B):
+        built.append(lora_B.shape)
+        return stack_B(lora_B)
+
+    monkeypatch.setattr(decode_cache_module, "stack_B", counting)
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_cached_decode_is_bitwise_the_uncached_one(monkeypatch, counted_stacks, dtype, top_k):
+    seed = 3 * top_k + (dtype == torch.float64)
+    model = _mixse(dtype, seed, top_k)
+    prompt = torch.randint(1, 97, (5, 5), generator=torch.Generator().manual_seed(seed))  # 5 tokens x k >= E: dense-small
+    monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    import selfmoe.kernels.torch_path as torch_path
+
+    per_call = []  # stacks made by the op itself, call by call
+    monkeypatch.setattr(torch_path, "stack_B", lambda B: per_call.append(1) or stack_B(B))
+    plain = _decode_logits(model, prompt, 5)
+    assert not counted_stacks  # outside a block nothing is kept
+    assert len(per_call) == 6 * len(model.lora_modules)  # prefill and 5 steps, each layer stacking anew
+    per_call.clear()
+    with model.routing_stats() as stats, decode_cache(model) as held:
+        assert held is model
+        cached = _decode_logits(model, prompt, 5)
+    assert not per_call  # every call took the block's stack
+    assert (stats.usage_matrix().sum(0) > 0).sum() >= 3, "the tokens must spread over the experts"
+    # one stack per layer for the whole block (five steps, each layer called every step)
+    assert len(counted_stacks) == len(model.lora_modules)
+    assert torch.isfinite(cached).all()
+    assert torch.equal(cached, plain)
+    monkeypatch.setenv(ENV_TORCH_PATH, "dense")  # and both are the general path's numbers
+    general = _decode_logits(model, prompt, 5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert (cached - general).abs().max() <= tol * general.abs().max()
+
+
+def test_in_place_update_inside_the_block_is_seen(counted_stacks):
+    """An update torch records (copy_ / mul_ under no_grad, an optimizer step) moves the version: the next
+    call stacks again, and the outputs are those of the updated weights."""
+    model = _mixse(torch.float64, 7)
+    layer = next(iter(model.lora_modules.values()))
+    x = torch.randn(4, layer.base_layer.in_features, dtype=torch.float64)
+    ids = torch.tensor([[0], [1], [2], [3]])
+    w = torch.rand(4, 1)
+    with torch.no_grad(), decode_cache(model):
+        before = _routed_call(layer, x, ids, w)
+        assert len(counted_stacks) == 1  # the shortcut served the call from the block's stack
+        stack_before = cached_stacked_B(layer).clone()
+        layer.lora_B.mul_(3.0)
+        after = _routed_call(layer, x, ids, w)
+        assert len(counted_stacks) == 2
+        assert torch.equal(cached_stacked_B(layer), 3 * stack_before)
+    with torch.no_grad():
+        expected = _routed_call(layer, x, ids, w)  # outside the block: stacked afresh
+        base = layer.base_layer(x)
+    assert torch.equal(after, expected)
+    torch.testing.assert_close(after - base, 3 * (before - base), rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_nest_and_leave_nothing_behind():
+    model = _mixse(torch.float32, 9)
+    layer = next(iter(model.lora_modules.values()))
+    assert cached_stacked_B(layer) is None
+    with decode_cache(model):
+        with decode_cache(model):
+            first = cached_stacked_B(layer)
+        assert cached_stacked_B(layer) is first  # the inner block's end keeps the outer one's stack
+        assert torch.equal(first, stack_B(layer.lora_B.detach()))
+    assert cached_stacked_B(layer) is None
+    assert len(decode_cache_module._ACTIVE) == 0
+    # a write through .data after the block is seen (nothing cached any more)
+    x = torch.randn(3, layer.base_layer.in_features)
+    ids, w = torch.tensor([[0], [1], [3]]), torch.ones(3, 1)
+    with torch.no_grad():
+        layer.lora_B.data.mul_(2.0)
+        y = _routed_call(layer, x, ids, w)
+        layer.lora_B.data.div_(2.0)
+        y_half = _routed_call(layer, x, ids, w)
+    base = layer.base_layer(x).detach()
+    torch.testing.assert_close(y - base, 2 * (y_half - base))
+
+
+def test_block_ends_even_on_error_and_rejects_non_modules():
+    model = _mixse(torch.float32, 13)
+    layer = next(iter(model.lora_modules.values()))
+    with pytest.raises(RuntimeError, match="boom"):
+        with decode_cache(model):
+            assert cached_stacked_B(layer) is not None
+            raise RuntimeError("boom")
+    assert cached_stacked_B(layer) is None
+    with pytest.raises(TypeError, match="decode_cache: model must be a torch.nn.Module"):
+        with decode_cache("not a model"):
+            pass
+
+
+def test_selfmoe_generation_runs_in_a_block(tmp_path, monkeypatch, counted_stacks):
+    """selfmoe's generator decodes a MiXSE inside decode_cache: the same texts as without the block, one
+    stack per layer per generate call, and nothing held afterwards."""
+    from selfmoe.generate import HFGenerator, SamplingConfig
+    from selfmoe.tiny_model import load_tiny_lm, save_tiny_lm
+
+    monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    base, tok = load_tiny_lm(save_tiny_lm(tmp_path / "lm"))
+    model = MiXSE.from_scratch(base, num_experts=4, r=3, lora_alpha=5, top_k=1, router="shared")
+    with torch.no_grad():
+        for layer in model.lora_modules.values():
+            layer.lora_B.normal_(0.0, 0.1)
+    prompts = ["Hi", "Tom has 3 apples and buys 5 more.", "What is 12 + 30?"]
+    cfg = SamplingConfig(max_new_tokens=6, do_sample=False)
+    cached = HFGenerator(model, tok, batch_size=3, progress=False).generate(prompts, cfg)
+    assert len(counted_stacks) == len(model.lora_modules)
+    assert len(decode_cache_module._ACTIVE) == 0
+
+    class NoBlock:  # the same generation with decode_cache a no-op
+        def __init__(self, model):
+            pass
+
+        def __enter__(self):
+            return None
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(decode_cache_module, "decode_cache", NoBlock)
+    plain = HFGenerator(model, tok, batch_size=3, progress=False).generate(prompts, cfg)
+    assert len(counted_stacks) == len(model.lora_modules)  # no block, no stack kept
+    assert [c.text for c in cached] == [c.text for c in plain]
+    assert any(c.text for c in cached)
