@@ -126,6 +126,25 @@ class Placement:
         model.router.add_expert(router_init_logit)
 
 
+class _RouteLayerInput:
+    """The shared router's forward pre-hook on one decoder layer: route the layer's input hidden state
+    and put the gates in the layer's slot. An object rather than a closure so that ``copy.deepcopy`` of
+    a MiXSE hands the copy's hooks the copy's router and slots (a closure is not copied: the copy's
+    decoder layers would fill the original's slots and its LoRA linears would find theirs empty)."""
+
+    def __init__(self, model: "MiXSE", key: str, slot: GateSlot) -> None:
+        self.model, self.key, self.slot = model, key, slot
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.slot.bypass:  # an expert-free pass (the intuition prior's embedding pass): nothing to route
+            return
+        hidden = input_arg(args, kwargs, "hidden_states", 0)
+        if not isinstance(hidden, torch.Tensor):
+            raise RuntimeError(f"{self.key}: cannot find the decoder layer's hidden_states argument (got {type(hidden).__name__})")
+        weights, ids, _ = self.model.router(hidden, key=self.key)
+        self.slot.set(weights, ids)
+
+
 class SharedPlacement(Placement):
     kind = "shared"
 
@@ -147,17 +166,8 @@ class SharedPlacement(Placement):
                 return slot
         slot = GateSlot(key)
         self.slots.append(slot)
-        def route_layer_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if slot.bypass:  # an expert-free pass (the intuition prior's embedding pass): nothing to route
-                return
-            hidden = input_arg(args, kwargs, "hidden_states", 0)
-            if not isinstance(hidden, torch.Tensor):
-                raise RuntimeError(f"{key}: cannot find the decoder layer's hidden_states argument (got {type(hidden).__name__})")
-            weights, ids, _ = model.router(hidden, key=key)
-            slot.set(weights, ids)
-
         decoder_layer = model._decoder_layers[0][index]
-        handle = decoder_layer.register_forward_pre_hook(route_layer_input, with_kwargs=True)
+        handle = decoder_layer.register_forward_pre_hook(_RouteLayerInput(model, key, slot), with_kwargs=True)
         model._hooks.append(handle)
         self.slot_hooks[key] = handle
         return slot

@@ -526,6 +526,25 @@ def test_disable_experts_gives_base_outputs(adapter):
         assert not torch.equal(model(ids).logits, ref)
 
 
+@pytest.mark.parametrize("router", ["shared", "per_layer", "xlora"])
+def test_deepcopy_is_an_independent_working_model(adapter, router):
+    """copy.deepcopy of a MiXSE: the same logits, routed by the copy's own router (its hooks are the
+    copy's, not the original's), and changing the copy leaves the original alone."""
+    import copy
+
+    model = MiXSE.from_adapters(make_base(), {"a": adapter("llama", "a"), "b": adapter("llama", "b")}, router=router)
+    spread_router(model)
+    ids = ids_for()
+    with torch.no_grad():
+        ref = model(ids).logits.clone()
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(ids).logits, ref)
+        spread_router(twin, seed=7)  # another routing for the copy alone
+        changed = twin(ids).logits
+        assert torch.equal(model(ids).logits, ref)
+        assert not torch.equal(changed, ref)
+
+
 # ------------------------------------------------------------------------------------------------------
 # bad input: clear errors, base model untouched
 
