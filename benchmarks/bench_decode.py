@@ -5,15 +5,17 @@ otherwise a random Llama with its config (``--random-base`` forces that); MiXSE.
 experts of rank r on all 7 projections of every layer (random nonzero factors: the timing does not
 depend on the values), shared router, top-k. Two copies of the same base weights: one bare, one wrapped.
 
-Per repetition and batch size: prefill a random prompt of ``--prompt`` tokens (not timed), then time
-``--tokens`` greedy steps (forward of the last token with the KV cache, argmax), for base and MiXSE
-in turn (round-robin, so load from other processes lands on both alike). The figure is ms per
-decode step (a step decodes one token for each of the B sequences); the ratio is MiXSE / base from
-the same run, median over repetitions. MiXSE decodes inside ``selfmoe.decode_cache`` (as selfmoe's
-generation does: each routed layer stacks its experts' B once per generation, not once per call).
-``--ab-dense`` adds ``mixse-dense``, the same MiXSE with the torch path forced to its general
-(dense-rank, training) formulation: the A/B of the decode paths; ``--ab-cache`` adds ``mixse-nocache``,
-the same MiXSE outside that block.
+Per repetition and batch size: every provider prefills a random prompt of ``--prompt`` tokens into its
+own KV cache (not timed), then ``--tokens`` rounds in which each provider times one greedy step
+(forward of the last token with its cache, argmax), the order rotating per round. The providers' steps
+interleave, so the machine's drift over a repetition (this CPU's speed moves by a few percent over
+seconds) lands on all of them alike; whole-decode round-robin could not resolve a 3% change. The
+figure is ms per decode step (a step decodes one token for each of the B sequences); the ratio is
+provider / base per repetition, median over repetitions. MiXSE decodes inside ``selfmoe.decode_cache``
+(as selfmoe's generation does: each routed layer stacks its experts' B once per generation, not once
+per call). ``--ab-dense`` adds ``mixse-dense``, the same MiXSE with the torch path forced to its
+general (dense-rank, training) formulation: the A/B of the decode paths; ``--ab-cache`` adds
+``mixse-nocache``, a copy of the same MiXSE decoding outside that block.
 
 Usage:
   python benchmarks/bench_decode.py                       # batch 1 and 16, 32 tokens, 5 reps
@@ -25,12 +27,13 @@ benchmarks/results/local, ignored by git).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -86,49 +89,69 @@ def make_mixse(base: nn.Module, experts: int, rank: int, top_k: int) -> nn.Modul
     return model.eval()
 
 
-@torch.no_grad()
-def decode_ms(model: nn.Module, prompt: torch.Tensor, tokens: int) -> Tuple[float, torch.Tensor]:
-    """Prefill ``prompt [B, S]`` (not timed), then ``tokens`` greedy steps: ``(ms per step, tokens [B, n])``."""
-    from transformers import DynamicCache
+class Decoder:
+    """One provider's greedy decode with its own KV cache, stepped one token at a time so that the
+    providers' steps can interleave. ``env``: ``SELFMOE_TORCH_PATH`` during its steps (None: unset)."""
 
-    from selfmoe.prefix_cache import cache_kwarg
+    def __init__(self, model: nn.Module, env: Optional[str] = None) -> None:
+        self.model, self.env = model, env
+        self.cache = self.nxt = None
+        self.produced: List[torch.Tensor] = []
 
-    cache = DynamicCache(config=model.config)
-    name = cache_kwarg(model)  # `cache` from transformers 5.24 on (`past_key_values` goes in 5.40)
-    out = model(input_ids=prompt, **{name: cache}, use_cache=True)
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    produced = [nxt]
-    start = time.perf_counter()
-    for _ in range(tokens):
-        out = model(input_ids=nxt, **{name: cache}, use_cache=True)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        produced.append(nxt)
-    return (time.perf_counter() - start) * 1e3 / tokens, torch.cat(produced, 1)
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Prefill ``prompt [B, S]`` into a fresh cache (not timed)."""
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        with self._env():
+            out = self.model(input_ids=prompt, **{cache_kwarg(self.model): self.cache}, use_cache=True)
+        self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        self.produced = [self.nxt]
+
+    @torch.no_grad()
+    def step(self) -> float:
+        """One greedy step for every row; its wall time in ms."""
+        with self._env():
+            start = time.perf_counter()
+            out = self.model(input_ids=self.nxt, **{cache_kwarg(self.model): self.cache}, use_cache=True)
+            self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            ms = (time.perf_counter() - start) * 1e3
+        self.produced.append(self.nxt)
+        return ms
+
+    @contextlib.contextmanager
+    def _env(self) -> Iterator[None]:
+        from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
+
+        old = os.environ.pop(ENV_TORCH_PATH, None)
+        if self.env is not None:
+            os.environ[ENV_TORCH_PATH] = self.env
+        try:
+            yield
+        finally:
+            os.environ.pop(ENV_TORCH_PATH, None)
+            if old is not None:
+                os.environ[ENV_TORCH_PATH] = old
 
 
-def timed_decode(name: str, model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
-    """``decode_ms`` of one provider. MiXSE decodes inside ``decode_cache`` as selfmoe's own generation
-    does (the routed layers keep their stacked B for the generation), except ``mixse-nocache`` (the A/B
-    of that block); ``mixse-dense`` runs with ``SELFMOE_TORCH_PATH=dense`` (the A/B of the decode-sized
-    torch paths against the general one, in the same run)."""
-    from selfmoe.decode_cache import decode_cache
-    from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
+def cache_kwarg(model: nn.Module) -> str:
+    from selfmoe.prefix_cache import cache_kwarg as kwarg
 
-    if name in ("base", "mixse-nocache"):
-        return decode_ms(model, prompt, tokens)[0]
-    if name != "mixse-dense":
-        with decode_cache(model):
-            return decode_ms(model, prompt, tokens)[0]
-    old = os.environ.get(ENV_TORCH_PATH)
-    os.environ[ENV_TORCH_PATH] = "dense"
-    try:
-        with decode_cache(model):
-            return decode_ms(model, prompt, tokens)[0]
-    finally:
-        if old is None:
-            del os.environ[ENV_TORCH_PATH]
-        else:
-            os.environ[ENV_TORCH_PATH] = old
+    return kwarg(model)  # `cache` from transformers 5.24 on (`past_key_values` goes in 5.40)
+
+
+def interleaved_ms(decoders: Dict[str, Decoder], prompt: torch.Tensor, tokens: int) -> Dict[str, float]:
+    """Prefill every provider, then ``tokens`` rounds of one step each, the order rotating per round:
+    ms per step of each provider over the same seconds (drift of the machine lands on all alike)."""
+    for d in decoders.values():
+        d.prefill(prompt)
+    names = list(decoders)
+    total = {name: 0.0 for name in names}
+    for i in range(tokens):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            total[name] += decoders[name].step()
+    return {name: t / tokens for name, t in total.items()}
 
 
 def main(argv=None) -> int:
@@ -150,6 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=str(LOCAL_RESULTS_DIR),
                     help="where decode_<device>.csv goes (default: benchmarks/results/local, ignored by git)")
     args = ap.parse_args(argv)
+    from selfmoe.decode_cache import decode_cache
 
     device = torch.device(args.device)
     if args.threads:
@@ -157,11 +181,15 @@ def main(argv=None) -> int:
     base, source = load_base(args.random_base, device)
     wrapped_base, _ = load_base(args.random_base, device)
     mixse = make_mixse(wrapped_base, args.experts, args.rank, args.top_k)
-    models: Dict[str, nn.Module] = {"base": base, "mixse": mixse}
-    if args.ab_dense:
-        models["mixse-dense"] = mixse  # the same model with the torch path forced to the general formulation
-    if args.ab_cache:
-        models["mixse-nocache"] = mixse  # the same model, its B stacked on every call
+    stack = contextlib.ExitStack()
+    stack.enter_context(decode_cache(mixse))  # as selfmoe's generation decodes (held for the whole run)
+    decoders: Dict[str, Decoder] = {"base": Decoder(base), "mixse": Decoder(mixse)}
+    if args.ab_dense:  # the same model with the torch path forced to the general formulation
+        decoders["mixse-dense"] = Decoder(mixse, env="dense")
+    if args.ab_cache:  # a second copy of the same MiXSE, outside decode_cache: B stacked on every call
+        twin = make_mixse(load_base(args.random_base, device)[0], args.experts, args.rank, args.top_k)
+        twin.load_state_dict(mixse.state_dict())
+        decoders["mixse-nocache"] = Decoder(twin)
     label = device_label(device)
     vers = versions()
     print(f"decode, {source}, {args.experts} experts r={args.rank} top-{args.top_k} shared router, {label}")
@@ -170,15 +198,18 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(3)
     for batch in [int(b) for b in args.batches.split(",")]:
         prompt = torch.randint(0, base.config.vocab_size, (batch, args.prompt), generator=g).to(device)
-        for model in models.values():  # warm-up
-            decode_ms(model, prompt, 2)
-        samples: Dict[str, List[float]] = {name: [] for name in models}
+        interleaved_ms(decoders, prompt, 2)  # warm-up
+        samples: Dict[str, List[float]] = {name: [] for name in decoders}
         for _ in range(args.reps):
-            ms = {name: timed_decode(name, model, prompt, args.tokens) for name, model in models.items()}
-            for name, v in ms.items():
+            for name, v in interleaved_ms(decoders, prompt, args.tokens).items():
                 samples[name].append(v)
+        if args.ab_dense or args.ab_cache:  # the same greedy tokens, or the A/B compares different work
+            ref = torch.cat(decoders["mixse"].produced, 1)
+            for name in decoders:
+                if name.startswith("mixse-") and not torch.equal(torch.cat(decoders[name].produced, 1), ref):
+                    print(f"note: {name}'s greedy tokens differ from mixse's (float rounding of another path)")
         med = {name: statistics.median(v) for name, v in samples.items()}
-        for name in models:
+        for name in decoders:
             ratios = [a / b for a, b in zip(samples[name], samples["base"])]
             ratio = statistics.median(ratios)
             print(f"{batch:>5} {name:<13} {med[name]:>9.3f} {med[name] / batch:>9.3f} {ratio:>7.3f}")
@@ -191,6 +222,7 @@ def main(argv=None) -> int:
                 "threads": torch.get_num_threads() if device.type == "cpu" else "",
                 "torch": vers["torch"], "commit": git_commit(),
             })
+    stack.close()
     out = Path(args.results_dir) / f"decode_{device_slug(device)}.csv"
     write_csv(out, rows)
     print(f"wrote {out}")
