@@ -6,10 +6,14 @@ experts of rank r on all 7 projections of every layer (random nonzero factors: t
 depend on the values), shared router, top-k. Two copies of the same base weights: one bare, one wrapped.
 
 Per repetition and batch size: every provider prefills a random prompt of ``--prompt`` tokens into its
-own KV cache (not timed), then ``--tokens`` rounds in which each provider times one greedy step
-(forward of the last token with its cache, argmax), the order rotating per round. The providers' steps
-interleave, so the machine's drift over a repetition (this CPU's speed moves by a few percent over
-seconds) lands on all of them alike; whole-decode round-robin could not resolve a 3% change. The
+own KV cache (not timed), then rounds in which each provider runs 4 consecutive greedy steps (forward
+of the last token with its cache, argmax), the first untimed and the other 3 timed, the order rotating
+per round, until each has ``--tokens`` timed steps. The providers' steps interleave in short runs, so
+the machine's drift over a repetition (this CPU's speed moves by a few percent over seconds) lands on
+all of them alike (whole-decode round-robin could not resolve a 3% change), while each timed step
+follows a step of the same model, as in a real generation (with steps interleaved one by one, MiXSE
+/ base at batch 1 came out 1.26x against 1.22x from whole decodes, one run each: every step found the
+caches holding another model's state). The
 figure is ms per decode step (a step decodes one token for each of the B sequences); the ratio is
 provider / base per repetition, median over repetitions. MiXSE decodes inside ``selfmoe.decode_cache``
 (as selfmoe's generation does: each routed layer stacks its experts' B once per generation, not once
@@ -18,7 +22,7 @@ general (dense-rank, training) formulation: the A/B of the decode paths; ``--ab-
 ``mixse-nocache``, a copy of the same MiXSE decoding outside that block.
 
 Usage:
-  python benchmarks/bench_decode.py                       # batch 1 and 16, 32 tokens, 5 reps
+  python benchmarks/bench_decode.py                       # batch 1 and 16, 30 timed steps, 5 reps
   python benchmarks/bench_decode.py --batches 1 --reps 9 --results-dir benchmarks/results
 
 Results: a table on stdout and <results-dir>/decode_<device>.csv (default results dir
@@ -141,16 +145,25 @@ def cache_kwarg(model: nn.Module) -> str:
     return kwarg(model)  # `cache` from transformers 5.24 on (`past_key_values` goes in 5.40)
 
 
-def interleaved_ms(decoders: Dict[str, Decoder], prompt: torch.Tensor, tokens: int) -> Dict[str, float]:
-    """Prefill every provider, then ``tokens`` rounds of one step each, the order rotating per round:
-    ms per step of each provider over the same seconds (drift of the machine lands on all alike)."""
+def interleaved_ms(decoders: Dict[str, Decoder], prompt: torch.Tensor, tokens: int, chunk: int = 4) -> Dict[str, float]:
+    """Prefill every provider, then rounds in which each provider (the order rotating per round) runs
+    ``chunk`` consecutive steps: the first untimed (it warms what the previous provider's steps pushed
+    out of the caches; a real generation's steps run back to back), the others timed, until each has
+    ``tokens`` timed steps. ms per timed step of each provider, over the same seconds."""
     for d in decoders.values():
         d.prefill(prompt)
     names = list(decoders)
     total = {name: 0.0 for name in names}
-    for i in range(tokens):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            total[name] += decoders[name].step()
+    done = 0
+    rnd = 0
+    while done < tokens:
+        n = min(chunk - 1, tokens - done)
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            decoders[name].step()
+            for _ in range(n):
+                total[name] += decoders[name].step()
+        done += n
+        rnd += 1
     return {name: t / tokens for name, t in total.items()}
 
 
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence (prefill, not timed)")
-    ap.add_argument("--tokens", type=int, default=32, help="timed decode steps per repetition")
+    ap.add_argument("--tokens", type=int, default=30, help="timed decode steps per repetition (a multiple of 3)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--rank", type=int, default=8)

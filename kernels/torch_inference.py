@@ -75,9 +75,8 @@ def lora_mix_small_inference(
                            base_bias)  # int(): a CPU tensor, no device sync
         return y.view(*x.shape[:-1], y.shape[1])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    ids = expert_ids.reshape(T, k)
-    weights = expert_weights.reshape(T, k)
     if inference_path(T, E, k) == "gathered":  # else "dense-small": T <= SMALL_T was checked above
+        ids, weights = expert_ids.reshape(T, k), expert_weights.reshape(T, k)
         inp = LoRAMixInputs(x2, lora_A, lora_B, ids.contiguous(), weights.contiguous(),
                             _uniform_scaling(E, scaling, acc, x.device), scaling, base_weight, base_bias)
         y = gathered_forward(inp)
@@ -86,8 +85,8 @@ def lora_mix_small_inference(
     # per-expert gates x scaling shared through ``memo`` by the projections reading one router call.
     key = ("dense_gates", E, scaling, acc)
     gates = None if memo is None else memo.get(key)
-    if gates is None:
-        gates = dense_gates(ids, weights, E, acc) * scaling  # [T, E], as scaled_dense_gates
+    if gates is None:  # the first projection reading this router call
+        gates = dense_gates(expert_ids.reshape(T, k), expert_weights.reshape(T, k), E, acc) * scaling  # [T, E]
         if memo is not None:
             memo[key] = gates
     y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias, stacked_B)

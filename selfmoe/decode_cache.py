@@ -9,11 +9,12 @@ is built once per layer and reused; on the built-in SmolLM2-135M at batch 16 the
 of a decode step (benchmarks/NOTES.md, issue 13 item 2). The products are the same bits as without
 the block: the very stack ``stack_B`` returns, in the very ops (tested).
 
-Inside the block the cached stack is still keyed on ``lora_B``'s storage, dtype, shape and version, so
-an in-place update that torch records (an optimizer step, ``copy_`` under ``no_grad``) builds a fresh
-one; only writes through ``.data`` are not seen, so do not make them inside the block. Leaving the
-outermost block drops every stack it made. selfmoe's own generation (``selfmoe.generate``) runs in
-this block; use it around your own decode loop over a MiXSE model::
+Inside the block the cached stack is still keyed on the ``lora_B`` tensor, its storage and its
+version, so a replaced parameter or an in-place update that torch records (an optimizer step,
+``copy_`` under ``no_grad``) builds a fresh one; only writes through ``.data`` are not seen, so do not
+make them inside the block. Leaving the outermost block drops every stack it made. selfmoe's own
+generation (``selfmoe.generate``) runs in this block; use it around your own decode loop over a MiXSE
+model::
 
     with decode_cache(model), torch.no_grad():
         for _ in range(steps):
@@ -36,11 +37,14 @@ __all__ = ["decode_cache", "cached_stacked_B"]
 class _Entry:
     """One layer's state while some ``decode_cache`` block holds it."""
 
-    __slots__ = ("depth", "key", "stacked")
+    __slots__ = ("depth", "source", "key", "stacked")
 
     def __init__(self) -> None:
         self.depth = 0  # how many open blocks hold the layer (blocks nest)
-        self.key: Optional[tuple] = None  # lora_B's (storage, version, dtype, shape) when stacked was built
+        # The lora_B tensor stacked was built from, held so that its memory cannot be handed to a new
+        # tensor while the entry lives (a replaced parameter at the same address would match the key).
+        self.source: Optional[torch.Tensor] = None
+        self.key: Optional[tuple] = None  # source's (address, version) when stacked was built
         self.stacked: Optional[torch.Tensor] = None  # [d_out, E*r]
 
 
@@ -82,14 +86,15 @@ def decode_cache(model: nn.Module) -> Iterator[nn.Module]:
 
 def cached_stacked_B(layer: nn.Module) -> Optional[torch.Tensor]:
     """``layer.lora_B`` stacked ``[d_out, E*r]`` (``stack_B``'s bytes) when a ``decode_cache`` block holds
-    ``layer``, built on first use and again whenever ``lora_B``'s storage or version moves; else None."""
+    ``layer``, built on first use and again whenever ``lora_B`` is another tensor or its storage or
+    version moves; else None."""
     entry = _ACTIVE.get(layer)
     if entry is None:
         return None
     B = layer.lora_B
-    key = (B.data_ptr(), B._version, B.dtype, B.device, B.shape)
-    if entry.key != key:
+    key = (B.data_ptr(), B._version)
+    if entry.source is not B or entry.key != key:
         with torch.no_grad():
             entry.stacked = stack_B(B.detach())
-        entry.key = key
+        entry.source, entry.key = B, key
     return entry.stacked

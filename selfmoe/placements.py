@@ -140,7 +140,8 @@ class _RouteLayerInput:
             return
         hidden = input_arg(args, kwargs, "hidden_states", 0)
         if not isinstance(hidden, torch.Tensor):
-            raise RuntimeError(f"{self.key}: cannot find the decoder layer's hidden_states argument (got {type(hidden).__name__})")
+            raise RuntimeError(
+                f"{self.key}: cannot find the decoder layer's hidden_states argument (got {type(hidden).__name__})")
         weights, ids, _ = self.model.router(hidden, key=self.key)
         self.slot.set(weights, ids)
 

@@ -119,6 +119,23 @@ def test_in_place_update_inside_the_block_is_seen(counted_stacks):
     torch.testing.assert_close(after - base, 3 * (before - base), rtol=1e-12, atol=1e-12)
 
 
+def test_a_replaced_parameter_inside_the_block_is_seen(counted_stacks):
+    """A new lora_B Parameter (same shape, possibly at the old one's address once that is freed) is
+    stacked anew: the entry holds the tensor it stacked, so its memory cannot be reused meanwhile."""
+    model = _mixse(torch.float64, 21)
+    layer = next(iter(model.lora_modules.values()))
+    x = torch.randn(4, layer.base_layer.in_features, dtype=torch.float64)
+    ids, w = torch.tensor([[0], [1], [2], [3]]), torch.rand(4, 1)
+    with torch.no_grad(), decode_cache(model):
+        _routed_call(layer, x, ids, w)
+        new_B = torch.randn(layer.lora_B.shape, dtype=torch.float64)
+        layer.lora_B = torch.nn.Parameter(new_B.clone())
+        after = _routed_call(layer, x, ids, w)
+        assert len(counted_stacks) == 2
+    with torch.no_grad():
+        assert torch.equal(after, _routed_call(layer, x, ids, w))
+
+
 def test_blocks_nest_and_leave_nothing_behind():
     model = _mixse(torch.float32, 9)
     layer = next(iter(model.lora_modules.values()))
