@@ -336,8 +336,10 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         if self._uniform_scaling is None or self.mix_and_match is not None or self.hyper_expert is not None:
             return None
         # Inside a decode_cache block (a generation), the stacked B built once for the block; only the
-        # dense-small path of several tokens reads it (one token goes to the gathered products).
-        stacked_B = None if torch.is_grad_enabled() or x.numel() <= x.shape[-1] else cached_stacked_B(self)
+        # CPU dense-small path of several tokens reads it (one token goes to the gathered products, and
+        # CUDA to lora_mix): elsewhere it is not built, so a GPU holds no copy of B.
+        stacked_B = (None if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() <= x.shape[-1]
+                     else cached_stacked_B(self))
         return lora_mix_small_inference(x, self.lora_A, self.lora_B, expert_ids, expert_weights, self._uniform_scaling,
                                         self.base_layer.weight, self.base_layer.bias, memo, stacked_B)
 
