@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default=str(LOCAL_RESULTS_DIR),
                     help="where decode_<device>.csv goes (default: benchmarks/results/local, ignored by git)")
     args = ap.parse_args(argv)
-    from selfmoe.decode_cache import decode_cache
+    from selfmoe.decoding_cache import decode_cache
 
     device = torch.device(args.device)
     if args.threads:

@@ -18,7 +18,7 @@ _EXPORTS = {
     "load_lora_adapter": "adapters",
     "save_lora_adapter": "adapters",
     "DataFormatError": "data",
-    "decode_cache": "decode_cache",
+    "decode_cache": "decoding_cache",
     "LengthGroupedBatchSampler": "data",
     "SFTCollator": "data",
     "SFTDataset": "data",

@@ -138,9 +138,9 @@ def _eos_ids(model: Any, tokenizer: Any) -> List[int]:
 @contextlib.contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off while generating, the caller's train/eval mode back afterwards; and the routed layers'
-    stacked expert factors kept for the generation (:func:`selfmoe.decode_cache.decode_cache`: the
+    stacked expert factors kept for the generation (:func:`selfmoe.decoding_cache.decode_cache`: the
     weights do not change while it runs)."""
-    from .decode_cache import decode_cache
+    from .decoding_cache import decode_cache
 
     was_training = model.training
     model.eval()

@@ -20,7 +20,7 @@ from torch import nn
 from selfmoe.kernels import lora_mix
 from selfmoe.kernels.torch_inference import lora_mix_small_inference
 
-from .decode_cache import cached_stacked_B
+from .decoding_cache import cached_stacked_B
 from .rank1 import check_mix_and_match, mix_and_match_lora, pair_of
 from .routers import ROUTING_MODES, GateSlot, TopKRouter, check_top_k
 

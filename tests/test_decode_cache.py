@@ -7,9 +7,9 @@ each stack once per block, see in-place updates that torch records, and leave no
 import pytest
 import torch
 
-import selfmoe.decode_cache as decode_cache_module
+import selfmoe.decoding_cache as decode_cache_module
 from selfmoe import MiXSE
-from selfmoe.decode_cache import cached_stacked_B, decode_cache
+from selfmoe.decoding_cache import cached_stacked_B, decode_cache
 from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
 from selfmoe.kernels.torch_path import stack_B
 from selfmoe.tiny_model import build_model
@@ -205,3 +205,19 @@ def test_selfmoe_generation_runs_in_a_block(tmp_path, monkeypatch, counted_stack
     assert len(counted_stacks) == len(model.lora_modules)  # no block, no stack kept
     assert [c.text for c in cached] == [c.text for c in plain]
     assert any(c.text for c in cached)
+
+
+def test_package_exports_the_function_even_after_its_module_loaded():
+    """``from selfmoe import decode_cache`` is the context manager, also once the layer (which imports
+    its module) is loaded: the module's name must not be the function's, or the submodule would shadow
+    the lazy export."""
+    import importlib
+
+    import selfmoe
+    import selfmoe.layer  # noqa: F401  (loads selfmoe.decoding_cache)
+
+    from selfmoe import decode_cache as exported
+
+    assert exported is decode_cache and callable(exported)
+    assert importlib.import_module("selfmoe").decode_cache is decode_cache
+    assert "decode_cache" in selfmoe.__all__
