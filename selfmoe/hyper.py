@@ -70,7 +70,7 @@ class FactoredAdapter(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, z, down, down_bias, down_bias0, up, up_bias, up_bias0):  # type: ignore[override]
-        T, dz = x.shape[0], z.shape[1]
+        T = x.shape[0]
         pre = _down_pre(x, z, down, down_bias, down_bias0)
         outer = (torch.relu(pre).unsqueeze(-1) * z.unsqueeze(1)).reshape(T, -1)  # v_t (x) z_t  [T, a*d_z]
         y = outer @ up + z @ up_bias + up_bias0
