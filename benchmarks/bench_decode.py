@@ -98,7 +98,10 @@ class Decoder:
     providers' steps can interleave. ``env``: ``SELFMOE_TORCH_PATH`` during its steps (None: unset)."""
 
     def __init__(self, model: nn.Module, env: Optional[str] = None) -> None:
+        from selfmoe.prefix_cache import cache_kwarg
+
         self.model, self.env = model, env
+        self.cache_kw = cache_kwarg(model)  # `cache` from transformers 5.24 on (`past_key_values` goes in 5.40)
         self.cache = self.nxt = None
         self.produced: List[torch.Tensor] = []
 
@@ -109,7 +112,7 @@ class Decoder:
 
         self.cache = DynamicCache(config=self.model.config)
         with self._env():
-            out = self.model(input_ids=prompt, **{cache_kwarg(self.model): self.cache}, use_cache=True)
+            out = self.model(input_ids=prompt, **{self.cache_kw: self.cache}, use_cache=True)
         self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         self.produced = [self.nxt]
 
@@ -118,7 +121,7 @@ class Decoder:
         """One greedy step for every row; its wall time in ms."""
         with self._env():
             start = time.perf_counter()
-            out = self.model(input_ids=self.nxt, **{cache_kwarg(self.model): self.cache}, use_cache=True)
+            out = self.model(input_ids=self.nxt, **{self.cache_kw: self.cache}, use_cache=True)
             self.nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             ms = (time.perf_counter() - start) * 1e3
         self.produced.append(self.nxt)
@@ -137,12 +140,6 @@ class Decoder:
             os.environ.pop(ENV_TORCH_PATH, None)
             if old is not None:
                 os.environ[ENV_TORCH_PATH] = old
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    from selfmoe.prefix_cache import cache_kwarg as kwarg
-
-    return kwarg(model)  # `cache` from transformers 5.24 on (`past_key_values` goes in 5.40)
 
 
 def interleaved_ms(decoders: Dict[str, Decoder], prompt: torch.Tensor, tokens: int, chunk: int = 4) -> Dict[str, float]:

@@ -17,7 +17,7 @@ the caller empties whenever the gates change (``GateSlot`` does, on ``set`` and 
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -38,7 +38,7 @@ def lora_mix_small_inference(
     base_weight: torch.Tensor,
     base_bias: Optional[torch.Tensor] = None,
     memo: Optional[Dict] = None,
-    stacked_B: Optional[torch.Tensor] = None,
+    get_stacked_B: Optional[Callable[[], Optional[torch.Tensor]]] = None,
 ) -> Optional[torch.Tensor]:
     """``lora_mix(x, ..., base_weight=, base_bias=)`` for a decode-sized call, or None when not served.
 
@@ -51,8 +51,9 @@ def lora_mix_small_inference(
     ``SMALL_T`` tokens, and no path forced by ``SELFMOE_TORCH_PATH``. Anything else returns None, and the caller
     goes through ``lora_mix``, which validates and explains.
 
-    ``stacked_B``: ``torch_path.stack_B(lora_B)`` kept by a caller that knows lora_B has not changed since
-    it was built (``selfmoe.decode_cache``), used on the dense-small path instead of stacking anew.
+    ``get_stacked_B``: called on the dense-small path only; returns ``torch_path.stack_B(lora_B)`` kept by
+    a caller that knows lora_B has not changed since it was built (``selfmoe.decode_cache``), or None
+    (stacked anew).
     """
     if torch.is_grad_enabled() or x.is_cuda or _autocast_dtype(x) is not None:
         return None
@@ -89,5 +90,6 @@ def lora_mix_small_inference(
         gates = dense_gates(expert_ids.reshape(T, k), expert_weights.reshape(T, k), E, acc) * scaling  # [T, E]
         if memo is not None:
             memo[key] = gates
+    stacked_B = None if get_stacked_B is None else get_stacked_B()  # [N, E*r] or None
     y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias, stacked_B)
     return y.view(*x.shape[:-1], y.shape[1])

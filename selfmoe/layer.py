@@ -335,13 +335,14 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         a layer: per-expert scalings, mix-and-match, a HyperExpert)."""
         if self._uniform_scaling is None or self.mix_and_match is not None or self.hyper_expert is not None:
             return None
-        # Inside a decode_cache block (a generation), the stacked B built once for the block; only the
-        # CPU dense-small path of several tokens reads it (one token goes to the gathered products, and
-        # CUDA to lora_mix): elsewhere it is not built, so a GPU holds no copy of B.
-        stacked_B = (None if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() <= x.shape[-1]
-                     else cached_stacked_B(self))
+        # Inside a decode_cache block (a generation), the dense-small path asks for the stacked B built once
+        # for the block; no other path asks, so neither a GPU nor a one-token decode builds a copy.
         return lora_mix_small_inference(x, self.lora_A, self.lora_B, expert_ids, expert_weights, self._uniform_scaling,
-                                        self.base_layer.weight, self.base_layer.bias, memo, stacked_B)
+                                        self.base_layer.weight, self.base_layer.bias, memo, self._block_stacked_B)
+
+    def _block_stacked_B(self) -> Optional[torch.Tensor]:
+        """``stack_B(lora_B)`` kept by an open ``decode_cache`` block, or None outside one."""
+        return cached_stacked_B(self)
 
     def forward(
         self,

@@ -139,3 +139,33 @@ def random_adapter(path, base: torch.nn.Module, seed: int, scale: float = 0.3):
                for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     save_lora_adapter(path, weights, r=8, lora_alpha=16)
     return path
+
+
+def spread_tiny_mixse(dtype: torch.dtype, seed: int, top_k: int):
+    """A MiXSE over the tiny random Llama (vocab 97): 4 experts of rank 3 on every projection with fresh
+    nonzero B, a shared router spread wide enough that tokens reach different experts; eval mode."""
+    from selfmoe import MiXSE
+    from selfmoe.tiny_model import build_model
+
+    base = build_model(97, seed=seed).to(dtype).eval()
+    model = MiXSE.from_scratch(base, num_experts=4, r=3, lora_alpha=5, top_k=top_k, router="shared")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.lora_modules.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64) * 0.1)
+        model.router.linear.weight.copy_(torch.randn(model.router.linear.weight.shape, generator=g) * 2.0)
+    return model.eval()
+
+
+def greedy_decode_logits(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decode of ``prompt [B, S]`` with the KV cache: the logits of every step, ``[B, steps, V]``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    out = []
+    with torch.no_grad():
+        logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
+        for _ in range(steps):
+            out.append(logits)
+            logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+    return torch.stack(out, 1)

@@ -12,35 +12,10 @@ from selfmoe import MiXSE
 from selfmoe.decoding_cache import cached_stacked_B, decode_cache
 from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
 from selfmoe.kernels.torch_path import stack_B
-from selfmoe.tiny_model import build_model
+from helpers import greedy_decode_logits, spread_tiny_mixse
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*past_key_values.*:FutureWarning")]
-
-
-def _mixse(dtype: torch.dtype, seed: int, top_k: int = 1) -> MiXSE:
-    base = build_model(97, seed=seed).to(dtype).eval()
-    model = MiXSE.from_scratch(base, num_experts=4, r=3, lora_alpha=5, top_k=top_k, router="shared")
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for layer in model.lora_modules.values():
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64) * 0.1)
-        model.router.linear.weight.copy_(torch.randn(model.router.linear.weight.shape, generator=g) * 2.0)
-    return model.eval()
-
-
-def _decode_logits(model: MiXSE, prompt: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy decode with the KV cache: every step's logits, ``[B, steps, V]``."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    out = []
-    with torch.no_grad():
-        logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1]
-        for _ in range(steps):
-            out.append(logits)
-            logits = model(input_ids=logits.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
-    return torch.stack(out, 1)
 
 
 def _routed_call(layer, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -70,20 +45,20 @@ def counted_stacks(monkeypatch):
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_cached_decode_is_bitwise_the_uncached_one(monkeypatch, counted_stacks, dtype, top_k):
     seed = 3 * top_k + (dtype == torch.float64)
-    model = _mixse(dtype, seed, top_k)
+    model = spread_tiny_mixse(dtype, seed, top_k=top_k)
     prompt = torch.randint(1, 97, (5, 5), generator=torch.Generator().manual_seed(seed))  # 5 tokens x k >= E: dense-small
     monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
     import selfmoe.kernels.torch_path as torch_path
 
     per_call = []  # stacks made by the op itself, call by call
     monkeypatch.setattr(torch_path, "stack_B", lambda B: per_call.append(1) or stack_B(B))
-    plain = _decode_logits(model, prompt, 5)
+    plain = greedy_decode_logits(model, prompt, 5)
     assert not counted_stacks  # outside a block nothing is kept
     assert len(per_call) == 6 * len(model.lora_modules)  # prefill and 5 steps, each layer stacking anew
     per_call.clear()
     with model.routing_stats() as stats, decode_cache(model) as held:
         assert held is model
-        cached = _decode_logits(model, prompt, 5)
+        cached = greedy_decode_logits(model, prompt, 5)
     assert not per_call  # every call took the block's stack
     assert (stats.usage_matrix().sum(0) > 0).sum() >= 3, "the tokens must spread over the experts"
     # one stack per layer for the whole block (five steps, each layer called every step)
@@ -91,7 +66,7 @@ def test_cached_decode_is_bitwise_the_uncached_one(monkeypatch, counted_stacks, 
     assert torch.isfinite(cached).all()
     assert torch.equal(cached, plain)
     monkeypatch.setenv(ENV_TORCH_PATH, "dense")  # and both are the general path's numbers
-    general = _decode_logits(model, prompt, 5)
+    general = greedy_decode_logits(model, prompt, 5)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert (cached - general).abs().max() <= tol * general.abs().max()
 
@@ -99,7 +74,7 @@ def test_cached_decode_is_bitwise_the_uncached_one(monkeypatch, counted_stacks, 
 def test_in_place_update_inside_the_block_is_seen(counted_stacks):
     """An update torch records (copy_ / mul_ under no_grad, an optimizer step) moves the version: the next
     call stacks again, and the outputs are those of the updated weights."""
-    model = _mixse(torch.float64, 7)
+    model = spread_tiny_mixse(torch.float64, 7, top_k=1)
     layer = next(iter(model.lora_modules.values()))
     x = torch.randn(4, layer.base_layer.in_features, dtype=torch.float64)
     ids = torch.tensor([[0], [1], [2], [3]])
@@ -122,7 +97,7 @@ def test_in_place_update_inside_the_block_is_seen(counted_stacks):
 def test_a_replaced_parameter_inside_the_block_is_seen(counted_stacks):
     """A new lora_B Parameter (same shape, possibly at the old one's address once that is freed) is
     stacked anew: the entry holds the tensor it stacked, so its memory cannot be reused meanwhile."""
-    model = _mixse(torch.float64, 21)
+    model = spread_tiny_mixse(torch.float64, 21, top_k=1)
     layer = next(iter(model.lora_modules.values()))
     x = torch.randn(4, layer.base_layer.in_features, dtype=torch.float64)
     ids, w = torch.tensor([[0], [1], [2], [3]]), torch.rand(4, 1)
@@ -137,7 +112,7 @@ def test_a_replaced_parameter_inside_the_block_is_seen(counted_stacks):
 
 
 def test_blocks_nest_and_leave_nothing_behind():
-    model = _mixse(torch.float32, 9)
+    model = spread_tiny_mixse(torch.float32, 9, top_k=1)
     layer = next(iter(model.lora_modules.values()))
     assert cached_stacked_B(layer) is None
     with decode_cache(model):
@@ -160,7 +135,7 @@ def test_blocks_nest_and_leave_nothing_behind():
 
 
 def test_block_ends_even_on_error_and_rejects_non_modules():
-    model = _mixse(torch.float32, 13)
+    model = spread_tiny_mixse(torch.float32, 13, top_k=1)
     layer = next(iter(model.lora_modules.values()))
     with pytest.raises(RuntimeError, match="boom"):
         with decode_cache(model):
