@@ -13,11 +13,15 @@ benchmarks/NOTES.md); the rest go through ``gathered_forward``.
 
 ``memo`` lets the projections that read one router call share what depends only on the gates: a dict
 the caller empties whenever the gates change (``GateSlot`` does, on ``set`` and ``clear``).
+
+``DecodePlan`` serves one layer's calls while its weights stay put (``selfmoe.decode_cache``, a
+generation): what only the weights decide (their dtypes, the views the products multiply by, all
+experts' B stacked as one matrix) is settled once instead of on every call. Same products, same bits.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -25,7 +29,36 @@ from .contract import HALF_DTYPES, LoRAMixInputs, _uniform_scaling
 from .op import _autocast_dtype
 from .torch_dispatch import ENV_TORCH_PATH, SMALL_T, inference_path
 from .torch_gathered import gathered_forward, top1_one_token
-from .torch_path import dense_gates, dense_small_products
+from .torch_path import dense_gates, dense_small_apply, dense_small_operands, dense_small_products, stack_B
+
+
+def served_tokens(x: torch.Tensor, d_in: int) -> int:
+    """The token count T of a call this module serves, else 0: no gradient recorded, x not on CUDA (the
+    torch backend keeps CPU), no autocast on x's device, x contiguous ``[..., d_in]`` with ``0 < T <=
+    SMALL_T``, and no path forced by ``SELFMOE_TORCH_PATH``."""
+    if torch.is_grad_enabled() or x.is_cuda:
+        return 0
+    if torch.is_autocast_enabled("cpu") if x.is_cpu else _autocast_dtype(x) is not None:
+        return 0
+    if x.shape[-1] != d_in or not x.is_contiguous():
+        return 0
+    T = x.numel() // d_in if d_in else 0
+    if not 0 < T <= SMALL_T or os.environ.get(ENV_TORCH_PATH, "auto") != "auto":
+        return 0
+    return T
+
+
+def _shared_dense_gates(expert_ids: torch.Tensor, expert_weights: torch.Tensor, T: int, k: int, E: int,
+                        scaling: float, acc: torch.dtype, memo: Optional[Dict]) -> torch.Tensor:
+    """``[T, E, 1]`` per-expert gate x scaling in ``acc`` (as ``dense_small_apply`` takes them), shared
+    through ``memo`` by the projections that read one router call (the first one makes it)."""
+    key = ("dense_gates", E, scaling, acc)
+    gates = None if memo is None else memo.get(key)
+    if gates is None:
+        gates = (dense_gates(expert_ids.reshape(T, k), expert_weights.reshape(T, k), E, acc) * scaling).unsqueeze(2)
+        if memo is not None:
+            memo[key] = gates
+    return gates
 
 
 def lora_mix_small_inference(
@@ -38,7 +71,6 @@ def lora_mix_small_inference(
     base_weight: torch.Tensor,
     base_bias: Optional[torch.Tensor] = None,
     memo: Optional[Dict] = None,
-    get_stacked_B: Optional[Callable[[], Optional[torch.Tensor]]] = None,
 ) -> Optional[torch.Tensor]:
     """``lora_mix(x, ..., base_weight=, base_bias=)`` for a decode-sized call, or None when not served.
 
@@ -46,23 +78,12 @@ def lora_mix_small_inference(
     weights ``[..., k]`` with x's leading dims (ids in range: not checked), a uniform float scaling,
     base_weight ``[d_out, d_in]``; returns ``[..., d_out]``.
 
-    Served: no gradient recorded (``torch.is_grad_enabled()`` False), a CPU tensor (``auto`` keeps CPU on
-    the torch backend), no autocast on x's device, every operand in x's dtype, x contiguous, at most
-    ``SMALL_T`` tokens, and no path forced by ``SELFMOE_TORCH_PATH``. Anything else returns None, and the caller
-    goes through ``lora_mix``, which validates and explains.
-
-    ``get_stacked_B``: called on the dense-small path only; returns ``torch_path.stack_B(lora_B)`` kept by
-    a caller that knows lora_B has not changed since it was built (``selfmoe.decode_cache``), or None
-    (stacked anew).
+    Served: a call ``served_tokens`` accepts, with every operand in x's dtype and lora_A contiguous.
+    Anything else returns None, and the caller goes through ``lora_mix``, which validates and explains.
     """
-    if torch.is_grad_enabled() or x.is_cuda or _autocast_dtype(x) is not None:
-        return None
-    K = x.shape[-1]
-    T = x.numel() // K if K else 0
-    E, _, K_A = lora_A.shape
-    if K != K_A or not 0 < T <= SMALL_T or not x.is_contiguous():
-        return None
-    if os.environ.get(ENV_TORCH_PATH, "auto") != "auto":
+    E, _, K = lora_A.shape
+    T = served_tokens(x, K)
+    if not T:
         return None
     dtype = x.dtype
     if lora_A.dtype != dtype or lora_B.dtype != dtype or base_weight.dtype != dtype or (
@@ -84,12 +105,88 @@ def lora_mix_small_inference(
         return y.view(*x.shape[:-1], y.shape[1])
     # dense-small (dense_small_products: the op's products, bitwise), with the
     # per-expert gates x scaling shared through ``memo`` by the projections reading one router call.
-    key = ("dense_gates", E, scaling, acc)
-    gates = None if memo is None else memo.get(key)
-    if gates is None:  # the first projection reading this router call
-        gates = dense_gates(expert_ids.reshape(T, k), expert_weights.reshape(T, k), E, acc) * scaling  # [T, E]
-        if memo is not None:
-            memo[key] = gates
-    stacked_B = None if get_stacked_B is None else get_stacked_B()  # [N, E*r] or None
-    y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias, stacked_B)
+    gates = _shared_dense_gates(expert_ids, expert_weights, T, k, E, scaling, acc, memo)
+    y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias)
     return y.view(*x.shape[:-1], y.shape[1])
+
+
+class DecodePlan:
+    """``lora_mix_small_inference`` for one layer's weights, settled once while they stay put.
+
+    Holds the layer's tensors (lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, base weight ``[d_out,
+    d_in]`` and bias) and what only they decide: whether their dtypes and layout can be served, the
+    views ``dense_small_apply`` multiplies by, and on the first dense-small call all experts' B stacked
+    (``stack_B``, a copy: made again when lora_B's version moves, i.e. after an update torch records).
+    Per call only x's side is checked (``served_tokens`` and its dtype). The caller asks ``holds`` before
+    each call and makes a new plan when a tensor was replaced or moved (``param.data = ...``); writes
+    through ``.data`` into the same memory are seen by the views but not by the stack, so a caller may
+    keep a plan only while nothing writes lora_B that way (``selfmoe.decode_cache``, a generation).
+    """
+
+    __slots__ = ("lora_A", "lora_B", "base_weight", "base_bias", "scaling", "_ptrs", "served", "dtype",
+                 "E", "r", "K", "N", "A_t", "W_t", "_stack", "_B_t", "_B_version", "_acc")
+
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, base_weight: torch.Tensor,
+                 base_bias: Optional[torch.Tensor], scaling: float) -> None:
+        # The tensors are held: while the plan lives, their memory cannot pass to a new tensor at the same
+        # address (which ``holds`` would take for the old one).
+        self.lora_A, self.lora_B, self.base_weight, self.base_bias, self.scaling = (
+            lora_A, lora_B, base_weight, base_bias, scaling)
+        self._ptrs = _addresses(lora_A, lora_B, base_weight, base_bias)
+        self.dtype = dtype = lora_A.dtype
+        self.E, self.r, self.K = lora_A.shape
+        self.N = base_weight.shape[0]
+        self.served = (lora_A.device.type == "cpu" and lora_A.is_contiguous() and lora_B.dtype == dtype
+                       and base_weight.dtype == dtype and (base_bias is None or base_bias.dtype == dtype))
+        self._acc = torch.float64 if dtype == torch.float64 else torch.float32
+        self._stack = self._B_t = None  # made on the first dense-small call (a one-token decode never needs it)
+        self._B_version = -1
+        self.A_t = self.W_t = None
+        if self.served:
+            self.A_t, _, self.W_t = dense_small_operands(lora_A, None, base_weight)
+
+    def holds(self, lora_A: torch.Tensor, lora_B: torch.Tensor, base_weight: torch.Tensor,
+              base_bias: Optional[torch.Tensor], scaling: float) -> bool:
+        """Whether this plan is for these very tensors, still at the addresses it was made for."""
+        return (lora_A is self.lora_A and lora_B is self.lora_B and base_weight is self.base_weight
+                and base_bias is self.base_bias and scaling == self.scaling
+                and _addresses(lora_A, lora_B, base_weight, base_bias) == self._ptrs)
+
+    def stacked_B(self) -> torch.Tensor:
+        """``stack_B(lora_B)`` ``[d_out, E*r]``, made again if lora_B's version moved since."""
+        B = self.lora_B
+        if self._stack is None or B._version != self._B_version:
+            with torch.no_grad():
+                self._stack = stack_B(B.detach())
+            _, self._B_t, _ = dense_small_operands(self.lora_A, self._stack, None)
+            self._B_version = B._version
+        return self._stack
+
+    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
+                 memo: Optional[Dict] = None) -> Optional[torch.Tensor]:
+        """``lora_mix_small_inference(x, <the plan's tensors>, expert_ids, expert_weights, ...)``: the same
+        bits for the calls it serves; None for the rest (other dtypes, the ``gathered`` path, ...), which
+        the caller sends there."""
+        if not self.served:
+            return None
+        K = self.K
+        T = served_tokens(x, K)
+        k = expert_ids.shape[-1]
+        # ids for x's T tokens (any leading shape) on x's side: the gates are reshaped to [T, k]
+        if not T or x.dtype != self.dtype or expert_ids.numel() != T * k or expert_ids.is_cuda:
+            return None
+        x2 = x.view(T, K)
+        if T == 1 and k == 1 and self.dtype not in HALF_DTYPES:
+            y = top1_one_token(x2, self.lora_A, self.lora_B, int(expert_ids), expert_weights.view(1, 1), self.scaling,
+                               self.base_weight, self.base_bias)
+        elif inference_path(T, self.E, k) == "gathered":
+            return None
+        else:
+            gates = _shared_dense_gates(expert_ids, expert_weights, T, k, self.E, self.scaling, self._acc, memo)
+            self.stacked_B()
+            y = dense_small_apply(x2, self.A_t, self._B_t, self.W_t, self.base_bias, gates, self.E, self.r)
+        return y.view(*x.shape[:-1], self.N)
+
+
+def _addresses(*tensors: Optional[torch.Tensor]) -> tuple:
+    return tuple(0 if t is None else t.data_ptr() for t in tensors)

@@ -141,30 +141,48 @@ def _dense_small_forward(inp: LoRAMixInputs, gates: Optional[torch.Tensor] = Non
 
 
 def dense_small_products(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
-                         base_weight: Optional[torch.Tensor], base_bias: Optional[torch.Tensor],
-                         stacked_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         base_weight: Optional[torch.Tensor], base_bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``y [T, N]``: the dense-rank products for a few tokens, in as few ops as possible, no autograd.
 
-    x ``[T, K]`` contiguous, lora_A ``[E, r, K]`` contiguous, lora_B ``[E, N, r]``, gates ``[T, E]`` the
-    per-expert gate x scaling in the accumulation dtype (``scaled_dense_gates``). At decode sizes every
+    x ``[T, K]`` contiguous, lora_A ``[E, r, K]`` contiguous, lora_B ``[E, N, r]``, gates ``[T, E]`` (or
+    ``[T, E, 1]``) the per-expert gate x scaling in the accumulation dtype (``scaled_dense_gates``). At decode sizes every
     op's fixed cost outweighs its arithmetic, so the gates go straight onto the rank columns with one
     broadcasting multiply, in place on the fresh H (no expander GEMM, no saved tensors; at large T that
-    multiply is the slower one, see ``_expander``). Shared by ``dense-small`` and the layer's decode
-    shortcut (torch_inference.py), which must give the same bits. ``stacked_B``: ``stack_B(lora_B)`` kept
-    by a caller that knows lora_B has not changed since (``selfmoe.decode_cache``); None: stacked here.
+    multiply is the slower one, see ``_expander``). The products are ``dense_small_apply``'s, on
+    ``dense_small_operands``' views (all experts' B stacked here, per call).
     """
-    T, K = x.shape
+    T, _ = x.shape
     E, r, _ = lora_A.shape
-    h = _mm_acc(x, lora_A.view(E * r, K).t())  # [T, E*r], fresh
-    hg = h.view(T, E, r).mul_(gates.view(T, E, 1))
+    A_t, B_t, W_t = dense_small_operands(lora_A, stack_B(lora_B), base_weight)
+    return dense_small_apply(x, A_t, B_t, W_t, base_bias, gates.view(T, E, 1), E, r)
+
+
+def dense_small_operands(lora_A: torch.Tensor, stacked_B: Optional[torch.Tensor], base_weight: Optional[torch.Tensor]
+                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The views ``dense_small_apply`` multiplies by: ``(A_t [K, E*r], B_t [E*r, N], W_t [K, N])`` from
+    lora_A ``[E, r, K]`` (contiguous), ``stacked_B = stack_B(lora_B)`` ``[N, E*r]`` and the base weight
+    ``[N, K]`` (None in, None out). Views only: they follow in-place updates of their tensors. A caller whose
+    weights stay put makes them once (``DecodePlan``, torch_inference.py); the shared function keeps
+    both callers on the very same products."""
+    E, r, K = lora_A.shape
+    return (lora_A.view(E * r, K).t(), None if stacked_B is None else stacked_B.t(),
+            None if base_weight is None else base_weight.t())
+
+
+def dense_small_apply(x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, W_t: Optional[torch.Tensor],
+                      base_bias: Optional[torch.Tensor], gates: torch.Tensor, E: int, r: int) -> torch.Tensor:
+    """``y [T, N]`` of ``dense_small_products`` on ``dense_small_operands``' views; x ``[T, K]``, gates
+    ``[T, E, 1]`` in the accumulation dtype (each view costs about a microsecond, so callers sharing the
+    gates across projections shape them once)."""
+    T = x.shape[0]
+    hg = _mm_acc(x, A_t)  # [T, E*r], fresh
+    hg.view(T, E, r).mul_(gates)  # in place: the gates onto each expert's r rank columns
     if hg.dtype != x.dtype:
         hg = hg.to(x.dtype)
-    hg = hg.view(T, E * r)
-    B_all = stack_B(lora_B) if stacked_B is None else stacked_B  # [N, E*r]
-    if base_weight is None:
-        return hg @ B_all.t()
-    y = torch.mm(x, base_weight.t()) if base_bias is None else torch.addmm(base_bias, x, base_weight.t())  # [T, N]
-    return y.addmm_(hg, B_all.t())
+    if W_t is None:
+        return hg @ B_t
+    y = torch.mm(x, W_t) if base_bias is None else torch.addmm(base_bias, x, W_t)  # [T, N]
+    return y.addmm_(hg, B_t)
 
 
 class TorchBackend(Backend):

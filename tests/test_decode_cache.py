@@ -1,15 +1,18 @@
-"""``decode_cache``: a generation keeps each routed layer's stacked B; the numbers do not move.
+"""``decode_cache``: a generation keeps each routed layer's plan (its views and stacked B); the numbers
+do not move.
 
-Inside the block a batched decode (the dense-small path, 2..SMALL_T tokens) reuses one stack per layer
-instead of stacking ``lora_B`` on every call. It must give the very bits of the uncached decode, build
-each stack once per block, see in-place updates that torch records, and leave nothing behind.
+Inside the block each layer's ``DecodePlan`` serves its decode calls, and a batched decode (the
+dense-small path, 2..SMALL_T tokens) reuses one stack per layer instead of stacking ``lora_B`` on every
+call. It must give the very bits of the decode outside the block, build each stack once per block, see
+in-place updates that torch records and replaced or moved tensors, and leave nothing behind.
 """
 import pytest
 import torch
 
 import selfmoe.decoding_cache as decode_cache_module
 from selfmoe import MiXSE
-from selfmoe.decoding_cache import cached_stacked_B, decode_cache
+from selfmoe.decoding_cache import cached_stacked_B, decode_cache, decode_plan
+from selfmoe.kernels.torch_inference import DecodePlan
 from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
 from selfmoe.kernels.torch_path import stack_B
 from helpers import greedy_decode_logits, spread_tiny_mixse
@@ -37,7 +40,9 @@ def counted_stacks(monkeypatch):
         built.append(lora_B.shape)
         return stack_B(lora_B)
 
-    monkeypatch.setattr(decode_cache_module, "stack_B", counting)
+    import selfmoe.kernels.torch_inference as torch_inference
+
+    monkeypatch.setattr(torch_inference, "stack_B", counting)
     return built
 
 
@@ -196,3 +201,92 @@ def test_package_exports_the_function_even_after_its_module_loaded():
     assert exported is decode_cache and callable(exported)
     assert importlib.import_module("selfmoe").decode_cache is decode_cache
     assert "decode_cache" in selfmoe.__all__
+
+
+@pytest.mark.parametrize("dtype, batch", [(torch.float32, 1), (torch.float64, 1), (torch.float32, 5),
+                                          (torch.bfloat16, 5)])
+def test_plans_serve_the_decode_with_the_same_bits(monkeypatch, dtype, batch):
+    """Inside the block every projection call of a decode step is served by its layer's plan (one-token
+    top-1 at batch 1, dense-small at batch 5 (5 slots >= 4 experts), bfloat16 too), never by the per-call function, and the
+    logits are bitwise those outside the block. (A bfloat16 token alone goes the gathered path, which
+    the plan leaves to the per-call function.)"""
+    import selfmoe.layer as layer_module
+
+    model = spread_tiny_mixse(dtype, 31 + batch, top_k=1)
+    prompt = torch.randint(1, 97, (batch, 4), generator=torch.Generator().manual_seed(batch))
+    monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    plain = greedy_decode_logits(model, prompt, 4)
+    per_call, served = [], []
+    real_call = DecodePlan.__call__
+
+    def counting_call(self, *args, **kwargs):
+        y = real_call(self, *args, **kwargs)
+        served.append(y is not None)
+        return y
+
+    monkeypatch.setattr(layer_module, "lora_mix_small_inference", lambda *a, **k: per_call.append(1) or None)
+    monkeypatch.setattr(DecodePlan, "__call__", counting_call)
+    with model.routing_stats() as stats, decode_cache(model):
+        held = greedy_decode_logits(model, prompt, 4)
+    if batch > 1:
+        assert (stats.usage_matrix().sum(0) > 0).sum() >= 3, "the tokens must spread over the experts"
+    assert not per_call  # the plans served every decode-sized call (the prefill's 4*batch tokens too)
+    assert len(served) == 5 * len(model.lora_modules) and all(served)
+    assert torch.isfinite(held.float()).all()
+    assert torch.equal(held, plain)
+
+
+def test_a_moved_or_updated_tensor_inside_the_block_is_seen():
+    """The plan's views follow in-place updates of lora_A and the base weight; a tensor that moves (a
+    new ``.data``, e.g. a merge that writes a new base weight) or a new scaling makes a new plan."""
+    model = spread_tiny_mixse(torch.float64, 41, top_k=1)
+    layer = next(iter(model.lora_modules.values()))
+    x = torch.randn(4, layer.base_layer.in_features, dtype=torch.float64)
+    ids, w = torch.tensor([[0], [1], [2], [3]]), torch.rand(4, 1, dtype=torch.float64)
+
+    def fresh():  # the same call with no block open: nothing kept
+        with decode_cache(torch.nn.Module()):
+            return layer._decode_shortcut(x, ids, w, {})
+
+    with torch.no_grad():
+        with decode_cache(model):
+            before = _routed_call(layer, x, ids, w)
+            plan = decode_plan(layer)
+            layer.lora_A.mul_(2.0)  # in place: the same plan, its views see it
+            layer.base_layer.weight.add_(0.5)
+            got = _routed_call(layer, x, ids, w)
+            assert decode_plan(layer) is plan
+            assert torch.equal(got, fresh()) and not torch.equal(got, before)
+            layer.lora_A.data = torch.randn(layer.lora_A.shape, dtype=torch.float64)  # moved: a new plan
+            layer.base_layer.weight.data = layer.base_layer.weight.data.clone() * 0.5
+            got = _routed_call(layer, x, ids, w)
+            assert decode_plan(layer) is not plan
+            assert torch.equal(got, fresh())
+            plan = decode_plan(layer)
+            layer._uniform_scaling = 2 * layer._uniform_scaling
+            got = _routed_call(layer, x, ids, w)
+            assert decode_plan(layer) is not plan
+            assert torch.equal(got, fresh())
+        assert decode_plan(layer) is None
+
+
+def test_plans_decline_what_they_cannot_serve():
+    """Mixed dtypes, a non-contiguous lora_A or tensors off the CPU: no plan serves them (the layer goes
+    on to the per-call checks and, from there, lora_mix); the same for calls with autograd on."""
+    E, r, K, N = 4, 3, 8, 5
+    A, B, W = torch.randn(E, r, K), torch.randn(E, N, r), torch.randn(N, K)
+    x, ids, w = torch.randn(5, K), torch.tensor([[0], [1], [2], [3], [0]]), torch.rand(5, 1)
+    assert DecodePlan(A, B, W, None, 0.5).served
+    assert not DecodePlan(A, B.double(), W, None, 0.5).served
+    assert not DecodePlan(A, B, W, torch.randn(N, dtype=torch.float64), 0.5).served
+    assert not DecodePlan(A.transpose(1, 2).contiguous().transpose(1, 2), B, W, None, 0.5).served
+    plan = DecodePlan(A, B, W, None, 0.5)
+    assert plan(x, ids, w) is None  # autograd is on
+    with torch.no_grad():
+        meta = DecodePlan(A.to("meta"), B.to("meta"), W.to("meta"), None, 0.5)
+        assert not meta.served and meta(x, ids, w) is None
+        y = plan(x, ids, w)
+        assert y is not None and y.shape == (5, N)
+        assert plan(x.double(), ids, w) is None  # x in another dtype
+        assert plan(torch.randn(K, 5).t(), ids, w) is None  # not contiguous
+        assert plan(x[:2], ids[:2], w[:2]) is None  # 2 slots < 4 experts: the gathered path
