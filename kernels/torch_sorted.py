@@ -6,11 +6,12 @@ contiguous segment, and each expert runs its two skinny GEMMs on its own rows on
 
     order, e_sorted  [S]        slots sorted by expert (slot s = (t, j) at t*k + j, token t = s // k)
     coef    = gate * s_e        [S]      per sorted slot
-    y       = x @ W.T + b                [T, N]
+    y       = b (broadcast)              [T, N]
     per expert e, its segment of n_e slots and their tokens tok_e:
       x_e   = x[tok_e]                   [n_e, K]
       h_e   = x_e @ A_e.T                [n_e, r]  (kept in one [S, r] buffer; fp32 for half inputs)
       y.index_add_(0, tok_e, (h_e * coef_e) @ B_e.T)      (duplicate ids add up)
+    y      += x @ W.T                    (the base GEMM last: y's rows are still in cache for the adds)
 
 Backward, each product only when some input asks for it::
 
@@ -94,12 +95,14 @@ def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
         coef.mul_(inp.uniform)
     coef_col = coef.unsqueeze(1)  # [S, 1]
 
-    if inp.base_weight is None:
-        y = torch.zeros(T, inp.lora_B.shape[1], dtype=x.dtype, device=x.device)
-    elif inp.base_bias is not None:
-        y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
+    # y starts as the bias (or zeros) and takes the experts' rows first, the base GEMM last (beta = 1, as
+    # addmm with a bias runs anyway): the index_add_ passes then find y's rows fresh from its first write
+    # instead of evicted by the GEMM, 1-2% of base at top2-cpu (benchmarks/NOTES.md, issue 13 item 3).
+    N = inp.lora_B.shape[1]
+    if inp.base_bias is not None:
+        y = torch.empty(T, N, dtype=x.dtype, device=x.device).copy_(inp.base_bias)  # [T, N], y's own memory
     else:
-        y = x @ inp.base_weight.t()
+        y = torch.zeros(T, N, dtype=x.dtype, device=x.device)
     A_t = inp.lora_A.transpose(1, 2)  # [E, K, r] view
     B_t = inp.lora_B.transpose(1, 2)  # [E, r, N] view
     if up is not None:
@@ -114,6 +117,8 @@ def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
         torch.mm(x_e if up is None else x_e.to(up), A_t[e], out=h[a:b])  # [n_e, r]
         torch.mm((h[a:b] * coef_col[a:b]).to(x.dtype), B_t[e], out=y_e)  # [n_e, N]
         y.index_add_(0, tok_e, y_e)  # into their tokens (a token's duplicate ids add up)
+    if inp.base_weight is not None:
+        torch.addmm(y, x, inp.base_weight.t(), out=y)  # [T, N] += x W^T (addmm_ itself: a FLOP counter misses it)
 
     if not any(needs):
         return y, (), SortedState(counts, k, inp.gates.dtype, inp.uniform)
