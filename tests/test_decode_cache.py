@@ -290,3 +290,26 @@ def test_plans_decline_what_they_cannot_serve():
         assert plan(x.double(), ids, w) is None  # x in another dtype
         assert plan(torch.randn(K, 5).t(), ids, w) is None  # not contiguous
         assert plan(x[:2], ids[:2], w[:2]) is None  # 2 slots < 4 experts: the gathered path
+
+
+@pytest.mark.parametrize("router", ["per_layer", "xlora"])
+def test_other_router_kinds_decode_the_same_inside_the_block(monkeypatch, router):
+    """Per-layer routers (each layer routes its own input) and X-LoRA's scaling pass reach the plans
+    through the layer's other entry; the logits stay bitwise those outside the block."""
+    from selfmoe.tiny_model import build_model
+
+    base = build_model(97, seed=51).eval()
+    model = MiXSE.from_scratch(base, num_experts=4, r=3, lora_alpha=5, top_k=2, router=router).eval()
+    g = torch.Generator().manual_seed(52)
+    with torch.no_grad():
+        for layer in model.lora_modules.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+    prompt = torch.randint(1, 97, (3, 4), generator=torch.Generator().manual_seed(53))
+    monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    plain = greedy_decode_logits(model, prompt, 4)
+    with decode_cache(model):
+        held = greedy_decode_logits(model, prompt, 4)
+        planned = [decode_plan(layer) for layer in model.lora_modules.values()]
+    assert all(p is not None and p.served and p._stack is not None for p in planned)  # the plans served calls
+    assert torch.isfinite(held).all()
+    assert torch.equal(held, plain)
