@@ -7,16 +7,17 @@ parameters were checked when they were made (``MoLoRALinear``), with ids from it
 skip all of that here. It runs the very products of the formulation ``lora_mix`` would pick for the
 call (``gathered`` or ``dense-small``, torch_dispatch.py), so the result is bitwise the same (tested).
 The two calls a decode makes most, one token with top-1 and a small batch on dense-small, go straight
-to the functions that hold their products (``top1_one_token``, ``dense_small_products``) without the
+to the functions that hold their products (``top1_one_token``, ``dense_small_apply``) without the
 prepared inputs (measured: at batch 1 each extra view or check is a visible part of the call;
 benchmarks/NOTES.md); the rest go through ``gathered_forward``.
 
 ``memo`` lets the projections that read one router call share what depends only on the gates: a dict
 the caller empties whenever the gates change (``GateSlot`` does, on ``set`` and ``clear``).
 
-``DecodePlan`` serves one layer's calls while its weights stay put (``selfmoe.decode_cache``, a
-generation): what only the weights decide (their dtypes, the views the products multiply by, all
-experts' B stacked as one matrix) is settled once instead of on every call. Same products, same bits.
+``DecodePlan`` holds what only the weights decide (whether their dtypes and layout can be served, the
+views the dense-small products multiply by, all experts' B stacked as one matrix) and serves calls
+with it. ``lora_mix_small_inference`` makes one per call; a caller whose weights stay put keeps one
+(``selfmoe.decode_cache``, a generation) and settles all that once. One code path, so the same bits.
 """
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ from .contract import HALF_DTYPES, LoRAMixInputs, _uniform_scaling
 from .op import _autocast_dtype
 from .torch_dispatch import ENV_TORCH_PATH, SMALL_T, inference_path
 from .torch_gathered import gathered_forward, top1_one_token
-from .torch_path import dense_gates, dense_small_apply, dense_small_operands, dense_small_products, stack_B
+from .torch_path import dense_gates, dense_small_apply, dense_small_operands, stack_B
 
 
-def served_tokens(x: torch.Tensor, d_in: int) -> int:
+def _served_tokens(x: torch.Tensor, d_in: int) -> int:
     """The token count T of a call this module serves, else 0: no gradient recorded, x not on CUDA (the
     torch backend keeps CPU), no autocast on x's device, x contiguous ``[..., d_in]`` with ``0 < T <=
     SMALL_T``, and no path forced by ``SELFMOE_TORCH_PATH``."""
@@ -75,56 +76,29 @@ def lora_mix_small_inference(
     """``lora_mix(x, ..., base_weight=, base_bias=)`` for a decode-sized call, or None when not served.
 
     Shapes as ``lora_mix``: x ``[..., d_in]``, lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, ids and
-    weights ``[..., k]`` with x's leading dims (ids in range: not checked), a uniform float scaling,
-    base_weight ``[d_out, d_in]``; returns ``[..., d_out]``.
-
-    Served: a call ``served_tokens`` accepts, with every operand in x's dtype and lora_A contiguous.
-    Anything else returns None, and the caller goes through ``lora_mix``, which validates and explains.
+    weights ``[..., k]`` for x's tokens (ids in range: not checked), a uniform float scaling,
+    base_weight ``[d_out, d_in]``; returns ``[..., d_out]``. A ``DecodePlan`` made for this call: served
+    as it serves. Anything else returns None, and the caller goes through ``lora_mix``, which validates
+    and explains.
     """
-    E, _, K = lora_A.shape
-    T = served_tokens(x, K)
-    if not T:
-        return None
-    dtype = x.dtype
-    if lora_A.dtype != dtype or lora_B.dtype != dtype or base_weight.dtype != dtype or (
-            base_bias is not None and base_bias.dtype != dtype) or not lora_A.is_contiguous():
-        return None
-    k = expert_ids.shape[-1]
-    x2 = x.view(T, K)
-    # One sequence, top-1 (a Self-MoE model's decode): where gathered_forward -> _top1_forward would go.
-    if T == 1 and k == 1 and dtype not in HALF_DTYPES:
-        y = top1_one_token(x2, lora_A, lora_B, int(expert_ids), expert_weights.view(1, 1), scaling, base_weight,
-                           base_bias)  # int(): a CPU tensor, no device sync
-        return y.view(*x.shape[:-1], y.shape[1])
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    if inference_path(T, E, k) == "gathered":  # else "dense-small": T <= SMALL_T was checked above
-        ids, weights = expert_ids.reshape(T, k), expert_weights.reshape(T, k)
-        inp = LoRAMixInputs(x2, lora_A, lora_B, ids.contiguous(), weights.contiguous(),
-                            _uniform_scaling(E, scaling, acc, x.device), scaling, base_weight, base_bias)
-        y = gathered_forward(inp)
-        return y.view(*x.shape[:-1], y.shape[1])
-    # dense-small (dense_small_products: the op's products, bitwise), with the
-    # per-expert gates x scaling shared through ``memo`` by the projections reading one router call.
-    gates = _shared_dense_gates(expert_ids, expert_weights, T, k, E, scaling, acc, memo)
-    y = dense_small_products(x2, lora_A, lora_B, gates, base_weight, base_bias)
-    return y.view(*x.shape[:-1], y.shape[1])
+    return DecodePlan(lora_A, lora_B, base_weight, base_bias, scaling)(x, expert_ids, expert_weights, memo)
 
 
 class DecodePlan:
-    """``lora_mix_small_inference`` for one layer's weights, settled once while they stay put.
+    """The decode-sized inference calls on one layer's weights, with what only the weights decide.
 
     Holds the layer's tensors (lora_A ``[E, r, d_in]``, lora_B ``[E, d_out, r]``, base weight ``[d_out,
-    d_in]`` and bias) and what only they decide: whether their dtypes and layout can be served, the
-    views ``dense_small_apply`` multiplies by, and on the first dense-small call all experts' B stacked
-    (``stack_B``, a copy: made again when lora_B's version moves, i.e. after an update torch records).
-    Per call only x's side is checked (``served_tokens`` and its dtype). The caller asks ``holds`` before
-    each call and makes a new plan when a tensor was replaced or moved (``param.data = ...``); writes
-    through ``.data`` into the same memory are seen by the views but not by the stack, so a caller may
-    keep a plan only while nothing writes lora_B that way (``selfmoe.decode_cache``, a generation).
+    d_in]`` and bias, a uniform float scaling) and settles from them: whether they can be served (all
+    on the CPU in one dtype, lora_A contiguous) and, on the first dense-small call, the views
+    ``dense_small_apply`` multiplies by with all experts' B stacked (``stack_B``, a copy: made again when
+    lora_B's version moves, i.e. after an update torch records). A caller that keeps a plan asks
+    ``holds`` before each call and makes a new one when a tensor was replaced or moved (``param.data =
+    ...``); writes through ``.data`` into lora_B's memory are not seen by the stack, so a plan may be
+    kept only while nothing writes lora_B that way (``selfmoe.decode_cache``, a generation).
     """
 
     __slots__ = ("lora_A", "lora_B", "base_weight", "base_bias", "scaling", "_ptrs", "served", "dtype",
-                 "E", "r", "K", "N", "A_t", "W_t", "_stack", "_B_t", "_B_version", "_acc")
+                 "E", "r", "K", "N", "_acc", "_operands", "_B_version")
 
     def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, base_weight: torch.Tensor,
                  base_bias: Optional[torch.Tensor], scaling: float) -> None:
@@ -139,11 +113,8 @@ class DecodePlan:
         self.served = (lora_A.device.type == "cpu" and lora_A.is_contiguous() and lora_B.dtype == dtype
                        and base_weight.dtype == dtype and (base_bias is None or base_bias.dtype == dtype))
         self._acc = torch.float64 if dtype == torch.float64 else torch.float32
-        self._stack = self._B_t = None  # made on the first dense-small call (a one-token decode never needs it)
+        self._operands = None  # (A_t, B_t, W_t): on the first dense-small call (one-token decode never needs them)
         self._B_version = -1
-        self.A_t = self.W_t = None
-        if self.served:
-            self.A_t, _, self.W_t = dense_small_operands(lora_A, None, base_weight)
 
     def holds(self, lora_A: torch.Tensor, lora_B: torch.Tensor, base_weight: torch.Tensor,
               base_bias: Optional[torch.Tensor], scaling: float) -> bool:
@@ -152,39 +123,44 @@ class DecodePlan:
                 and base_bias is self.base_bias and scaling == self.scaling
                 and _addresses(lora_A, lora_B, base_weight, base_bias) == self._ptrs)
 
-    def stacked_B(self) -> torch.Tensor:
-        """``stack_B(lora_B)`` ``[d_out, E*r]``, made again if lora_B's version moved since."""
+    def operands(self) -> tuple:
+        """``dense_small_operands`` of the plan's tensors, with lora_B stacked: ``(A_t [K, E*r], B_t [E*r,
+        N], W_t [K, N])``, made again if lora_B's version moved since."""
         B = self.lora_B
-        if self._stack is None or B._version != self._B_version:
+        if self._operands is None or B._version != self._B_version:
             with torch.no_grad():
-                self._stack = stack_B(B.detach())
-            _, self._B_t, _ = dense_small_operands(self.lora_A, self._stack, None)
+                self._operands = dense_small_operands(self.lora_A, stack_B(B.detach()), self.base_weight)
             self._B_version = B._version
-        return self._stack
+        return self._operands
 
     def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
                  memo: Optional[Dict] = None) -> Optional[torch.Tensor]:
-        """``lora_mix_small_inference(x, <the plan's tensors>, expert_ids, expert_weights, ...)``: the same
-        bits for the calls it serves; None for the rest (other dtypes, the ``gathered`` path, ...), which
-        the caller sends there."""
+        """``lora_mix(x, <the plan's tensors>, expert_ids, expert_weights)`` bitwise for a decode-sized call
+        (x ``[..., d_in]``, ids and weights ``[..., k]`` for x's T tokens, ids in range: not checked),
+        through the formulation ``lora_mix`` would pick (``gathered`` or ``dense-small``,
+        torch_dispatch.py); None when not served: a plan that cannot be, autograd, CUDA or autocast, x
+        not contiguous or in another dtype, more than ``SMALL_T`` tokens, a path forced by
+        ``SELFMOE_TORCH_PATH``, or gates that do not match x's tokens. ``memo``: see the module."""
         if not self.served:
             return None
         K = self.K
-        T = served_tokens(x, K)
+        T = _served_tokens(x, K)
         k = expert_ids.shape[-1]
-        # ids for x's T tokens (any leading shape) on x's side: the gates are reshaped to [T, k]
         if not T or x.dtype != self.dtype or expert_ids.numel() != T * k or expert_ids.is_cuda:
             return None
         x2 = x.view(T, K)
         if T == 1 and k == 1 and self.dtype not in HALF_DTYPES:
+            # One sequence, top-1 (a Self-MoE model's decode): where gathered_forward -> _top1_forward would go.
             y = top1_one_token(x2, self.lora_A, self.lora_B, int(expert_ids), expert_weights.view(1, 1), self.scaling,
-                               self.base_weight, self.base_bias)
-        elif inference_path(T, self.E, k) == "gathered":
-            return None
-        else:
+                               self.base_weight, self.base_bias)  # int(): a CPU tensor, no device sync
+        elif inference_path(T, self.E, k) == "gathered":  # else "dense-small": T <= SMALL_T was checked above
+            ids, weights = expert_ids.reshape(T, k).contiguous(), expert_weights.reshape(T, k).contiguous()
+            y = gathered_forward(LoRAMixInputs(x2, self.lora_A, self.lora_B, ids, weights,
+                                               _uniform_scaling(self.E, self.scaling, self._acc, x.device),
+                                               self.scaling, self.base_weight, self.base_bias))
+        else:  # dense-small, the gates x scaling shared through ``memo`` by the projections of one router call
             gates = _shared_dense_gates(expert_ids, expert_weights, T, k, self.E, self.scaling, self._acc, memo)
-            self.stacked_B()
-            y = dense_small_apply(x2, self.A_t, self._B_t, self.W_t, self.base_bias, gates, self.E, self.r)
+            y = dense_small_apply(x2, *self.operands(), self.base_bias, gates, self.E, self.r)
         return y.view(*x.shape[:-1], self.N)
 
 

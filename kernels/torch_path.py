@@ -133,47 +133,39 @@ def scaled_dense_gates(inp: LoRAMixInputs) -> torch.Tensor:
 
 
 def _dense_small_forward(inp: LoRAMixInputs, gates: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The dense-rank forward for a few tokens without autograd (``dense_small_products`` on prepared
-    inputs). ``gates``: ``scaled_dense_gates(inp)`` when the caller already has it."""
+    """The dense-rank forward for a few tokens without autograd (``dense_small_apply`` on prepared
+    inputs, all experts' B stacked per call). ``gates``: ``scaled_dense_gates(inp)`` when the caller
+    already has it."""
     if gates is None:
         gates = scaled_dense_gates(inp)  # [T, E]
-    return dense_small_products(inp.x, inp.lora_A, inp.lora_B, gates, inp.base_weight, inp.base_bias)
+    T = inp.x.shape[0]
+    E, r, _ = inp.lora_A.shape
+    operands = dense_small_operands(inp.lora_A, stack_B(inp.lora_B), inp.base_weight)
+    return dense_small_apply(inp.x, *operands, inp.base_bias, gates.view(T, E, 1), E, r)
 
 
-def dense_small_products(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, gates: torch.Tensor,
-                         base_weight: Optional[torch.Tensor], base_bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``y [T, N]``: the dense-rank products for a few tokens, in as few ops as possible, no autograd.
-
-    x ``[T, K]`` contiguous, lora_A ``[E, r, K]`` contiguous, lora_B ``[E, N, r]``, gates ``[T, E]`` (or
-    ``[T, E, 1]``) the per-expert gate x scaling in the accumulation dtype (``scaled_dense_gates``). At decode sizes every
-    op's fixed cost outweighs its arithmetic, so the gates go straight onto the rank columns with one
-    broadcasting multiply, in place on the fresh H (no expander GEMM, no saved tensors; at large T that
-    multiply is the slower one, see ``_expander``). The products are ``dense_small_apply``'s, on
-    ``dense_small_operands``' views (all experts' B stacked here, per call).
-    """
-    T, _ = x.shape
-    E, r, _ = lora_A.shape
-    A_t, B_t, W_t = dense_small_operands(lora_A, stack_B(lora_B), base_weight)
-    return dense_small_apply(x, A_t, B_t, W_t, base_bias, gates.view(T, E, 1), E, r)
-
-
-def dense_small_operands(lora_A: torch.Tensor, stacked_B: Optional[torch.Tensor], base_weight: Optional[torch.Tensor]
-                         ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+def dense_small_operands(lora_A: torch.Tensor, stacked_B: torch.Tensor, base_weight: Optional[torch.Tensor]
+                         ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The views ``dense_small_apply`` multiplies by: ``(A_t [K, E*r], B_t [E*r, N], W_t [K, N])`` from
     lora_A ``[E, r, K]`` (contiguous), ``stacked_B = stack_B(lora_B)`` ``[N, E*r]`` and the base weight
-    ``[N, K]`` (None in, None out). Views only: they follow in-place updates of their tensors. A caller whose
-    weights stay put makes them once (``DecodePlan``, torch_inference.py); the shared function keeps
-    both callers on the very same products."""
+    ``[N, K]`` (None: W_t None). Views only: they follow in-place updates of their tensors. A caller
+    whose weights stay put makes them once (``DecodePlan``, torch_inference.py); the op's dense-small
+    path makes them per call. Shared so that both run the very same products."""
     E, r, K = lora_A.shape
-    return (lora_A.view(E * r, K).t(), None if stacked_B is None else stacked_B.t(),
-            None if base_weight is None else base_weight.t())
+    return lora_A.view(E * r, K).t(), stacked_B.t(), None if base_weight is None else base_weight.t()
 
 
 def dense_small_apply(x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, W_t: Optional[torch.Tensor],
                       base_bias: Optional[torch.Tensor], gates: torch.Tensor, E: int, r: int) -> torch.Tensor:
-    """``y [T, N]`` of ``dense_small_products`` on ``dense_small_operands``' views; x ``[T, K]``, gates
-    ``[T, E, 1]`` in the accumulation dtype (each view costs about a microsecond, so callers sharing the
-    gates across projections shape them once)."""
+    """``y [T, N]``: the dense-rank products for a few tokens, in as few ops as possible, no autograd.
+
+    x ``[T, K]`` contiguous; ``A_t``, ``B_t``, ``W_t`` from ``dense_small_operands``; gates ``[T, E, 1]``
+    the per-expert gate x scaling in the accumulation dtype (``scaled_dense_gates``, shaped once by
+    callers sharing them across projections: each view costs about a microsecond). At decode sizes
+    every op's fixed cost outweighs its arithmetic, so the gates go straight onto the rank columns with
+    one broadcasting multiply, in place on the fresh H (no expander GEMM, no saved tensors; at large T
+    that multiply is the slower one, see ``_expander``).
+    """
     T = x.shape[0]
     hg = _mm_acc(x, A_t)  # [T, E*r], fresh
     hg.view(T, E, r).mul_(gates)  # in place: the gates onto each expert's r rank columns

@@ -60,10 +60,10 @@ def _routed_layers(model: nn.Module) -> List[nn.Module]:
 
 @contextlib.contextmanager
 def decode_cache(model: nn.Module) -> Iterator[nn.Module]:
-    """Let the routed layers (``MoLoRALinear``) inside ``model`` keep their stacked B between calls
-    until the block ends; yields ``model``. A no-op for a model without routed layers. Blocks nest:
-    the outermost one drops the stacks. Do not write to the layers' ``lora_B`` through ``.data`` inside
-    the block (module docstring)."""
+    """Let the routed layers (``MoLoRALinear``) inside ``model`` keep their decode plans (checks, views,
+    stacked B) between calls until the block ends; yields ``model``. A no-op for a model without routed
+    layers. Blocks nest: the outermost one drops the plans. Do not write to the layers' ``lora_B`` through
+    ``.data`` inside the block (module docstring)."""
     layers = _routed_layers(model)
     for layer in layers:
         entry = _ACTIVE.get(layer)
@@ -84,12 +84,10 @@ def decode_cache(model: nn.Module) -> Iterator[nn.Module]:
 
 def decode_plan(layer: nn.Module) -> Optional[DecodePlan]:
     """The ``DecodePlan`` of a routed layer held by a ``decode_cache`` block (made on first use, made anew
-    when one of its tensors was replaced or moved, or its scaling changed), or None outside a block and
-    for a layer no plan serves (per-expert scalings, mix-and-match, a HyperExpert)."""
+    when one of its tensors was replaced or moved, or its scaling changed), or None outside a block.
+    Which layers may use one (a uniform scaling, no mix-and-match or HyperExpert) is the layer's call."""
     entry = _ACTIVE.get(layer)
     if entry is None:
-        return None
-    if layer._uniform_scaling is None or layer.mix_and_match is not None or layer.hyper_expert is not None:
         return None
     A, B, W, b = _layer_tensors(layer)
     plan = entry.plan
@@ -118,4 +116,4 @@ def cached_stacked_B(layer: nn.Module) -> Optional[torch.Tensor]:
     plan = decode_plan(layer)
     if plan is None or not plan.served:
         return None
-    return plan.stacked_B()
+    return plan.operands()[1].t()

@@ -328,22 +328,19 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         return self.route_key or "MoLoRALinear"
 
     def _decode_shortcut(self, x: torch.Tensor, expert_ids: torch.Tensor, expert_weights: torch.Tensor,
-                         memo: Optional[Dict], plan_tried: bool = False) -> Optional[torch.Tensor]:
-        """``lora_mix_small_inference`` for gates from our own router(s) (ids in range; ``[..., k]`` with x's
-        leading dims): decode on a CPU without lora_mix's per-call checks, ours having been done when the
-        parameters were made. The same numbers as the general path. None: not such a call (or not such
-        a layer: per-expert scalings, mix-and-match, a HyperExpert). Inside a ``decode_cache`` block the
-        layer's plan serves it first (``plan_tried``: the caller asked it already)."""
+                         memo: Optional[Dict]) -> Optional[torch.Tensor]:
+        """A decode-sized call on a CPU without lora_mix's per-call checks (kernels/torch_inference.py), for
+        gates from our own router(s) (ids in range; ``[..., k]`` for x's tokens), ours having been done when
+        the parameters were made: the plan an open ``decode_cache`` block keeps for this layer, else one
+        made for the call. The same numbers as the general path. None: not such a call (or not such a
+        layer: per-expert scalings, mix-and-match, a HyperExpert)."""
         if self._uniform_scaling is None or self.mix_and_match is not None or self.hyper_expert is not None:
             return None
-        if not plan_tried:
-            plan = decode_plan(self)
-            if plan is not None:
-                y = plan(x, expert_ids, expert_weights, memo)
-                if y is not None:
-                    return y
-        return lora_mix_small_inference(x, self.lora_A, self.lora_B, expert_ids, expert_weights, self._uniform_scaling,
-                                        self.base_layer.weight, self.base_layer.bias, memo)
+        plan = decode_plan(self)
+        if plan is None:  # no block open
+            return lora_mix_small_inference(x, self.lora_A, self.lora_B, expert_ids, expert_weights,
+                                            self._uniform_scaling, self.base_layer.weight, self.base_layer.bias, memo)
+        return plan(x, expert_ids, expert_weights, memo)
 
     def forward(
         self,
@@ -362,19 +359,12 @@ class MoLoRALinear(BaseLayerProxy, nn.Module):
         slot = self.gate_slot
         tried_fast = False
         if expert_ids is None and expert_weights is None and slot is not None and not slot.bypass and slot.ids is not None:
-            # The shared router's gates: try the decode paths before this method's own bookkeeping, which at a
-            # decode step's size costs as much as the arithmetic. First the plan of an open decode_cache block
-            # (a generation), which checks the gates against x's tokens itself; then the per-call shortcut.
-            plan = decode_plan(self)
-            if plan is not None:
-                y = plan(x, slot.ids, slot.weights, slot.memo)
-                if y is not None:
-                    return y
-            if slot.ids.shape[:-1] == x.shape[:-1] and slot.ids.device == x.device:
-                tried_fast = True
-                y = self._decode_shortcut(x, slot.ids, slot.weights, slot.memo, plan_tried=True)
-                if y is not None:
-                    return y
+            # The shared router's gates: try the decode shortcut before this method's own bookkeeping, which
+            # at a decode step's size costs as much as the arithmetic (it checks the gates against x's tokens).
+            tried_fast = True
+            y = self._decode_shortcut(x, slot.ids, slot.weights, slot.memo)
+            if y is not None:
+                return y
         if (expert_ids is None) != (expert_weights is None):
             raise ValueError(f"{self._name()}: pass both expert_ids and expert_weights, or neither")
         # Ids from our own routers come out of top-k over E logits: always in range, so skip the range
