@@ -113,7 +113,7 @@ class DecodePlan:
         self.served = (lora_A.device.type == "cpu" and lora_A.is_contiguous() and lora_B.dtype == dtype
                        and base_weight.dtype == dtype and (base_bias is None or base_bias.dtype == dtype))
         self._acc = torch.float64 if dtype == torch.float64 else torch.float32
-        self._operands = None  # (A_t, B_t, W_t): on the first dense-small call (one-token decode never needs them)
+        self._operands = None  # (A_t, B_rows, W_t): on the first dense-small call (one-token decode never needs them)
         self._B_version = -1
 
     def holds(self, lora_A: torch.Tensor, lora_B: torch.Tensor, base_weight: torch.Tensor,
@@ -124,7 +124,7 @@ class DecodePlan:
                 and _addresses(lora_A, lora_B, base_weight, base_bias) == self._ptrs)
 
     def operands(self) -> tuple:
-        """``dense_small_operands`` of the plan's tensors, with lora_B stacked: ``(A_t [K, E*r], B_t [E*r,
+        """``dense_small_operands`` of the plan's tensors, with lora_B stacked: ``(A_t [K, E*r], B_rows [E*r,
         N], W_t [K, N])``, made again if lora_B's version moved since."""
         B = self.lora_B
         if self._operands is None or B._version != self._B_version:

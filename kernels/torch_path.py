@@ -8,11 +8,11 @@ no gather, no scatter and no Python loop over tokens or experts::
     Gc = (G * scaling) @ expander        [T, E*r]   (each expert's gate copied onto its r columns)
     H  = x @ A_all.T                     [T, E*r]   (fp32 for half inputs: it feeds the gate grads)
     Hg = H * Gc                          [T, E*r]
-    y  = x @ W.T + b + Hg @ B_all.T      [T, d_out]
+    y  = x @ W.T + b + Hg @ B_rows       [T, d_out]   (B_rows = stack_B(lora_B) [E*r, d_out])
 
 Backward, each product only when some input asks for it::
 
-    dHg = dy @ B_all                     [T, E*r]
+    dHg = dy @ B_rows.T                  [T, E*r]
     dG  = scaling * (dHg * H) @ expander.T [T, E] (gate grads in rank space, never [T, k, d_out])
     dH  = dHg * Gc
     dx  = dy @ W + dH @ A_all,  dA = dH.T @ x,  dB = dy.T @ Hg,  dW = dy.T @ x,  db = sum_t dy
@@ -107,18 +107,23 @@ def _expander(num_experts: int, rank: int, inp: LoRAMixInputs, dtype: torch.dtyp
 
 
 def stack_B(lora_B: torch.Tensor) -> torch.Tensor:
-    """``[E, d_out, r] -> [d_out, E*r]`` with expert e's rank columns at ``e*r:(e+1)*r``.
+    """``[E, d_out, r] -> [E*r, d_out]``: all experts' B^T as one row-major matrix, expert e's rank rows at
+    ``e*r:(e+1)*r`` (``B_rows``; ``Hg @ B_rows`` is the expand).
 
-    A copy per call (small: the experts' B). Not cached here on purpose: a cache keyed on the parameter
-    would miss writes made through ``param.data``, which bypass the version counter; only a caller that
-    knows the weights stay put may keep it (``selfmoe.decode_cache``, for a generation). Built
-    with ``cat`` of the E contiguous ``[d_out, r]`` blocks: the same bytes as
-    ``transpose(0, 1).reshape``, whose strided copy (rows of r elements) measured about 2x slower on a
-    CPU (benchmarks/NOTES.md).
+    Row-major ``[E*r, d_out]`` and not ``[d_out, E*r]`` (read transposed): on a CPU the expand reads it
+    from memory in stride, and a decode step finds a kept stack cold (the base weights streamed through
+    the cache since the layer's last call): there ``hg @ B_rows`` measured 25-50% faster than the same
+    product on the transposed layout, and a batch-16 decode step of the built-in model 1-3% faster
+    (benchmarks/NOTES.md, issue 13 item 2, change 8). Every dense formulation takes this one stack, so they
+    run the same products (``dense-small`` bitwise the general path, tested).
+
+    A copy per call (small: the experts' B); a view only for r = 1. Not cached here on purpose: a cache
+    keyed on the parameter would miss writes made through ``param.data``, which bypass the version
+    counter; only a caller that knows the weights stay put may keep it (``selfmoe.decode_cache``, for a
+    generation).
     """
-    if lora_B.shape[0] == 1:
-        return lora_B[0]
-    return torch.cat(lora_B.unbind(0), dim=1)
+    E, N, r = lora_B.shape
+    return lora_B.transpose(1, 2).reshape(E * r, N)
 
 
 def scaled_dense_gates(inp: LoRAMixInputs) -> torch.Tensor:
@@ -144,22 +149,22 @@ def _dense_small_forward(inp: LoRAMixInputs, gates: Optional[torch.Tensor] = Non
     return dense_small_apply(inp.x, *operands, inp.base_bias, gates.view(T, E, 1), E, r)
 
 
-def dense_small_operands(lora_A: torch.Tensor, stacked_B: torch.Tensor, base_weight: Optional[torch.Tensor]
+def dense_small_operands(lora_A: torch.Tensor, B_rows: torch.Tensor, base_weight: Optional[torch.Tensor]
                          ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """The views ``dense_small_apply`` multiplies by: ``(A_t [K, E*r], B_t [E*r, N], W_t [K, N])`` from
-    lora_A ``[E, r, K]`` (contiguous), ``stacked_B = stack_B(lora_B)`` ``[N, E*r]`` and the base weight
-    ``[N, K]`` (None: W_t None). Views only: they follow in-place updates of their tensors. A caller
+    """What ``dense_small_apply`` multiplies by: ``(A_t [K, E*r], B_rows [E*r, N], W_t [K, N])`` from
+    lora_A ``[E, r, K]`` (contiguous), ``B_rows = stack_B(lora_B)`` and the base weight ``[N, K]``
+    (None: W_t None). A_t and W_t are views: they follow in-place updates of their tensors. A caller
     whose weights stay put makes them once (``DecodePlan``, torch_inference.py); the op's dense-small
     path makes them per call. Shared so that both run the very same products."""
     E, r, K = lora_A.shape
-    return lora_A.view(E * r, K).t(), stacked_B.t(), None if base_weight is None else base_weight.t()
+    return lora_A.view(E * r, K).t(), B_rows, None if base_weight is None else base_weight.t()
 
 
-def dense_small_apply(x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, W_t: Optional[torch.Tensor],
+def dense_small_apply(x: torch.Tensor, A_t: torch.Tensor, B_rows: torch.Tensor, W_t: Optional[torch.Tensor],
                       base_bias: Optional[torch.Tensor], gates: torch.Tensor, E: int, r: int) -> torch.Tensor:
     """``y [T, N]``: the dense-rank products for a few tokens, in as few ops as possible, no autograd.
 
-    x ``[T, K]`` contiguous; ``A_t``, ``B_t``, ``W_t`` from ``dense_small_operands``; gates ``[T, E, 1]``
+    x ``[T, K]`` contiguous; ``A_t``, ``B_rows``, ``W_t`` from ``dense_small_operands``; gates ``[T, E, 1]``
     the per-expert gate x scaling in the accumulation dtype (``scaled_dense_gates``, shaped once by
     callers sharing them across projections: each view costs about a microsecond). At decode sizes
     every op's fixed cost outweighs its arithmetic, so the gates go straight onto the rank columns with
@@ -172,9 +177,9 @@ def dense_small_apply(x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, W_t
     if hg.dtype != x.dtype:
         hg = hg.to(x.dtype)
     if W_t is None:
-        return hg @ B_t
+        return hg @ B_rows
     y = torch.mm(x, W_t) if base_bias is None else torch.addmm(base_bias, x, W_t)  # [T, N]
-    return y.addmm_(hg, B_t)
+    return y.addmm_(hg, B_rows)
 
 
 class TorchBackend(Backend):
@@ -198,7 +203,7 @@ class TorchBackend(Backend):
         ids = inp.ids if inp.ids.dtype == torch.int64 else inp.ids.long()
         acc = _acc_dtype(x)
         A_all = lora_A.reshape(E * r, K)  # [E*r, K]
-        B_all = stack_B(inp.lora_B)  # [N, E*r]
+        B_rows = stack_B(inp.lora_B)  # [E*r, N]
         expand = _expander(E, r, inp, acc)  # [E, E*r], scaling included
 
         gates = dense_gates(ids, inp.gates, E, acc)  # [T, E]
@@ -211,23 +216,23 @@ class TorchBackend(Backend):
                 y = torch.addmm(inp.base_bias, x, inp.base_weight.t())  # [T, N]
             else:
                 y = x @ inp.base_weight.t()
-            y.addmm_(hg, B_all.t())
+            y.addmm_(hg, B_rows)
         else:
-            y = hg @ B_all.t()  # [T, N]
-        saved = (x, lora_A, B_all, ids, h, gate_cols, inp.base_weight, expand)
+            y = hg @ B_rows  # [T, N]
+        saved = (x, lora_A, B_rows, ids, h, gate_cols, inp.base_weight, expand)
         return y, saved, inp.gates.dtype
 
     def backward(self, saved, state, dy, needs):
         if isinstance(state, SortedState):
             return sorted_backward(saved, state, dy, needs)
-        x, lora_A, B_all, ids, h, gate_cols, base_weight, expand = saved
+        x, lora_A, B_rows, ids, h, gate_cols, base_weight, expand = saved
         gates_dtype = state
         T, K = x.shape
         E, r, _ = lora_A.shape
         dx = dA = dB = dw = None
 
         if needs.x or needs.lora_A or needs.gates:
-            dhg = _mm_acc(dy, B_all)  # [T, E*r], fp32 for half dy
+            dhg = _mm_acc(dy, B_rows.t())  # [T, E*r], fp32 for half dy
             if needs.gates:
                 dgate = (dhg * h) @ expand.t()  # [T, E]: scaling x sum over each expert's rank columns
                 dw = dgate.gather(1, ids).to(gates_dtype)  # [T, k]

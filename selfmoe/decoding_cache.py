@@ -3,7 +3,7 @@
 A decode step calls each routed projection on a handful of tokens, where the per-call work that
 depends only on the weights costs as much as the arithmetic: checking their dtypes and layout, making
 the views the products multiply by, and for a batched step (2 to ``SMALL_T`` tokens on a CPU) stacking
-all experts' B as one ``[d_out, E*r]`` matrix (``torch_path.stack_B``, a copy). Outside this block none
+all experts' B as one ``[E*r, d_out]`` matrix (``torch_path.stack_B``, a copy). Outside this block none
 of it can be kept: a write through ``param.data`` leaves the parameter's version counter alone, and a
 cache keyed on it would go stale without a sign. A generation does not change the weights, so for its
 duration each layer keeps a ``DecodePlan`` (kernels/torch_inference.py) made on its first call; on
@@ -110,10 +110,10 @@ def _layer_tensors(layer: nn.Module) -> tuple:
 
 
 def cached_stacked_B(layer: nn.Module) -> Optional[torch.Tensor]:
-    """``layer.lora_B`` stacked ``[d_out, E*r]`` (``stack_B``'s bytes) as its ``decode_cache`` plan keeps
+    """``layer.lora_B`` stacked ``[E*r, d_out]`` (``stack_B``'s bytes) as its ``decode_cache`` plan keeps
     it (made on first use, again when lora_B's version moves), or None outside a block or for a layer
     the plan does not serve (its tensors not all on the CPU in one dtype)."""
     plan = decode_plan(layer)
     if plan is None or not plan.served:
         return None
-    return plan.operands()[1].t()
+    return plan.operands()[1]
