@@ -43,8 +43,16 @@ def route_topk(
             from .topk_triton import route_topk_triton
 
             return route_topk_triton(logits, k, renormalize)
-    probs = torch.softmax(logits.float(), dim=-1)  # [..., E]
+    return softmax_topk(logits, k, renormalize)
+
+
+def softmax_topk(logits: torch.Tensor, k: int, renormalize: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``route_topk``'s torch body without its argument checks or backend choice: float ``logits [..., E]``
+    and an int ``1 <= k <= E`` already checked by the caller (a router checks its ``top_k`` when it is
+    set). A decode step routes every decoder layer on a handful of tokens, and on a CPU each of those
+    checks costs more there than in a warm loop (benchmarks/NOTES.md, issue 13 item 2, change 9)."""
+    probs = torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)  # [..., E]
     weights, ids = torch.topk(probs, k, dim=-1)  # [..., k]
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(logits.dtype), ids
+    return (weights if weights.dtype == logits.dtype else weights.to(logits.dtype)), ids

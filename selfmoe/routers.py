@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfmoe.kernels import route_topk
+from selfmoe.kernels.topk import softmax_topk
 
 from .choices import ROUTER_KINDS, ROUTING_MODES, check_aux_loss  # defined once, torch-free (the CLI offers them too)
 from .stats import RoutingStats
@@ -384,9 +385,11 @@ class TopKRouter(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[..., E]`` float logits of the learned router."""
-        w = self.linear.weight
-        # .to is a no-op in the usual case; it also lets a model split over devices share one router.
-        return F.linear(hidden.to(device=w.device, dtype=w.dtype), w, self.linear.bias)
+        linear = self.linear
+        w = linear.weight
+        if hidden.dtype != w.dtype or hidden.device != w.device:  # a model split over devices shares one router
+            hidden = hidden.to(device=w.device, dtype=w.dtype)
+        return F.linear(hidden, w, linear.bias)
 
     def forward(self, hidden: torch.Tensor, key: Optional[str] = None) -> RouterOutput:
         if hidden.shape[-1] != self.in_features:
@@ -402,7 +405,10 @@ class TopKRouter(nn.Module):
             gates = self._with_prior(self.logits(hidden), key)
         else:
             logits = self.logits(hidden)
-            weights, ids = route_topk(logits, self.top_k, self.renormalize)
+            if logits.is_cuda:  # route_topk picks its fused kernel there
+                weights, ids = route_topk(logits, self.top_k, self.renormalize)
+            else:  # route_topk's own torch body, without re-checking the top_k its setters checked
+                weights, ids = softmax_topk(logits, self.top_k, self.renormalize)
             if self.pruned is not None and not self.renormalize:
                 weights = weights * self._kept_mass(hidden, logits).to(weights.dtype)
             gates = RouterOutput(weights, ids, logits)

@@ -63,3 +63,31 @@ def test_bad_logits():
         route_topk(torch.ones(3, 4, dtype=torch.long), 1)
     with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
         route_topk([[0.0, 1.0]], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("k, renormalize", [(1, False), (2, True), (4, False)])
+def test_router_fast_path_is_route_topk(dtype, k, renormalize):
+    """A router on a CPU calls ``softmax_topk`` (route_topk's torch body, its checks skipped): the very
+    gates ``route_topk`` gives, in the logits' dtype, and the float64 reference's ids."""
+    from selfmoe.kernels.topk import softmax_topk
+    from selfmoe.routers import TopKRouter
+
+    logits = _logits(9, 4, seed=k + 7, dtype=dtype)
+    got_w, got_ids = softmax_topk(logits, k, renormalize)
+    want_w, want_ids = route_topk(logits, k, renormalize)
+    assert got_w.dtype == dtype and torch.equal(got_w, want_w) and torch.equal(got_ids, want_ids)
+    ref_w, ref_ids = route_topk_naive(logits.double(), k, renormalize)
+    assert torch.equal(got_ids, ref_ids)
+    torch.testing.assert_close(got_w.double(), ref_w, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+
+    router = TopKRouter(6, 4, top_k=k, renormalize=renormalize)
+    with torch.no_grad():
+        router.linear.weight.normal_(generator=torch.Generator().manual_seed(k))
+        router.linear.bias.uniform_(-1, 1)
+    hidden = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(k + 1))
+    out = router(hidden)
+    logits = torch.nn.functional.linear(hidden, router.linear.weight, router.linear.bias)
+    assert torch.equal(out.logits, logits)
+    want_w, want_ids = route_topk(logits, k, renormalize)
+    assert torch.equal(out.weights, want_w) and torch.equal(out.ids, want_ids)
