@@ -110,11 +110,11 @@ def stack_B(lora_B: torch.Tensor) -> torch.Tensor:
     """``[E, d_out, r] -> [E*r, d_out]``: all experts' B^T as one row-major matrix, expert e's rank rows at
     ``e*r:(e+1)*r`` (``B_rows``; ``Hg @ B_rows`` is the expand).
 
-    Row-major ``[E*r, d_out]`` and not ``[d_out, E*r]`` (read transposed): on a CPU the expand reads it
-    from memory in stride, and a decode step finds a kept stack cold (the base weights streamed through
-    the cache since the layer's last call): there ``hg @ B_rows`` measured 25-50% faster than the same
-    product on the transposed layout, and a batch-16 decode step of the built-in model 1-3% faster
-    (benchmarks/NOTES.md, issue 13 item 2, change 8). Every dense formulation takes this one stack, so they
+    Row-major ``[E*r, d_out]``, not ``[d_out, E*r]`` read transposed: a decode step finds a kept stack
+    cold (the base weights streamed through the caches since the layer's last call), and there, on a
+    CPU, ``hg @ B_rows`` measured 25-50% faster than the same product on the transposed layout, a
+    batch-16 decode step of the built-in model 1-3% faster (benchmarks/NOTES.md, issue 13 item 2,
+    change 8); warm, the two layouts take the same time. Every dense formulation takes this one stack, so they
     run the same products (``dense-small`` bitwise the general path, tested).
 
     A copy per call (small: the experts' B); a view only for r = 1. Not cached here on purpose: a cache
