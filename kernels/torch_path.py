@@ -114,8 +114,8 @@ def stack_B(lora_B: torch.Tensor) -> torch.Tensor:
     cold (the base weights streamed through the caches since the layer's last call), and there, on a
     CPU, ``hg @ B_rows`` measured 25-50% faster than the same product on the transposed layout, a
     batch-16 decode step of the built-in model 1-3% faster (benchmarks/NOTES.md, issue 13 item 2,
-    change 8); warm, the two layouts take the same time. Every dense formulation takes this one stack, so they
-    run the same products (``dense-small`` bitwise the general path, tested).
+    change 8); warm, the two layouts take the same time. Every dense formulation takes this one stack,
+    so they run the same products (``dense-small`` bitwise the general path, tested).
 
     A copy per call (small: the experts' B); a view only for r = 1. Not cached here on purpose: a cache
     keyed on the parameter would miss writes made through ``param.data``, which bypass the version
