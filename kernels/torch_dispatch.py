@@ -36,11 +36,17 @@ ENV_TORCH_PATH = "SELFMOE_TORCH_PATH"
 # (benchmarks/NOTES.md, issue 13 item 3), in units of one rank column of dense-rank work per token:
 SORTED_SLOT_COST = 32  # a slot's row gather and index_add_, beside its r rank columns
 SORTED_EXPERT_COST = 1024  # an expert's fixed cost (its ~8 small ops), spread over the T tokens
+# A dense rank column's cost when oneDNN computes the dense products (kernels/cpu_gemm.py), in units of
+# one computed by torch's BLAS: refitted on the same shapes with oneDNN (NOTES, "Change: the dense
+# path's rank-space products through oneDNN"), where the dense path ran in 0.85-0.95x its old time.
+ONEDNN_DENSE_COLUMN_COST = 0.5
 
 
-def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds, *, r: int, cpu: bool = True) -> str:
+def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds, *, r: int, cpu: bool = True,
+                      onednn: bool = False) -> str:
     """The torch formulation for ``T`` tokens, ``E`` experts of rank ``r`` and top-``k`` (``needs``:
-    gradients asked for; ``cpu``: the tensors are on a CPU)."""
+    gradients asked for; ``cpu``: the tensors are on a CPU; ``onednn``: the dense formulation's
+    rank-space products would go through oneDNN, see ``sorted_pays``)."""
     forced = os.environ.get(ENV_TORCH_PATH, "")
     inference = not any(needs)
     if forced:
@@ -54,12 +60,12 @@ def choose_torch_path(T: int, E: int, k: int, needs: GradNeeds, *, r: int, cpu: 
         small = inference_path(T, E, k)
         if small is not None:
             return small
-    if cpu and sorted_pays(T, E, k, r):
+    if cpu and sorted_pays(T, E, k, r, onednn=onednn):
         return "sorted"
     return "dense"
 
 
-def sorted_pays(T: int, E: int, k: int, r: int) -> bool:
+def sorted_pays(T: int, E: int, k: int, r: int, *, onednn: bool = False) -> bool:
     """Whether the sorted formulation beats dense-rank for ``T`` tokens, ``E`` experts of rank ``r``, top-``k``.
 
     Per token, dense-rank computes ``E*r`` rank columns. Sorted computes ``k*r``, moves each of its ``k``
@@ -67,15 +73,21 @@ def sorted_pays(T: int, E: int, k: int, r: int) -> bool:
     ``SORTED_SLOT_COST`` rank columns each) and pays a fixed cost per expert (``SORTED_EXPERT_COST``
     over all tokens)::
 
-        sorted when  T * (E*r - k*(r + SORTED_SLOT_COST)) > E * SORTED_EXPERT_COST
+        sorted when  T * (c*E*r - k*(r + SORTED_SLOT_COST)) > E * SORTED_EXPERT_COST
+
+    with ``c = 1``, or ``ONEDNN_DENSE_COLUMN_COST`` when oneDNN computes the dense path's products
+    (``onednn``: float32 on an x86 CPU, kernels/cpu_gemm.py), where its rank columns cost about half.
 
     Measured (1 thread, T=2048 unless said, d=1024; forward and router training): sorted wins at
     (E, r, k) = (8, 16, 2), (8, 16, 1), (16, 8, 2), (64, 16, 2) also at T=1024, and (4, 16, 1) at
     T=4096; dense wins at (4, 8, 1) (paper-cpu) and (8, 8, 2), and at (8, 16, 2) with T=128; they tie
-    at T=256-512. The rule does not look at the thread count: at 2 threads the per-op cost depends on
+    at T=256-512. With oneDNN (refitted on the same shapes): sorted wins at (8, 16, 1), (16, 16, 2),
+    (32, 16, 2) also at T=512, (64, 16, 2) down to T=256; dense at (8, 16, 2) (top2-cpu), (16, 8, 2),
+    (8, 8, 2), (4, 16, 1), (4, 8, 1) and at T <= 512 for (8, 16, 2). The rule does not look at the thread count: at 2 threads the per-op cost depends on
     whether the other core is free (see benchmarks/NOTES.md), which a dispatcher cannot see.
     """
-    return T * (E * r - k * (r + SORTED_SLOT_COST)) > E * SORTED_EXPERT_COST
+    column = ONEDNN_DENSE_COLUMN_COST if onednn else 1.0
+    return T * (column * E * r - k * (r + SORTED_SLOT_COST)) > E * SORTED_EXPERT_COST
 
 
 def inference_path(T: int, E: int, k: int) -> Optional[str]:

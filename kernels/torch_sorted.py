@@ -28,7 +28,9 @@ Why per expert, end to end, and not one gather of all slots ``[S, K]`` and one `
 shape) are used while they are still in cache; with whole ``[S, .]`` buffers every product is one
 more pass through memory, and on the 2-core CPU the whole-buffer version measured up to 1.3x slower
 than this (benchmarks/NOTES.md, issue 13 item 3). The rows go through two buffers of one expert's
-size, reused across experts (``index_select`` / ``mm`` with ``out=``). The price is about 4 torch ops
+size, reused across experts (``index_select`` / ``mm`` with ``out=``); a product big enough for oneDNN
+(cpu_gemm.py: float32, about a million multiply-adds) returns its own rows instead (measured about 1%
+faster than torch's GEMM here, where the products wait on memory more than on arithmetic). The price is about 4 torch ops
 per expert and product, each a parallel region when torch runs several threads: cheap on idle cores,
 a scheduler tick each when another process holds one (NOTES again).
 
@@ -41,6 +43,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from . import cpu_gemm
 from .contract import HALF_DTYPES, GradNeeds, LoRAMixInputs, torch_base_grads
 from .utils import poisoned_empty
 
@@ -114,8 +117,8 @@ def sorted_forward(inp: LoRAMixInputs, needs: GradNeeds):
     for e, a, b in _segments(counts):
         tok_e, x_e, y_e = tok[a:b], x_buf[:b - a], y_buf[:b - a]
         torch.index_select(x, 0, tok_e, out=x_e)  # [n_e, K]
-        torch.mm(x_e if up is None else x_e.to(up), A_t[e], out=h[a:b])  # [n_e, r]
-        torch.mm((h[a:b] * coef_col[a:b]).to(x.dtype), B_t[e], out=y_e)  # [n_e, N]
+        cpu_gemm.mm(x_e if up is None else x_e.to(up), A_t[e], out=h[a:b])  # [n_e, r]
+        y_e = cpu_gemm.mm_rows((h[a:b] * coef_col[a:b]).to(x.dtype), B_t[e], y_e)  # [n_e, N]
         y.index_add_(0, tok_e, y_e)  # into their tokens (a token's duplicate ids add up)
     if inp.base_weight is not None:
         torch.addmm(y, x, inp.base_weight.t(), out=y)  # [T, N] += x W^T (addmm_ itself: a FLOP counter misses it)
@@ -173,18 +176,17 @@ def sorted_backward(saved, state: SortedState, dy: torch.Tensor, needs: GradNeed
         tok_e, dy_e = tok[a:b], dy_buf[:b - a]
         torch.index_select(dy, 0, tok_e, out=dy_e)  # [n_e, N]
         if need_dhg:
-            torch.mm(dy_e if up is None else dy_e.to(up), B_up[e], out=dhg[a:b])  # [n_e, r]
+            cpu_gemm.mm(dy_e if up is None else dy_e.to(up), B_up[e], out=dhg[a:b])  # [n_e, r]
         if needs.lora_B:
-            torch.mm((h[a:b] * coef_col[a:b]).to(dtype).t(), dy_e, out=dB_t[e])  # [r, N]
+            cpu_gemm.mm((h[a:b] * coef_col[a:b]).to(dtype).t(), dy_e, out=dB_t[e])  # [r, N]
         if need_dh:
             dh_e = (dhg[a:b] * coef_col[a:b]).to(dtype)  # [n_e, r]
             k_e = k_buf[:b - a]
             if needs.x:
-                torch.mm(dh_e, lora_A[e], out=k_e)  # [n_e, K]
-                dx.index_add_(0, tok_e, k_e)
+                dx.index_add_(0, tok_e, cpu_gemm.mm_rows(dh_e, lora_A[e], k_e))  # [n_e, K] rows into their tokens
             if needs.lora_A:
                 torch.index_select(x, 0, tok_e, out=k_e)  # [n_e, K]
-                torch.mm(dh_e.t(), k_e, out=dA[e])  # [r, K]
+                cpu_gemm.mm(dh_e.t(), k_e, out=dA[e])  # [r, K]
 
     if needs.lora_B:
         dB = dB_t.transpose(1, 2).contiguous()  # [E, N, r]

@@ -13,7 +13,7 @@ import torch
 
 import selfmoe.kernels.torch_path as torch_path
 import selfmoe.kernels.torch_sorted as torch_sorted
-from selfmoe.kernels import lora_mix, lora_mix_naive, utils
+from selfmoe.kernels import cpu_gemm, lora_mix, lora_mix_naive, utils
 from selfmoe.kernels.contract import NO_GRADS, GradNeeds
 from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH, choose_torch_path, sorted_pays
 from helpers import TOL, check_against_reference, make_case, rel_err
@@ -174,17 +174,29 @@ def test_dispatcher_picks_sorted_only_where_it_pays(monkeypatch):
     assert choose_torch_path(16, 8, 2, NO_GRADS, r=16) == "dense-small"
     assert choose_torch_path(1, 8, 2, TRAIN, r=16) == "dense"
     assert sorted_pays(2048, 16, 2, 8) and not sorted_pays(256, 8, 2, 16)
+    # With the dense products on oneDNN (about half the cost per rank column), refitted on the same shapes:
+    for T, E, r, k in ((2048, 8, 16, 1), (2048, 16, 16, 2), (2048, 32, 16, 2), (512, 32, 16, 2), (256, 64, 16, 2)):
+        assert choose_torch_path(T, E, k, TRAIN, r=r, onednn=True) == "sorted", (T, E, r, k)
+    for T, E, r, k in ((2048, 8, 16, 2), (2048, 16, 8, 2), (2048, 8, 8, 2), (4096, 4, 16, 1), (512, 8, 16, 2)):
+        assert choose_torch_path(T, E, k, TRAIN, r=r, onednn=True) == "dense", (T, E, r, k)
     monkeypatch.setenv(ENV_TORCH_PATH, "sorted")
     assert choose_torch_path(1, 4, 1, TRAIN, r=8) == "sorted"  # forced: anywhere, training too
     monkeypatch.setenv(ENV_TORCH_PATH, "dense")
     assert choose_torch_path(2048, 8, 2, TRAIN, r=16) == "dense"
 
 
-@pytest.mark.parametrize("shape,expect", [((2048, 8, 16, 2), 1), ((2048, 4, 8, 1), 0)])
-def test_lora_mix_runs_sorted_at_top2_sizes(monkeypatch, shape, expect):
-    """Unforced, ``lora_mix(backend="torch")`` runs the sorted path at a top2-cpu-like shape (narrow d:
-    the rule does not depend on it) for training and inference, and not at a paper-like one."""
+@pytest.mark.parametrize("shape,gemm,expect", [
+    ((2048, 8, 16, 2), "torch", 1), ((2048, 4, 8, 1), "torch", 0),
+    ((2048, 8, 16, 2), "onednn", 0), ((2048, 16, 16, 2), "onednn", 1), ((2048, 4, 8, 1), "onednn", 0),
+])
+def test_lora_mix_runs_sorted_at_top2_sizes(monkeypatch, shape, gemm, expect):
+    """Unforced, ``lora_mix(backend="torch")`` runs the sorted path where ``sorted_pays`` says so (narrow d:
+    the rule does not depend on it), for training and inference: at a top2-cpu-like shape when the dense
+    products would run on torch's GEMM, only at twice the experts when they would run on oneDNN."""
+    if gemm == "onednn" and not cpu_gemm.onednn_available():
+        pytest.skip("no oneDNN linear in this torch build / on this CPU")
     monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    monkeypatch.setenv(cpu_gemm.ENV_CPU_GEMM, gemm)
     calls = _count_calls(monkeypatch)
     T, E, r, k = shape
     case = make_case(T, 16, 12, E, r, k, seed=T + E).to(torch.float32, {"x": True, "expert_weights": True})
@@ -208,6 +220,7 @@ def test_pays_only_the_selected_experts_flops(monkeypatch):
         return counter.get_total_flops()
 
     monkeypatch.delenv(ENV_TORCH_PATH, raising=False)
+    monkeypatch.setenv(cpu_gemm.ENV_CPU_GEMM, "torch")  # the dispatcher's sorted shape for torch's GEMM
     calls = _count_calls(monkeypatch)
     T, K, N, E, r, k = 2048, 16, 12, 8, 16, 2
     S = T * k
