@@ -7,6 +7,13 @@ Providers (each computes ``y = x @ W.T + b + sum_j w_j * s * B_e A_e x`` for top
   selfmoe-torch-dense   the same, forced to the dense-rank formulation (``SELFMOE_TORCH_PATH=dense``)
   selfmoe-torch-sorted  the same, forced to the sorted formulation (``SELFMOE_TORCH_PATH=sorted``:
                     slots sorted by expert, only the k chosen experts' rank columns, its own backward)
+  selfmoe-torch-blas    ``selfmoe-torch`` with its rank-space GEMMs on torch's BLAS (``SELFMOE_CPU_GEMM=
+                    torch``; the dispatcher then fits its choice to that): the torch path before
+                    kernels/cpu_gemm.py, for the A/B in the same run
+  base-onednn       the base linear itself through oneDNN (x86 CPUs, float32): what the bare GEMM costs
+                    there, for reference only. Every ratio, selfmoe's included, stays against ``base``
+                    (``F.linear``, the GEMM the base model runs); selfmoe computes its base product with
+                    that same GEMM
   selfmoe-dense     dense-rank Triton kernels: shrink + expand fused into the base GEMM's K loop  (CUDA)
   selfmoe-grouped   grouped Triton kernels: tokens sorted by expert, only the k chosen experts     (CUDA)
   selfmoe-decode    one-launch decode kernel; only for T <= 64                                    (CUDA)
@@ -140,6 +147,40 @@ def _torch_forced(path: str):
     return provider
 
 
+def _cpu_gemm_forced(mode: str):
+    """``selfmoe-torch`` with ``SELFMOE_CPU_GEMM=mode`` for the call (forward and backward both: the
+    backward runs the GEMMs its forward chose)."""
+    from selfmoe.kernels.cpu_gemm import ENV_CPU_GEMM
+
+    def provider(inp):
+        with mock.patch.dict(os.environ, {ENV_CPU_GEMM: mode}):
+            return selfmoe_torch(inp)
+    provider.__name__ = f"selfmoe_torch_gemm_{mode}"
+    return provider
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` with both GEMMs through oneDNN; the gradient for x only (what ``base`` trains too)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        from selfmoe.kernels.cpu_gemm import onednn_mm
+
+        ctx.save_for_backward(W)
+        return onednn_mm(x, W.t(), b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from selfmoe.kernels.cpu_gemm import onednn_mm
+
+        (W,) = ctx.saved_tensors
+        return onednn_mm(dy, W), None, None
+
+
+def base_onednn(inp):
+    return _OneDNNLinear.apply(inp["x"], inp["W"], inp["b"])
+
+
 def per_expert_loop(inp):
     """The usual MoE-LoRA implementation: per expert, gather its tokens, run its LoRA, scatter back."""
     x, ids, w = inp["x"], inp["ids"], inp["w"]
@@ -231,6 +272,8 @@ PROVIDERS: Dict[str, Callable] = {
     "selfmoe-torch": selfmoe_torch,
     "selfmoe-torch-dense": _torch_forced("dense"),
     "selfmoe-torch-sorted": _torch_forced("sorted"),
+    "selfmoe-torch-blas": _cpu_gemm_forced("torch"),
+    "base-onednn": base_onednn,
     "selfmoe-dense": selfmoe_dense,
     "selfmoe-grouped": selfmoe_grouped,
     "selfmoe-decode": selfmoe_decode,
@@ -248,6 +291,11 @@ def skip_reason(name: str, shape: Shape, device: torch.device, dtype: torch.dtyp
     """Why a provider does not run here (None: it runs)."""
     if name in TRITON_PROVIDERS and device.type != "cuda":
         return "CUDA only: on CPU Triton runs under its interpreter, whose timings mean nothing"
+    if name == "base-onednn":
+        from selfmoe.kernels.cpu_gemm import onednn_available
+
+        if device.type != "cpu" or dtype != torch.float32 or not onednn_available():
+            return "float32 on an x86 CPU with torch's oneDNN only"
     if name == "torch-grouped-mm" and device.type != "cuda":
         return "CUDA only: grouped_mm is the CUDA grouped-GEMM baseline"
     if name in TRITON_PROVIDERS:
@@ -278,7 +326,7 @@ def runner(provider: Callable, inp: Dict[str, torch.Tensor], mode: str) -> Calla
             with torch.no_grad():
                 provider(inp)
         return step
-    if provider is base:
+    if provider in (base, base_onednn):
         # The bare linear trains nothing of the mixture: it only passes the gradient to x.
         leaves = [inp["x"]]
     dy = torch.randn(inp["x"].shape[0], inp["W"].shape[0], dtype=inp["x"].dtype, device=inp["x"].device)
