@@ -5,6 +5,7 @@ import csv
 import datetime as _dt
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -70,15 +71,26 @@ def versions() -> Dict[str, str]:
     return {"torch": torch.__version__, "triton": triton_version}
 
 
-def time_rounds_ms(fns: Dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2) -> Dict[str, List[float]]:
-    """Milliseconds of each ``fn()`` per round (CPU): every function is warmed up, then they are timed
-    round-robin, one call each per round, so load from other processes lands on all of them alike."""
+def time_rounds_ms(fns: Dict[str, Callable[[], object]], reps: int = 10, warmup: int = 2,
+                   seed: int = 0) -> Dict[str, List[float]]:
+    """Milliseconds of each ``fn()`` per round (CPU): every function is warmed up, then they are timed in
+    rounds, one call each per round, so load from other processes lands on all of them alike.
+
+    Each round runs the functions in a new order (shuffled, seeded): a call's time depends on what ran
+    just before it. In a fixed order the same code read 1.311x the base in the slot right after
+    ``dense-all-experts`` and 1.160x in the slot after ``base`` (top2-cpu router training, 9 rounds;
+    benchmarks/NOTES.md, issue 13 item 3). A fixed or cyclic order gives that cost to the same function
+    every round; shuffled, it lands on each one in a few rounds, which the medians then leave out."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {name: [] for name in fns}
+    rng = random.Random(seed)
+    names = list(fns)
     for _ in range(reps):
-        for name, fn in fns.items():
+        rng.shuffle(names)
+        for name in names:
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
