@@ -7,6 +7,7 @@ Installed from the top-level ``kernels/`` folder as ``selfmoe.kernels`` (see set
     torch_path.py    torch backend (the CPU path and the fallback): TORCH, lora_mix_torch; its decode
                      formulations in torch_gathered.py, its many-experts one in torch_sorted.py, chosen
                      by torch_dispatch.py
+    cpu_gemm.py      the torch path's float32 rank-space GEMMs through oneDNN on x86 CPUs where that is faster
     torch_inference.py  lora_mix_small_inference, DecodePlan: decode-sized calls without the per-call checks
                      (MoLoRALinear's shortcut; bitwise the op)
     dense.py         dense-rank and decode Triton backends: DENSE, DECODE, lora_mix_dense, lora_mix_decode
