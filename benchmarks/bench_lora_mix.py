@@ -60,6 +60,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.common` impor
 
 from benchmarks.common import LOCAL_RESULTS_DIR, device_label, device_slug, git_commit, time_many_ms, timestamp, versions, write_csv
 from selfmoe.kernels import lora_mix
+from selfmoe.kernels.cpu_gemm import ENV_CPU_GEMM, onednn_available, onednn_mm
+from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
 
 
 @dataclass(frozen=True)
@@ -135,27 +137,13 @@ def selfmoe_torch(inp):
                     base_weight=inp["W"], base_bias=inp["b"], backend="torch")
 
 
-def _torch_forced(path: str):
-    """``selfmoe-torch`` with the torch formulation forced to ``path`` for the call (forward and backward
-    both: the backward runs the formulation its forward chose)."""
-    from selfmoe.kernels.torch_dispatch import ENV_TORCH_PATH
-
+def _selfmoe_torch_with(variable: str, value: str):
+    """``selfmoe-torch`` with the environment variable ``variable`` set to ``value`` for the call
+    (forward and backward both: the backward runs the formulation and GEMMs its forward chose)."""
     def provider(inp):
-        with mock.patch.dict(os.environ, {ENV_TORCH_PATH: path}):
+        with mock.patch.dict(os.environ, {variable: value}):
             return selfmoe_torch(inp)
-    provider.__name__ = f"selfmoe_torch_{path}"
-    return provider
-
-
-def _cpu_gemm_forced(mode: str):
-    """``selfmoe-torch`` with ``SELFMOE_CPU_GEMM=mode`` for the call (forward and backward both: the
-    backward runs the GEMMs its forward chose)."""
-    from selfmoe.kernels.cpu_gemm import ENV_CPU_GEMM
-
-    def provider(inp):
-        with mock.patch.dict(os.environ, {ENV_CPU_GEMM: mode}):
-            return selfmoe_torch(inp)
-    provider.__name__ = f"selfmoe_torch_gemm_{mode}"
+    provider.__name__ = f"selfmoe_torch_{variable.lower()}_{value}"
     return provider
 
 
@@ -164,15 +152,11 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W, b):
-        from selfmoe.kernels.cpu_gemm import onednn_mm
-
         ctx.save_for_backward(W)
         return onednn_mm(x, W.t(), b)
 
     @staticmethod
     def backward(ctx, dy):
-        from selfmoe.kernels.cpu_gemm import onednn_mm
-
         (W,) = ctx.saved_tensors
         return onednn_mm(dy, W), None, None
 
@@ -270,9 +254,9 @@ def torch_grouped_mm(inp):
 PROVIDERS: Dict[str, Callable] = {
     "base": base,
     "selfmoe-torch": selfmoe_torch,
-    "selfmoe-torch-dense": _torch_forced("dense"),
-    "selfmoe-torch-sorted": _torch_forced("sorted"),
-    "selfmoe-torch-blas": _cpu_gemm_forced("torch"),
+    "selfmoe-torch-dense": _selfmoe_torch_with(ENV_TORCH_PATH, "dense"),
+    "selfmoe-torch-sorted": _selfmoe_torch_with(ENV_TORCH_PATH, "sorted"),
+    "selfmoe-torch-blas": _selfmoe_torch_with(ENV_CPU_GEMM, "torch"),
     "base-onednn": base_onednn,
     "selfmoe-dense": selfmoe_dense,
     "selfmoe-grouped": selfmoe_grouped,
@@ -292,8 +276,6 @@ def skip_reason(name: str, shape: Shape, device: torch.device, dtype: torch.dtyp
     if name in TRITON_PROVIDERS and device.type != "cuda":
         return "CUDA only: on CPU Triton runs under its interpreter, whose timings mean nothing"
     if name == "base-onednn":
-        from selfmoe.kernels.cpu_gemm import onednn_available
-
         if device.type != "cpu" or dtype != torch.float32 or not onednn_available():
             return "float32 on an x86 CPU with torch's oneDNN only"
     if name == "torch-grouped-mm" and device.type != "cuda":

@@ -83,8 +83,9 @@ def sorted_pays(T: int, E: int, k: int, r: int, *, onednn: bool = False) -> bool
     T=4096; dense wins at (4, 8, 1) (paper-cpu) and (8, 8, 2), and at (8, 16, 2) with T=128; they tie
     at T=256-512. With oneDNN (refitted on the same shapes): sorted wins at (8, 16, 1), (16, 16, 2),
     (32, 16, 2) also at T=512, (64, 16, 2) down to T=256; dense at (8, 16, 2) (top2-cpu), (16, 8, 2),
-    (8, 8, 2), (4, 16, 1), (4, 8, 1) and at T <= 512 for (8, 16, 2). The rule does not look at the thread count: at 2 threads the per-op cost depends on
-    whether the other core is free (see benchmarks/NOTES.md), which a dispatcher cannot see.
+    (8, 8, 2), (4, 16, 1), (4, 8, 1) and at T <= 512 for (8, 16, 2). The rule does not look at the
+    thread count: at 2 threads the per-op cost depends on whether the other core is free (see
+    benchmarks/NOTES.md), which a dispatcher cannot see.
     """
     column = ONEDNN_DENSE_COLUMN_COST if onednn else 1.0
     return T * (column * E * r - k * (r + SORTED_SLOT_COST)) > E * SORTED_EXPERT_COST

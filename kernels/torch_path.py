@@ -78,12 +78,12 @@ def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _onednn_rank_products(inp: LoRAMixInputs) -> bool:
     """Whether the dense formulation's rank-space products (``x @ A_all^T`` and its kin, each ``T x E*r x
-    d``) go through oneDNN (cpu_gemm.py): float32 operands on a CPU, more than ``SMALL_T`` tokens (so
-    ``dense-small``, the decode path, keeps torch's GEMMs and stays bitwise this path) and enough work."""
+    d``) go through oneDNN (cpu_gemm.py): float32 on a CPU (prepared inputs all share x's dtype), more
+    than ``SMALL_T`` tokens (so ``dense-small``, the decode path, keeps torch's GEMMs and stays bitwise
+    this path) and enough work."""
     x = inp.x
     T, K = x.shape
-    if T <= SMALL_T or any(t is not None and t.dtype != x.dtype
-                           for t in (inp.lora_A, inp.lora_B, inp.base_weight, inp.base_bias)):
+    if T <= SMALL_T:
         return False
     E, r, _ = inp.lora_A.shape
     return cpu_gemm.onednn_pays(T, E * r, K, x.dtype, x.device)
@@ -265,7 +265,7 @@ class TorchBackend(Backend):
         E, r, _ = lora_A.shape
         dx = dA = dB = dw = None
 
-        mm = cpu_gemm.onednn_mm if fast else torch.mm
+        mm = cpu_gemm.onednn_mm if fast else torch.mm  # the rank-space products (float32 when fast)
         if needs.x or needs.lora_A or needs.gates:
             dhg = mm(dy, B_rows.t()) if fast else _mm_acc(dy, B_rows.t())  # [T, E*r], fp32 for half dy
             if needs.gates:

@@ -30,9 +30,9 @@ more pass through memory, and on the 2-core CPU the whole-buffer version measure
 than this (benchmarks/NOTES.md, issue 13 item 3). The rows go through two buffers of one expert's
 size, reused across experts (``index_select`` / ``mm`` with ``out=``); a product big enough for oneDNN
 (cpu_gemm.py: float32, about a million multiply-adds) returns its own rows instead (measured about 1%
-faster than torch's GEMM here, where the products wait on memory more than on arithmetic). The price is about 4 torch ops
-per expert and product, each a parallel region when torch runs several threads: cheap on idle cores,
-a scheduler tick each when another process holds one (NOTES again).
+faster than torch's GEMM here, where the products wait on memory more than on arithmetic). The price
+is about 4 torch ops per expert and product, each a parallel region when torch runs several threads:
+cheap on idle cores, a scheduler tick each when another process holds one (NOTES again).
 
 Reads the per-expert counts on the host (one sync: fine on a CPU, which is where torch_dispatch.py
 sends this path; on CUDA only when forced). No Python loop over tokens; the loops run over E.

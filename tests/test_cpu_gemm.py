@@ -37,11 +37,13 @@ def test_onednn_mm_matches_float64(M, K, N, layout):
         a = a.t().contiguous().t()  # same values, column-major storage
     if "b transposed" in layout or layout == "both transposed":
         b = b.t().contiguous().t()
+    a_before, b_before = a.clone(), b.clone()
     want = a.double() @ b.double()
     assert rel_err(cpu_gemm.onednn_mm(a, b), want) <= TOL[torch.float32]
     got = cpu_gemm.onednn_mm(a, b, bias64.float())
+    assert got.shape == (M, N)
     assert rel_err(got, want + bias64.float().double()) <= TOL[torch.float32]
-    assert (a.stride(), b.stride()) == (a.stride(), b.stride())  # operands untouched
+    assert torch.equal(a, a_before) and torch.equal(b, b_before)  # operands left as they were
 
 
 @needs_onednn
